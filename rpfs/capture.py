@@ -1,0 +1,300 @@
+"""Capture of an external raw image or block device into a new recovery point.
+
+The capture is atomic. While it runs, new chunks go to packs of its own and the extents it
+will publish wait in the index's `staging` table under a capture id. Only the final
+transaction moves them to `extents` at the new generation, takes the chunk references and
+creates the point. A capture that dies leaves staging rows (dropped by the next capture)
+and unreferenced chunks (reusable by dedup, freed by GC) — never a point or an extent that
+a reader could see.
+
+Reading, hashing, comparing and compressing run in a thread pool in batches; the calling
+thread only appends records to the pack and commits batches to the index.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import RpfsError
+from .index import ZERO, ChunkLoc, DiskRecord, LineageRecord, PointRecord
+from .names import check_name, default_point_name
+from .pipeline import ordered_map
+from .progress import ProgressFn
+from .repo import Repository
+from .source import Source, block_runs, load_changed
+from .store import digest, encode_chunk
+
+log = logging.getLogger(__name__)
+
+BATCH_BYTES = 4 << 20  # bytes read and hashed per worker task
+FLUSH_BYTES = 64 << 20  # pack bytes appended between index commits
+
+@dataclass
+class _Batch:
+    first: int  # first block
+    count: int
+    read: bool  # False: a hole of the source, compared as zeros without reading
+
+
+@dataclass
+class _Change:
+    block: int
+    value: bytes  # chunk digest or ZERO
+    record: bytes | None  # pack record to append, if the chunk is not stored yet
+    allocated_delta: int
+
+
+@dataclass
+class _Base:
+    """What the new point is compared against: the disk's newest point, if any."""
+
+    disk: DiskRecord | None
+    chain: list[tuple[int, int]] = field(default_factory=list)
+    head_gen: int = 0
+    allocated_blocks: int = 0
+
+
+def reap_dead_captures(repo: Repository) -> None:
+    """Drop the staging rows of captures whose process is gone (their disk lock is free)."""
+    with repo.index.read() as txn:
+        records = repo.index.list_captures(txn)
+    for capture_id, info in records:
+        if repo.disk_lock_free(info["disk"]):
+            log.warning(
+                "disk %s: dropping capture %d left by pid %s (it did not finish; no point "
+                "was created)", info["disk"], capture_id, info.get("pid"),
+            )
+            with repo.index.write() as txn:
+                repo.index.drop_staged(txn, capture_id)
+
+
+def capture(
+    repo: Repository,
+    disk: str,
+    source: Path,
+    point: str | None = None,
+    changed: Path | None = None,
+    progress: ProgressFn | None = None,
+) -> PointRecord:
+    """Capture `source` as a new point of `disk` (created by its first capture)."""
+    check_name(disk, "disk name")
+    point = check_name(point, "point name") if point is not None else default_point_name()
+    src = Source.open(source)
+    try:
+        with repo.disk_lock(disk):
+            reap_dead_captures(repo)
+            return _Capture(repo, disk, point, src, changed, progress).run()
+    finally:
+        src.close()
+
+
+class _Capture:
+    def __init__(
+        self,
+        repo: Repository,
+        disk: str,
+        point: str,
+        src: Source,
+        changed: Path | None,
+        progress: ProgressFn | None,
+    ) -> None:
+        self.repo = repo
+        self.index = repo.index
+        self.bs = repo.block_size
+        self.disk = disk
+        self.point = point
+        self.src = src
+        self.nblocks = -(-src.size // self.bs)
+        self.changed = load_changed(changed, src.size) if changed is not None else None
+        self.progress = progress or (lambda done, total: None)
+        self.zero_block = bytes(self.bs)
+        self.writer = repo.store.writer(repo.allocate_pack)
+        self.pending_chunks: dict[bytes, ChunkLoc] = {}
+        self.pending_stage: list[tuple[int, bytes]] = []
+        self.pending_bytes = 0
+        self.session_chunks: set[bytes] = set()
+        self.blocks_written = 0
+        self.bytes_stored = 0
+        self.allocated_delta = 0
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    def _begin(self) -> tuple[int, _Base]:
+        with self.index.write() as txn:
+            disk = self.index.get_disk(txn, self.disk)
+            base = _Base(disk)
+            if disk is not None:
+                if disk.size != self.src.size:
+                    raise RpfsError(
+                        f"source {self.src.path} is {self.src.size} bytes but disk "
+                        f"{self.disk} is {disk.size}; a disk's size is fixed by its first "
+                        "capture (capture it under a new disk name)"
+                    )
+                lineage = self.index.get_lineage(txn, disk.lineage)
+                base.head_gen = lineage.head_gen
+                base.chain = self.index.chain(txn, disk.lineage, lineage.head_gen)
+                points = [
+                    p for p in self.index.list_points(txn, self.disk)
+                    if p.lineage == disk.lineage and p.gen == lineage.head_gen
+                ]
+                base.allocated_blocks = points[0].allocated_blocks if points else 0
+            self._check_point_free(txn)
+            capture_id = self.index.next_id(txn, "capture")
+            self.index.put_capture(
+                txn, capture_id, {"disk": self.disk, "pid": os.getpid(), "started": time.time()}
+            )
+        return capture_id, base
+
+    def _check_point_free(self, txn) -> None:
+        if self.index.get_point(txn, self.disk, self.point) is not None:
+            raise RpfsError(
+                f"point {self.disk}@{self.point} already exists; choose another --name"
+            )
+
+    def _plan(self, base: _Base) -> tuple[list[_Batch], str]:
+        """Batches of blocks to read (and holes to compare as zeros), and the method."""
+        if self.changed is not None:
+            read_runs = block_runs(self.changed, self.bs, self.nblocks)
+            hole_runs: list[tuple[int, int]] = []  # unlisted blocks are unchanged
+            method = "changed-list"
+        else:
+            read_runs = block_runs(self.src.data_extents(), self.bs, self.nblocks)
+            # A hole over a block that held data in the previous point is a change to zero.
+            hole_runs = _complement(read_runs, self.nblocks) if base.chain else []
+            method = "incremental" if base.chain else "full"
+        per_batch = max(1, BATCH_BYTES // self.bs)
+        batches = [
+            _Batch(b, min(per_batch, end - b), read)
+            for runs, read in ((read_runs, True), (hole_runs, False))
+            for first, end in runs
+            for b in range(first, end, per_batch)
+        ]
+        batches.sort(key=lambda batch: batch.first)
+        return batches, method
+
+    # -- the pipeline ---------------------------------------------------------------------
+
+    def _examine(self, batch: _Batch, chain: list[tuple[int, int]]) -> list[_Change]:
+        """Worker: read, hash and compare one batch; compress blocks not yet stored."""
+        bs = self.bs
+        data = memoryview(self.src.read(batch.first * bs, batch.count * bs)) if batch.read else None
+        out: list[_Change] = []
+        with self.index.read() as txn:
+            for i in range(batch.count):
+                block = batch.first + i
+                raw = data[i * bs : (i + 1) * bs] if data is not None else None
+                value = ZERO if raw is None or raw == self.zero_block else digest(raw)
+                prev = self.index.resolve(txn, chain, block) if chain else ZERO
+                if value == prev:
+                    continue
+                record = None
+                if value != ZERO and not self.index.has_chunk(txn, value):
+                    record = encode_chunk(bytes(raw), value)
+                delta = (value != ZERO) - (prev != ZERO)
+                out.append(_Change(block, value, record, delta))
+        return out
+
+    def _take(self, change: _Change) -> None:
+        if change.record is not None and change.value not in self.session_chunks:
+            loc = self.writer.append(change.record)
+            self.session_chunks.add(change.value)
+            self.pending_chunks[change.value] = loc
+            self.pending_bytes += len(change.record)
+            self.bytes_stored += len(change.record)
+        self.pending_stage.append((change.block, change.value))
+        self.blocks_written += 1
+        self.allocated_delta += change.allocated_delta
+
+    def _flush(self, capture_id: int) -> None:
+        """Make appended chunks durable, then record them and the staged extents."""
+        self.writer.sync()
+        with self.index.write() as txn:
+            for value, loc in self.pending_chunks.items():
+                if not self.index.has_chunk(txn, value):  # another writer may have it now
+                    self.index.put_chunk(txn, value, loc)
+            for block, value in self.pending_stage:
+                self.index.stage(txn, capture_id, block, value)
+        self.pending_chunks.clear()
+        self.pending_stage.clear()
+        self.pending_bytes = 0
+
+    def _publish(self, capture_id: int, base: _Base, method: str) -> PointRecord:
+        """The commit point: staged extents become generation head+1 and a point."""
+        with self.index.write() as txn:
+            self._check_point_free(txn)
+            disk = base.disk
+            if disk is None:
+                lineage = LineageRecord(self.index.next_id(txn, "lineage"), disks=[self.disk])
+                disk = DiskRecord(self.disk, self.src.size, lineage.id, time.time())
+                self.index.put_disk(txn, disk)
+            else:
+                lineage = self.index.get_lineage(txn, disk.lineage)
+            gen = lineage.head_gen + 1
+            for block, value in self.index.iter_staged(txn, capture_id):
+                self.index.put_extent(txn, lineage.id, block, gen, value)
+                if value != ZERO:
+                    self.index.incref(txn, value)
+            self.index.drop_staged(txn, capture_id)
+            lineage.head_gen = gen
+            self.index.put_lineage(txn, lineage)
+            point = PointRecord(
+                disk=self.disk,
+                name=self.point,
+                lineage=lineage.id,
+                gen=gen,
+                created=time.time(),
+                size=self.src.size,
+                blocks_written=self.blocks_written,
+                allocated_blocks=base.allocated_blocks + self.allocated_delta,
+                bytes_stored=self.bytes_stored,
+                method=method,
+            )
+            self.index.put_point(txn, point)
+        return point
+
+    def run(self) -> PointRecord:
+        capture_id, base = self._begin()
+        try:
+            batches, method = self._plan(base)
+            total = sum(b.count for b in batches if b.read) * self.bs
+            done = 0
+            self.progress(0, total)
+            examine = functools.partial(self._examine, chain=base.chain)
+            for batch, changes in ordered_map(examine, batches):
+                for change in changes:
+                    self._take(change)
+                if self.pending_bytes >= FLUSH_BYTES or len(self.pending_stage) >= 65536:
+                    self._flush(capture_id)
+                if batch.read:
+                    done += batch.count * self.bs
+                    self.progress(done, total)
+            self._flush(capture_id)
+            self.writer.close()
+            point = self._publish(capture_id, base, method)
+        except BaseException:
+            self.writer.close()
+            with self.index.write() as txn:
+                self.index.drop_staged(txn, capture_id)
+            raise
+        log.info(
+            "disk %s: point %s captured (%s): %d blocks written, %d bytes stored",
+            self.disk, self.point, method, point.blocks_written, point.bytes_stored,
+        )
+        return point
+
+
+def _complement(runs: list[tuple[int, int]], nblocks: int) -> list[tuple[int, int]]:
+    """Block runs of [0, nblocks) not covered by sorted, merged `runs`."""
+    out, pos = [], 0
+    for first, end in runs:
+        if first > pos:
+            out.append((pos, first))
+        pos = max(pos, end)
+    if pos < nblocks:
+        out.append((pos, nblocks))
+    return out

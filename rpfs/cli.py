@@ -1,0 +1,269 @@
+"""The `rpfs` command: parse arguments, call the library, print results. No storage logic."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from . import __version__
+from .capture import capture
+from .daemon import serve
+from .errors import RpfsError
+from .image import ChunkCache, open_point
+from .names import check_name, parse_point_ref, parse_size
+from .progress import progress_bar
+from .repo import Repository, read_daemon_info, repo_path
+from .restore import restore
+
+log = logging.getLogger("rpfs")
+
+MOUNT_TIMEOUT = 60.0
+UMOUNT_TIMEOUT = 60.0
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def fmt_time(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
+    for row in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+# -- commands --------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    root = repo_path(args.repo)
+    Repository.init(root, parse_size(args.block_size)).close()
+    print(f"initialised rpfs repository at {root} (block size {args.block_size})")
+    return 0
+
+
+def cmd_capture(args: argparse.Namespace) -> int:
+    with Repository(repo_path(args.repo)) as repo, progress_bar(f"capture {args.disk}") as bar:
+        point = capture(
+            repo,
+            args.disk,
+            Path(args.source),
+            point=args.name,
+            changed=Path(args.changed) if args.changed else None,
+            progress=bar,
+        )
+    print(
+        f"{point.ref}: {point.method}, {point.blocks_written} blocks written, "
+        f"{fmt_bytes(point.bytes_stored)} stored"
+    )
+    return 0
+
+
+def cmd_points(args: argparse.Namespace) -> int:
+    with Repository(repo_path(args.repo)) as repo, repo.index.read() as txn:
+        if args.disk is not None and repo.index.get_disk(txn, check_name(args.disk)) is None:
+            raise RpfsError(f"no disk named {args.disk!r}; 'rpfs points' lists all disks")
+        points = repo.index.list_points(txn, args.disk)
+        bs = repo.block_size
+    if args.json:
+        out = [
+            {**vars(p), "allocated_bytes": p.allocated_blocks * bs, "block_size": bs}
+            for p in points
+        ]
+        print(json.dumps(out, indent=1))
+        return 0
+    rows = [
+        [
+            p.disk, p.name, fmt_time(p.created), fmt_bytes(p.size), str(p.blocks_written),
+            fmt_bytes(p.allocated_blocks * bs), fmt_bytes(p.bytes_stored), p.method,
+        ]
+        for p in points
+    ]
+    header = ["DISK", "POINT", "CREATED", "SIZE", "WRITTEN", "ALLOCATED", "STORED", "METHOD"]
+    print_table(header, rows)
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    disk, name = parse_point_ref(args.point)
+    with Repository(repo_path(args.repo)) as repo, progress_bar(f"restore {args.point}") as bar:
+        image = open_point(repo, ChunkCache(repo), disk, name)
+        restore(image, Path(args.target), args.force, bar)
+    print(f"restored {args.point} to {args.target} ({fmt_bytes(image.size)})")
+    return 0
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    root = repo_path(args.repo)
+    mountpoint = Path(args.mountpoint).absolute()
+    if args.foreground:
+        return _serve_foreground(root, mountpoint, args.ready_fd)
+    read_fd, write_fd = os.pipe()
+    log_path = root / "rpfs.log"
+    stderr = open(log_path, "ab") if root.is_dir() else subprocess.DEVNULL  # noqa: SIM115
+    cmd = [sys.executable, "-m", "rpfs.cli", "-r", str(root), "mount", "--foreground",
+           "--ready-fd", str(write_fd), str(mountpoint)]
+    proc = subprocess.Popen(
+        cmd, pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=stderr, start_new_session=True,
+    )
+    os.close(write_fd)
+    if stderr is not subprocess.DEVNULL:
+        stderr.close()
+    message = _read_report(read_fd, proc)
+    if message != "ready":
+        raise RpfsError(message)
+    print(f"mounted {root} at {mountpoint} (daemon pid {proc.pid}, log {log_path})")
+    return 0
+
+
+def _read_report(fd: int, proc: subprocess.Popen) -> str:
+    """The daemon's one-line report on the pipe: 'ready' or an error message."""
+    deadline = time.monotonic() + MOUNT_TIMEOUT
+    data = b""
+    with os.fdopen(fd, "rb", buffering=0) as pipe:
+        os.set_blocking(fd, False)
+        while time.monotonic() < deadline:
+            try:
+                chunk = pipe.read(4096)
+            except BlockingIOError:
+                chunk = None
+            if chunk:
+                data += chunk
+                if data.endswith(b"\n"):
+                    return data.decode().strip()
+            elif chunk == b"":  # EOF: the daemon exited without a word
+                proc.wait()
+                return f"the rpfs daemon exited with status {proc.returncode}; see its log"
+            time.sleep(0.02)
+    return f"the rpfs daemon (pid {proc.pid}) did not report ready in {MOUNT_TIMEOUT:.0f}s"
+
+
+def _serve_foreground(root: Path, mountpoint: Path, ready_fd: int | None) -> int:
+    # Spawned by `rpfs mount`, stderr already is the log file; in a terminal, log to both.
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if ready_fd is None and root.is_dir():
+        handlers.append(logging.FileHandler(root / "rpfs.log"))
+    logging.basicConfig(
+        level=logging.INFO, handlers=handlers, force=True,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+    def report(line: str) -> None:
+        if ready_fd is not None:
+            os.write(ready_fd, line.encode() + b"\n")
+            os.close(ready_fd)
+
+    def on_error(message: str) -> None:
+        log.error("%s", message)
+        report(message)
+
+    def on_ready() -> None:
+        report("ready")
+
+    return serve(root, mountpoint, on_ready, on_error)
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    mountpoint = Path(args.mountpoint).absolute()
+    if not os.path.ismount(mountpoint):
+        raise RpfsError(f"{mountpoint} is not mounted")
+    info = read_daemon_info(repo_path(args.repo)) or {}
+    res = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
+    if res.returncode != 0:
+        detail = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed"
+        if "busy" in detail.lower():
+            detail += "; close the files using it (see 'fuser -vm MOUNT') and try again"
+        raise RpfsError(f"cannot unmount {mountpoint}: {detail}")
+    pid = info.get("pid") if info.get("mountpoint") == str(mountpoint) else None
+    deadline = time.monotonic() + UMOUNT_TIMEOUT
+    while pid and Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print(f"unmounted {mountpoint}")
+    return 0
+
+
+# -- parsing -----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-r", "--repo", default=argparse.SUPPRESS,
+        help="repository path (default: $RPFS_REPO, else /var/lib/rpfs)",
+    )
+    parser = argparse.ArgumentParser(
+        prog="rpfs", description="Recovery points of VM disks, served as disk images over FUSE.",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"rpfs {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init", parents=[common], help="create a repository")
+    p.add_argument("--block-size", default="64K", help="block size, 4K..4M (default 64K)")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("capture", parents=[common], help="capture an image or device as a point")
+    p.add_argument("disk", help="disk name (created by its first capture)")
+    p.add_argument("source", help="raw image file or block device")
+    p.add_argument("--name", help="point name (default: UTC timestamp)")
+    p.add_argument("--changed", metavar="FILE",
+                   help='read only these extents: JSON [{"start": bytes, "length": bytes}, ...]')
+    p.set_defaults(func=cmd_capture)
+
+    p = sub.add_parser("points", parents=[common], help="list recovery points")
+    p.add_argument("disk", nargs="?", help="only this disk's points")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_points)
+
+    p = sub.add_parser("restore", parents=[common], help="write a point to a file or device")
+    p.add_argument("point", metavar="DISK@POINT")
+    p.add_argument("target", help="file or block device to write")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty target file")
+    p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("mount", parents=[common], help="serve the repository at MOUNTPOINT")
+    p.add_argument("mountpoint")
+    p.add_argument("-f", "--foreground", action="store_true", help="serve in this process")
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser("umount", parents=[common], help="unmount and stop the daemon")
+    p.add_argument("mountpoint")
+    p.set_defaults(func=cmd_umount)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.repo = getattr(args, "repo", None)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="rpfs: %(message)s"
+    )
+    try:
+        return args.func(args)
+    except RpfsError as exc:
+        print(f"rpfs: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("rpfs: interrupted; nothing was committed by the interrupted step", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

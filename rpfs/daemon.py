@@ -1,0 +1,110 @@
+"""The FUSE daemon's life: lock the repository, mount, tune the mount, serve, unmount.
+
+`rpfs mount` starts this in a child process and returns when it reports ready (or
+relays its error). SIGTERM, SIGINT and `fusermount3 -u` all end it with a clean unmount.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from .errors import RpfsError
+from .fsops import Operations
+from .image import ChunkCache
+from .repo import Repository
+from .vfs import Tree
+
+log = logging.getLogger(__name__)
+
+READ_AHEAD_KB = 1024  # the default 128 KiB caps sequential reads well below the ceiling
+
+
+def _mount_device(mountpoint: Path) -> str | None:
+    """MAJ:MIN of the filesystem mounted at `mountpoint`, from /proc/self/mountinfo."""
+    with open("/proc/self/mountinfo") as f:
+        found = None
+        for line in f:
+            fields = line.split()
+            if fields[4] == str(mountpoint):
+                found = fields[2]  # the last (topmost) mount wins
+    return found
+
+
+def tune_readahead(mountpoint: Path) -> None:
+    """Raise the mount's readahead so buffered sequential reads come in 1 MiB pieces."""
+    dev = _mount_device(mountpoint)
+    path = Path(f"/sys/class/bdi/{dev}/read_ahead_kb")
+    try:
+        path.write_text(f"{READ_AHEAD_KB}\n")
+    except OSError as exc:
+        log.warning("cannot set %s to %d KiB: %s", path, READ_AHEAD_KB, exc)
+
+
+def _check_mountpoint(mountpoint: Path) -> None:
+    if not mountpoint.is_dir():
+        raise RpfsError(f"mount point {mountpoint} is not a directory; create it first")
+    if os.path.ismount(mountpoint):
+        raise RpfsError(f"{mountpoint} is already a mount point; unmount it or choose another")
+
+
+async def _serve(mountpoint: Path, on_ready) -> None:
+    async with trio.open_nursery() as nursery:
+
+        async def ready() -> None:
+            # pyfuse3.main() is now reading requests: a stat of the root is answered.
+            await trio.to_thread.run_sync(os.stat, mountpoint)
+            on_ready()
+
+        async def stop_on_signal() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                async for signum in sigs:
+                    log.info("received %s: unmounting %s", signal.Signals(signum).name, mountpoint)
+                    pyfuse3.terminate()
+                    return
+
+        nursery.start_soon(stop_on_signal)
+        nursery.start_soon(ready)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+def serve(root: Path, mountpoint: Path, on_ready, on_error) -> int:
+    """Mount `root` at `mountpoint` and serve until unmounted; returns the exit status."""
+    mountpoint = mountpoint.absolute()
+    try:
+        repo = Repository(root)
+    except RpfsError as exc:
+        on_error(str(exc))
+        return 1
+    try:
+        lock_fd = repo.daemon_lock({"pid": os.getpid(), "mountpoint": str(mountpoint)})
+        _check_mountpoint(mountpoint)
+    except RpfsError as exc:
+        repo.close()
+        on_error(str(exc))
+        return 1
+    ops = Operations(Tree(repo, ChunkCache(repo)))
+    options = set(pyfuse3.default_options) | {"fsname=rpfs", "subtype=rpfs", "allow_other"}
+    try:
+        pyfuse3.init(ops, str(mountpoint), options)
+    except RuntimeError as exc:
+        os.close(lock_fd)
+        repo.close()
+        on_error(f"cannot mount at {mountpoint}: {exc}")
+        return 1
+    log.info("serving repository %s at %s (pid %d)", root, mountpoint, os.getpid())
+    tune_readahead(mountpoint)
+    try:
+        trio.run(_serve, mountpoint, on_ready)
+    finally:
+        pyfuse3.close(unmount=True)
+        repo.close()
+        os.close(lock_fd)
+        log.info("unmounted %s", mountpoint)
+    return 0

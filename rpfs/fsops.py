@@ -1,0 +1,126 @@
+"""pyfuse3 Operations: translate kernel requests to the Tree and images, nothing more.
+
+Every call that can block (LMDB, pread, zstd) runs in a worker thread behind one
+CapacityLimiter, so the trio thread that pyfuse3 runs all requests on never stalls.
+Only FUSEError may leave a handler: anything else would end the mount.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+from collections.abc import Callable
+from typing import TypeVar
+
+import pyfuse3
+import trio
+
+from .errors import CorruptChunk
+from .image import PointImage
+from .vfs import Attr, Tree
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+ENTRY_TIMEOUT = 1.0  # seconds the kernel may trust a name or attribute
+BLKSIZE = 1 << 20  # advertised I/O size: tools read in 1 MiB pieces
+
+
+class Operations(pyfuse3.Operations):
+    def __init__(self, tree: Tree, threads: int = 4) -> None:
+        super().__init__()
+        self.tree = tree
+        self.limiter = trio.CapacityLimiter(threads)
+        self._handles: dict[int, PointImage] = {}
+        self._dirs: dict[int, list[tuple[str, Attr]]] = {}
+        self._fh = itertools.count(1)
+
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        """Run blocking `fn` in a worker thread; map errors to FUSEError."""
+        try:
+            return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+        except CorruptChunk:
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except OSError as exc:
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("internal error in %s", getattr(fn, "__name__", fn))
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = attr.ino
+        entry.st_mode = attr.mode
+        entry.st_nlink = attr.nlink
+        entry.st_size = attr.size
+        entry.st_blocks = attr.blocks
+        entry.st_blksize = BLKSIZE
+        entry.st_uid = os.getuid()
+        entry.st_gid = os.getgid()
+        ns = int(attr.mtime * 1e9)
+        entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = ns
+        entry.entry_timeout = entry.attr_timeout = ENTRY_TIMEOUT
+        return entry
+
+    async def lookup(self, parent_inode, name, ctx=None):
+        try:
+            text = os.fsdecode(name)
+        except UnicodeDecodeError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        return self._entry(await self._run(self.tree.lookup, parent_inode, text))
+
+    async def getattr(self, inode, ctx=None):
+        return self._entry(await self._run(self.tree.attr, inode))
+
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def opendir(self, inode, ctx):
+        fh = next(self._fh)
+        self._dirs[fh] = await self._run(self.tree.listdir, inode)
+        return fh
+
+    async def readdir(self, fh, start_id, token):
+        entries = self._dirs.get(fh, [])
+        for i in range(start_id, len(entries)):
+            name, attr = entries[i]
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._entry(attr), i + 1):
+                break
+
+    async def releasedir(self, fh):
+        self._dirs.pop(fh, None)
+
+    async def open(self, inode, flags, ctx):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        image = await self._run(self.tree.open_image, inode)
+        fh = next(self._fh)
+        self._handles[fh] = image
+        # A point never changes: the kernel may keep its pages across opens.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    async def read(self, fh, off, size):
+        image = self._handles.get(fh)
+        if image is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return await self._run(image.read, off, size)
+
+    async def write(self, fh, off, buf):
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def flush(self, fh):
+        pass
+
+    async def release(self, fh):
+        self._handles.pop(fh, None)
+
+    async def statfs(self, ctx):
+        st = os.statvfs(self.tree.repo.root)
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = out.f_frsize = st.f_frsize
+        out.f_blocks, out.f_bfree, out.f_bavail = st.f_blocks, st.f_bfree, st.f_bavail
+        out.f_files, out.f_ffree, out.f_favail = st.f_files, st.f_ffree, st.f_favail
+        out.f_namemax = 255
+        return out

@@ -1,0 +1,168 @@
+"""The repository on disk: its layout, configuration, locks, index and chunk store.
+
+    REPO/rpfs.json     format version, block size, hash and codec (written last by init)
+    REPO/index/        LMDB environment (rpfs.index)
+    REPO/packs/        NNNNNNNN.pack files (rpfs.store)
+    REPO/locks/        fcntl locks: daemon.lock, disk-NAME.lock
+    REPO/rpfs.log      the daemon's log
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import RpfsError
+from .index import Index
+from .store import PackStore
+
+FORMAT = 1
+DEFAULT_REPO = "/var/lib/rpfs"
+MIN_BLOCK, MAX_BLOCK = 4 << 10, 4 << 20
+
+
+def repo_path(arg: str | None) -> Path:
+    """The repository named by -r/--repo, else $RPFS_REPO, else /var/lib/rpfs."""
+    return Path(arg or os.environ.get("RPFS_REPO") or DEFAULT_REPO).absolute()
+
+
+@dataclass(frozen=True)
+class Config:
+    block_size: int
+    format: int = FORMAT
+    hash: str = "blake3"
+    codec: str = "zstd"
+
+
+class Repository:
+    """An open repository. Cheap to open; safe to use from several threads."""
+
+    def __init__(self, root: Path) -> None:
+        cfg_path = root / "rpfs.json"
+        try:
+            raw = json.loads(cfg_path.read_text())
+        except FileNotFoundError:
+            raise RpfsError(
+                f"no rpfs repository at {root}: run 'rpfs init' or pass -r/--repo "
+                "(or set RPFS_REPO)"
+            ) from None
+        except (OSError, ValueError) as exc:
+            raise RpfsError(f"cannot read {cfg_path}: {exc}") from None
+        if raw.get("format") != FORMAT:
+            raise RpfsError(
+                f"{root} has repository format {raw.get('format')}, this rpfs reads {FORMAT}"
+            )
+        self.root = root
+        self.config = Config(**raw)
+        self.block_size = self.config.block_size
+        self.index = Index(root / "index")
+        self.store = PackStore(root / "packs", self.block_size)
+
+    @classmethod
+    def init(cls, root: Path, block_size: int) -> Repository:
+        """Create a repository at `root`, which must be missing or an empty directory."""
+        if block_size < MIN_BLOCK or block_size > MAX_BLOCK or block_size & (block_size - 1):
+            raise RpfsError(
+                f"invalid block size {block_size}: use a power of two from 4K to 4M"
+            )
+        if (root / "rpfs.json").exists():
+            raise RpfsError(f"{root} is already an rpfs repository; nothing was changed")
+        if root.exists() and (not root.is_dir() or any(root.iterdir())):
+            raise RpfsError(
+                f"{root} exists and is not an empty directory; choose another path"
+            )
+        for sub in ("index", "packs", "locks"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        Index(root / "index").close()
+        tmp = root / "rpfs.json.tmp"
+        tmp.write_text(json.dumps(Config(block_size=block_size).__dict__, indent=1) + "\n")
+        with open(tmp) as f:
+            os.fsync(f.fileno())
+        tmp.rename(root / "rpfs.json")
+        return cls(root)
+
+    def close(self) -> None:
+        self.store.close()
+        self.index.close()
+
+    def __enter__(self) -> Repository:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def allocate_pack(self) -> int:
+        """A fresh pack id, committed at once so no other writer can take it."""
+        with self.index.write() as txn:
+            return self.index.next_id(txn, "pack")
+
+    # -- locks ----------------------------------------------------------------------------
+
+    def _lock_path(self, name: str) -> Path:
+        return self.root / "locks" / f"{name}.lock"
+
+    @contextlib.contextmanager
+    def disk_lock(self, disk: str) -> Iterator[None]:
+        """Exclusive right to change a disk (capture, later snapshot/rollback)."""
+        fd = os.open(self._lock_path(f"disk-{disk}"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RpfsError(
+                    f"disk {disk} is busy: another capture of it is running; wait for it "
+                    "to finish"
+                ) from None
+            yield
+        finally:
+            os.close(fd)
+
+    def disk_lock_free(self, disk: str) -> bool:
+        """True if nobody holds the disk's lock (so a capture record of it is dead)."""
+        try:
+            with self.disk_lock(disk):
+                return True
+        except RpfsError:
+            return False
+
+    def daemon_lock(self, info: dict) -> int:
+        """Take the one-daemon-per-repository lock; returns the fd to keep open."""
+        path = self._lock_path("daemon")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            other = read_daemon_info(self.root) or {}
+            raise RpfsError(
+                f"repository {self.root} is already served by rpfs daemon pid "
+                f"{other.get('pid', '?')} at {other.get('mountpoint', '?')}; "
+                "run 'rpfs umount' there first"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        return fd
+
+
+def read_daemon_info(root: Path) -> dict | None:
+    """Pid and mountpoint of the daemon serving the repository at `root`, if one runs."""
+    try:
+        fd = os.open(root / "locks" / "daemon.lock", os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:  # held: a daemon runs
+            try:
+                return json.loads(os.pread(fd, 4096, 0) or b"{}")
+            except ValueError:
+                return {}
+        return None
+    finally:
+        os.close(fd)

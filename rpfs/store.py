@@ -1,0 +1,175 @@
+"""The chunk store: content-addressed, compressed blocks in append-only pack files.
+
+A chunk record in a pack is a 41-byte header followed by the payload:
+
+    magic "RPC1" (4) ‖ codec (1: 0 raw, 1 zstd) ‖ BLAKE3 of the block (32) ‖ payload length (4)
+
+The header makes packs self-describing (an index could be rebuilt from them) and lets a
+read check that the record it landed on is the one it asked for. Every read verifies the
+BLAKE3 of the decoded block; any mismatch raises CorruptChunk, never returns bad bytes.
+
+Each writer (one capture, or later one daemon) appends to packs of its own, allocated
+from the index's `pack` counter, so writers never interleave in one file. Pack bytes are
+fsynced before any index transaction that refers to them commits (see docs/design.md).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import blake3
+import zstandard
+
+from .errors import CorruptChunk
+from .index import ChunkLoc
+
+HEADER = struct.Struct(">4sB32sI")
+MAGIC = b"RPC1"
+CODEC_RAW = 0
+CODEC_ZSTD = 1
+PACK_TARGET = 64 << 20  # start a new pack past this size
+ZSTD_LEVEL = 3
+
+_local = threading.local()
+
+
+def digest(block: bytes) -> bytes:
+    """BLAKE3 of a block: its name in the store."""
+    return blake3.blake3(block).digest()
+
+
+def encode_chunk(block: bytes, block_digest: bytes) -> bytes:
+    """The pack record of a block: zstd if that saves space, else the raw bytes."""
+    compressor = getattr(_local, "compressor", None)
+    if compressor is None:
+        compressor = _local.compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    payload = compressor.compress(block)
+    codec = CODEC_ZSTD
+    if len(payload) >= len(block):
+        payload, codec = block, CODEC_RAW
+    return HEADER.pack(MAGIC, codec, block_digest, len(payload)) + payload
+
+
+def decode_chunk(record: bytes, expected: bytes, block_size: int, where: tuple[str, int]) -> bytes:
+    """Check and decode one pack record; raise CorruptChunk naming `where` (pack, offset)."""
+    if len(record) < HEADER.size:
+        raise CorruptChunk(*where, "record is truncated")
+    magic, codec, stored_digest, length = HEADER.unpack_from(record)
+    payload = record[HEADER.size :]
+    if magic != MAGIC or stored_digest != expected or length != len(payload):
+        raise CorruptChunk(*where, "record header does not match the index")
+    if codec == CODEC_RAW:
+        block = payload
+    elif codec == CODEC_ZSTD:
+        decompressor = getattr(_local, "decompressor", None)
+        if decompressor is None:
+            decompressor = _local.decompressor = zstandard.ZstdDecompressor()
+        try:
+            block = decompressor.decompress(payload, max_output_size=block_size)
+        except zstandard.ZstdError as exc:
+            raise CorruptChunk(*where, f"zstd: {exc}") from None
+    else:
+        raise CorruptChunk(*where, f"unknown codec {codec}")
+    if digest(block) != expected:
+        raise CorruptChunk(*where, "BLAKE3 of the decoded block does not match")
+    return block
+
+
+class PackStore:
+    """Reads chunk records from the pack directory; hands out writers."""
+
+    def __init__(self, root: Path, block_size: int) -> None:
+        self.root = root
+        self.block_size = block_size
+        self._fds: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def path(self, pack: int) -> Path:
+        return self.root / f"{pack:08d}.pack"
+
+    def _fd(self, pack: int) -> int:
+        fd = self._fds.get(pack)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(pack)
+                if fd is None:
+                    fd = self._fds[pack] = os.open(self.path(pack), os.O_RDONLY | os.O_CLOEXEC)
+        return fd
+
+    def get(self, loc: ChunkLoc, expected: bytes) -> bytes:
+        """The verified block stored at `loc` (a blocking call: run it off the trio thread)."""
+        where = (self.path(loc.pack).name, loc.offset)
+        try:
+            record = os.pread(self._fd(loc.pack), loc.length, loc.offset)
+        except OSError as exc:
+            raise CorruptChunk(*where, f"read failed: {exc.strerror}") from None
+        return decode_chunk(record, expected, self.block_size, where)
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def writer(self, allocate_pack: Callable[[], int]) -> PackWriter:
+        return PackWriter(self, allocate_pack)
+
+
+class PackWriter:
+    """Appends records to packs owned by one writer; `sync()` makes them durable."""
+
+    def __init__(self, store: PackStore, allocate_pack: Callable[[], int]) -> None:
+        self.store = store
+        self._allocate = allocate_pack
+        self._pack = 0
+        self._fd = -1
+        self._offset = 0
+        self._unsynced: list[int] = []  # fds written since the last sync
+
+    def append(self, record: bytes) -> ChunkLoc:
+        if self._fd < 0 or self._offset >= PACK_TARGET:
+            self._roll()
+        os.pwrite(self._fd, record, self._offset)
+        loc = ChunkLoc(self._pack, self._offset, len(record))
+        self._offset += len(record)
+        if self._fd not in self._unsynced:
+            self._unsynced.append(self._fd)
+        return loc
+
+    def _roll(self) -> None:
+        """Start a new pack; the old one is closed after the next sync."""
+        old = self._fd
+        self._pack = self._allocate()
+        path = self.store.path(self._pack)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self._offset = 0
+        _fsync_dir(self.store.root)  # the new file's name is durable before anything uses it
+        if old >= 0:
+            os.fdatasync(old)
+            if old in self._unsynced:
+                self._unsynced.remove(old)
+            os.close(old)
+
+    def sync(self) -> None:
+        """Make every appended record durable (before the index may refer to it)."""
+        for fd in self._unsynced:
+            os.fdatasync(fd)
+        self._unsynced.clear()
+
+    def close(self) -> None:
+        self.sync()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
