@@ -14,6 +14,7 @@ from pathlib import Path
 
 from . import __version__
 from .capture import capture
+from .control import disk_service
 from .daemon import serve
 from .errors import RpfsError
 from .image import ChunkCache, open_point
@@ -104,6 +105,55 @@ def cmd_restore(args: argparse.Namespace) -> int:
         image = open_point(repo, ChunkCache(repo), disk, name)
         restore(image, Path(args.target), args.force, bar)
     print(f"restored {args.point} to {args.target} ({fmt_bytes(image.size)})")
+    return 0
+
+
+def cmd_clone(args: argparse.Namespace) -> int:
+    with disk_service(repo_path(args.repo)) as service:
+        disk = service.clone(source=args.source, name=args.name)
+    print(f"disk {disk['name']}: cloned from {args.source} ({fmt_bytes(disk['size'])})")
+    return 0
+
+
+def cmd_disk_create(args: argparse.Namespace) -> int:
+    with disk_service(repo_path(args.repo)) as service:
+        disk = service.create(name=args.name, size=parse_size(args.size))
+    print(f"disk {disk['name']}: created, {fmt_bytes(disk['size'])}")
+    return 0
+
+
+def cmd_disk_delete(args: argparse.Namespace) -> int:
+    with disk_service(repo_path(args.repo)) as service:
+        result = service.delete(name=args.name, force=args.force)
+    detached = f" ({', '.join(result['detached'])} no longer depend on it)" if result[
+        "detached"] else ""
+    print(f"disk {args.name}: deleted{detached}")
+    return 0
+
+
+def cmd_disks(args: argparse.Namespace) -> int:
+    with disk_service(repo_path(args.repo)) as service:
+        disks = service.disks()
+    if args.json:
+        print(json.dumps(disks, indent=1))
+        return 0
+    rows = [
+        [
+            d["name"], fmt_bytes(d["size"]), d["origin"] or "-",
+            "-" if d["hydrated_pct"] is None else f"{d['hydrated_pct']:.1f}%", d["state"],
+        ]
+        for d in disks
+    ]
+    print_table(["DISK", "SIZE", "ORIGIN", "HYDRATED", "STATE"], rows)
+    return 0
+
+
+def cmd_hydrate(args: argparse.Namespace) -> int:
+    with disk_service(repo_path(args.repo)) as service, progress_bar(
+        f"hydrate {args.name}"
+    ) as bar:
+        result = service.hydrate(name=args.name, progress=bar)
+    print(f"disk {args.name}: hydrated ({fmt_bytes(result['bytes_fetched'])} copied)")
     return 0
 
 
@@ -236,6 +286,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", help="file or block device to write")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty target file")
     p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("clone", parents=[common], help="new writable disk from a point, at once")
+    p.add_argument("source", metavar="DISK@POINT")
+    p.add_argument("name", help="name of the new disk")
+    p.set_defaults(func=cmd_clone)
+
+    p = sub.add_parser("disk", parents=[common], help="create or delete writable disks")
+    disk_sub = p.add_subparsers(dest="disk_command", required=True, metavar="ACTION")
+    q = disk_sub.add_parser("create", parents=[common], help="an empty writable disk")
+    q.add_argument("name")
+    q.add_argument("--size", required=True, help="size, e.g. 20G")
+    q.set_defaults(func=cmd_disk_create)
+    q = disk_sub.add_parser("delete", parents=[common], help="delete a disk and its points")
+    q.add_argument("name")
+    q.add_argument("--force", action="store_true",
+                   help="first copy what clones of it still read from it into them")
+    q.set_defaults(func=cmd_disk_delete)
+
+    p = sub.add_parser("disks", parents=[common], help="list disks")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_disks)
+
+    p = sub.add_parser("hydrate", parents=[common], help="copy all of a clone's blocks locally")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_hydrate)
 
     p = sub.add_parser("mount", parents=[common], help="serve the repository at MOUNTPOINT")
     p.add_argument("mountpoint")

@@ -14,14 +14,17 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from .control import serve_control
 from .errors import RpfsError
 from .fsops import Operations
 from .image import ChunkCache
 from .repo import Repository
+from .service import DiskService
 from .vfs import Tree
 
 log = logging.getLogger(__name__)
 
+SYNC_INTERVAL = 2.0  # seconds between block-map persists of open disks
 READ_AHEAD_KB = 1024  # the default 128 KiB caps sequential reads well below the ceiling
 
 
@@ -53,7 +56,16 @@ def _check_mountpoint(mountpoint: Path) -> None:
         raise RpfsError(f"{mountpoint} is already a mount point; unmount it or choose another")
 
 
-async def _serve(mountpoint: Path, on_ready) -> None:
+async def _sync_periodically(service: DiskService) -> None:
+    """Persist block-map changes (e.g. copy-on-read) of open disks every few seconds."""
+    while True:
+        await trio.sleep(SYNC_INTERVAL)
+        for disk in service.open_disks():
+            if disk.needs_sync:
+                await trio.to_thread.run_sync(disk.sync)
+
+
+async def _serve(root: Path, mountpoint: Path, service: DiskService, on_ready) -> None:
     async with trio.open_nursery() as nursery:
 
         async def ready() -> None:
@@ -69,6 +81,8 @@ async def _serve(mountpoint: Path, on_ready) -> None:
                     return
 
         nursery.start_soon(stop_on_signal)
+        nursery.start_soon(serve_control, root, service)
+        nursery.start_soon(_sync_periodically, service)
         nursery.start_soon(ready)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
@@ -89,7 +103,9 @@ def serve(root: Path, mountpoint: Path, on_ready, on_error) -> int:
         repo.close()
         on_error(str(exc))
         return 1
-    ops = Operations(Tree(repo, ChunkCache(repo)))
+    cache = ChunkCache(repo)
+    service = DiskService(repo, cache)
+    ops = Operations(Tree(repo, cache, service))
     options = set(pyfuse3.default_options) | {"fsname=rpfs", "subtype=rpfs", "allow_other"}
     try:
         pyfuse3.init(ops, str(mountpoint), options)
@@ -101,9 +117,10 @@ def serve(root: Path, mountpoint: Path, on_ready, on_error) -> int:
     log.info("serving repository %s at %s (pid %d)", root, mountpoint, os.getpid())
     tune_readahead(mountpoint)
     try:
-        trio.run(_serve, mountpoint, on_ready)
+        trio.run(_serve, root, mountpoint, service, on_ready)
     finally:
         pyfuse3.close(unmount=True)
+        service.close_all()
         repo.close()
         os.close(lock_fd)
         log.info("unmounted %s", mountpoint)

@@ -18,8 +18,7 @@ import pyfuse3
 import trio
 
 from .errors import CorruptChunk
-from .image import PointImage
-from .vfs import Attr, Tree
+from .vfs import Attr, Handle, Tree
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +32,7 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.tree = tree
         self.limiter = trio.CapacityLimiter(threads)
-        self._handles: dict[int, PointImage] = {}
+        self._handles: dict[int, Handle] = {}
         self._dirs: dict[int, list[tuple[str, Attr]]] = {}
         self._fh = itertools.count(1)
 
@@ -75,7 +74,8 @@ class Operations(pyfuse3.Operations):
         return self._entry(await self._run(self.tree.attr, inode))
 
     async def setattr(self, inode, attr, fields, fh, ctx):
-        raise pyfuse3.FUSEError(errno.EROFS)
+        size = attr.st_size if fields.update_size else None
+        return self._entry(await self._run(self.tree.setattr, inode, size))
 
     async def opendir(self, inode, ctx):
         fh = next(self._fh)
@@ -93,28 +93,34 @@ class Operations(pyfuse3.Operations):
         self._dirs.pop(fh, None)
 
     async def open(self, inode, flags, ctx):
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
-            raise pyfuse3.FUSEError(errno.EROFS)
-        image = await self._run(self.tree.open_image, inode)
+        handle = await self._run(self.tree.open, inode, flags)
         fh = next(self._fh)
-        self._handles[fh] = image
+        self._handles[fh] = handle
         # A point never changes: the kernel may keep its pages across opens.
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=not handle.writable)
+
+    def _handle(self, fh: int) -> Handle:
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return handle
 
     async def read(self, fh, off, size):
-        image = self._handles.get(fh)
-        if image is None:
-            raise pyfuse3.FUSEError(errno.EBADF)
-        return await self._run(image.read, off, size)
+        return await self._run(self._handle(fh).read, off, size)
 
     async def write(self, fh, off, buf):
-        raise pyfuse3.FUSEError(errno.EROFS)
+        return await self._run(self._handle(fh).write, off, buf)
+
+    async def fsync(self, fh, datasync):
+        await self._run(self._handle(fh).sync)
 
     async def flush(self, fh):
-        pass
+        await self._run(self._handle(fh).sync)
 
     async def release(self, fh):
-        self._handles.pop(fh, None)
+        handle = self._handles.pop(fh, None)
+        if handle is not None:
+            await self._run(handle.close)
 
     async def statfs(self, ctx):
         st = os.statvfs(self.tree.repo.root)

@@ -6,6 +6,7 @@ Named databases (see docs/design.md for the reasoning):
     chunks    hash(32)  ->  pack(4) ‖ offset(8) ‖ length(4) ‖ refcount(8)
     staging   capture(8) ‖ block(8)  ->  chunk hash | b""      (a capture not yet published)
     captures  capture(8)  ->  JSON {disk, pid, started}
+    blockmap  file(8) ‖ page(8)  ->  one state byte per block (4096 blocks a page)
     disks     name  ->  JSON DiskRecord
     points    disk ‖ 0x00 ‖ name  ->  JSON PointRecord
     lineages  lineage(8)  ->  JSON LineageRecord
@@ -34,7 +35,9 @@ _BLOCK_PREFIX = struct.Struct(">QQ")
 _CHUNK_VAL = struct.Struct(">IQIQ")
 _U64 = struct.Struct(">Q")
 
-_DBS = ("extents", "chunks", "staging", "captures", "disks", "points", "lineages", "meta")
+_DBS = (
+    "extents", "chunks", "staging", "captures", "blockmap", "disks", "points", "lineages", "meta",
+)
 
 
 def extent_key(lineage: int, block: int, gen: int) -> bytes:
@@ -69,13 +72,27 @@ class ChunkLoc:
 
 @dataclass
 class DiskRecord:
-    """A disk: a fixed size and the lineage its current content belongs to."""
+    """A disk: a fixed size and the lineage its current content belongs to.
+
+    A captured disk has only points. A writable disk (created or cloned) also has a local
+    file, `file_id` > 0, served read-write at MOUNT/disks/NAME.img.
+    """
 
     name: str
     size: int
     lineage: int
     created: float
     origin: str | None = None  # "disk@point" a clone was made from
+    file_id: int = 0
+
+    @property
+    def writable(self) -> bool:
+        return self.file_id > 0
+
+    @property
+    def file(self) -> str:
+        """The local file, relative to the repository root."""
+        return f"disks/{self.file_id:08d}.raw"
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -273,6 +290,27 @@ class Index:
 
     def put_disk(self, txn: lmdb.Transaction, disk: DiskRecord) -> None:
         txn.put(disk.name.encode(), disk.encode(), db=self.db["disks"])
+
+    def delete_disk(self, txn: lmdb.Transaction, name: str) -> None:
+        txn.delete(name.encode(), db=self.db["disks"])
+
+    def delete_point(self, txn: lmdb.Transaction, disk: str, name: str) -> None:
+        txn.delete(_point_key(disk, name), db=self.db["points"])
+
+    def list_lineages(self, txn: lmdb.Transaction) -> list[LineageRecord]:
+        return [LineageRecord(**json.loads(v)) for _, v in txn.cursor(db=self.db["lineages"])]
+
+    def delete_lineage(self, txn: lmdb.Transaction, lineage: int) -> None:
+        """Drop a lineage's record and extents, releasing their chunk references."""
+        with txn.cursor(db=self.db["extents"]) as cur:
+            prefix = u64(lineage)
+            if cur.set_range(prefix):
+                while cur.key()[:8] == prefix:
+                    if cur.value() != ZERO:
+                        self.incref(txn, cur.value(), -1)
+                    if not cur.delete():
+                        break
+        txn.delete(u64(lineage), db=self.db["lineages"])
 
     def list_disks(self, txn: lmdb.Transaction) -> list[DiskRecord]:
         return [DiskRecord(**json.loads(v)) for _, v in txn.cursor(db=self.db["disks"])]

@@ -106,18 +106,21 @@ class Repository:
     def _lock_path(self, name: str) -> Path:
         return self.root / "locks" / f"{name}.lock"
 
-    @contextlib.contextmanager
-    def disk_lock(self, disk: str) -> Iterator[None]:
-        """Exclusive right to change a disk (capture, later snapshot/rollback)."""
+    def lock_disk(self, disk: str, holder: str = "another capture of it is running") -> int:
+        """Take a disk's exclusive lock; returns the fd that holds it (close to release)."""
         fd = os.open(self._lock_path(f"disk-{disk}"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise RpfsError(
-                    f"disk {disk} is busy: another capture of it is running; wait for it "
-                    "to finish"
-                ) from None
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RpfsError(f"disk {disk} is busy: {holder}; wait for it to finish") from None
+        return fd
+
+    @contextlib.contextmanager
+    def disk_lock(self, disk: str) -> Iterator[None]:
+        """Exclusive right to change a disk (capture, snapshot, rollback, open for writing)."""
+        fd = self.lock_disk(disk)
+        try:
             yield
         finally:
             os.close(fd)

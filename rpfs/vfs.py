@@ -1,6 +1,7 @@
 """The tree the mount shows, built from the index on demand:
 
     /points/<disk>/<point>.img      one read-only image per recovery point
+    /disks/<disk>.img               one read-write image per writable disk
 
 Inode numbers are assigned on first sight of a path and stay fixed for the life of the
 mount, so the kernel's view of a file never changes under it. Every lookup and listing
@@ -11,19 +12,27 @@ Errors are OSError with the errno the FUSE layer should return.
 from __future__ import annotations
 
 import errno
+import logging
+import os
 import stat
 import threading
 import time
 from dataclasses import dataclass
 
+from .errors import RpfsError
 from .image import ChunkCache, PointImage
-from .index import PointRecord
+from .index import DiskRecord, PointRecord
+from .livedisk import LiveDisk
 from .repo import Repository
+from .service import DiskService
+
+log = logging.getLogger(__name__)
 
 ROOT_INO = 1  # pyfuse3.ROOT_INODE
 IMAGE_SUFFIX = ".img"
 
-Key = tuple[str, ...]  # ("points",), ("points", disk), ("points", disk, point)
+Key = tuple[str, ...]  # ("points", disk, point), ("disks", disk) and their parents
+TOP = ("points", "disks")
 
 
 @dataclass(frozen=True)
@@ -43,9 +52,10 @@ def _enoent() -> OSError:
 class Tree:
     """Names, inodes and attributes of the mount; opens point images for reading."""
 
-    def __init__(self, repo: Repository, cache: ChunkCache) -> None:
+    def __init__(self, repo: Repository, cache: ChunkCache, service: DiskService) -> None:
         self.repo = repo
         self.cache = cache
+        self.service = service
         self.mounted_at = time.time()
         self._ino_of: dict[Key, int] = {(): ROOT_INO}
         self._key_of: dict[int, Key] = {ROOT_INO: ()}
@@ -78,9 +88,16 @@ class Tree:
 
     def _stat(self, key: Key) -> Attr:
         """Attributes of the entry at `key`; its inode is allocated only if it exists."""
+        if key[:1] == ("disks",) and len(key) == 2:
+            disk = self._disk(key[1], writable=True)
+            local = os.stat(self.repo.root / disk.file)
+            return Attr(
+                self._ino(key), stat.S_IFREG | 0o644, size=disk.size, blocks=local.st_blocks,
+                mtime=local.st_mtime,
+            )
         if len(key) < 3:
-            if len(key) == 2 and not self._disk_exists(key[1]):
-                raise _enoent()
+            if len(key) == 2:
+                self._disk(key[1])
             return Attr(self._ino(key), stat.S_IFDIR | 0o755, mtime=self.mounted_at, nlink=2)
         point = self._point(key)
         allocated = point.allocated_blocks * self.repo.block_size
@@ -89,14 +106,20 @@ class Tree:
             mtime=point.created,
         )
 
-    def _disk_exists(self, disk: str) -> bool:
+    def _disk(self, name: str, writable: bool = False) -> DiskRecord:
         with self.repo.index.read() as txn:
-            return self.repo.index.get_disk(txn, disk) is not None
+            disk = self.repo.index.get_disk(txn, name)
+        if disk is None or (writable and not disk.writable):
+            raise _enoent()
+        return disk
 
     def _children(self, key: Key) -> list[tuple[str, Key]]:
         if key == ():
-            return [("points", ("points",))]
+            return [(name, (name,)) for name in TOP]
         with self.repo.index.read() as txn:
+            if key == ("disks",):
+                disks = [d for d in self.repo.index.list_disks(txn) if d.writable]
+                return [(d.name + IMAGE_SUFFIX, ("disks", d.name)) for d in disks]
             if key == ("points",):
                 disks = self.repo.index.list_disks(txn)
                 return [(d.name, ("points", d.name)) for d in disks]
@@ -107,13 +130,13 @@ class Tree:
 
     def lookup(self, parent: int, name: str) -> Attr:
         key = self.key(parent)
-        if len(key) == 3:
+        if len(key) == 3 or (key[:1] == ("disks",) and len(key) == 2):
             raise OSError(errno.ENOTDIR, "not a directory")
         if key == ():
             child: Key = (name,)
-            if name != "points":
+            if name not in TOP:
                 raise _enoent()
-        elif len(key) == 1:
+        elif key == ("points",):
             child = (*key, name)
         else:
             if not name.endswith(IMAGE_SUFFIX):
@@ -130,8 +153,62 @@ class Tree:
                 continue  # deleted between listing and stat
         return out
 
-    def open_image(self, ino: int) -> PointImage:
+    def open(self, ino: int, flags: int) -> Handle:
+        """Open an image: points read-only (EROFS for writing), disks read-write."""
         key = self.key(ino)
+        if key[:1] == ("disks",) and len(key) == 2:
+            return DiskHandle(self.service, key[1])
         if len(key) != 3:
             raise OSError(errno.EISDIR, "is a directory")
-        return PointImage(self.repo, self.cache, self._point(key))
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise OSError(errno.EROFS, "recovery points are read-only")
+        return PointHandle(PointImage(self.repo, self.cache, self._point(key)))
+
+    def setattr(self, ino: int, size: int | None) -> Attr:
+        """Points are read-only; disks have a fixed size (other changes are ignored)."""
+        key = self.key(ino)
+        if len(key) == 3:
+            raise OSError(errno.EROFS, "recovery points are read-only")
+        if size is not None and size != self._stat(key).size:
+            raise OSError(errno.EPERM, "disk images have a fixed size")
+        return self._stat(key)
+
+
+class PointHandle:
+    """An open point image: reads only."""
+
+    def __init__(self, image: PointImage) -> None:
+        self.read = image.read
+        self.writable = False
+
+    def write(self, offset: int, data: bytes) -> int:
+        raise OSError(errno.EROFS, "recovery points are read-only")
+
+    def sync(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class DiskHandle:
+    """An open writable disk image, shared with the daemon's DiskService."""
+
+    def __init__(self, service: DiskService, name: str) -> None:
+        self.service = service
+        self.name = name
+        try:
+            self.disk: LiveDisk = service.acquire(name, handle=True)
+        except RpfsError as exc:
+            log.warning("open of disk %s refused: %s", name, exc)
+            raise OSError(errno.EBUSY, str(exc)) from None
+        self.read = self.disk.read
+        self.write = self.disk.write
+        self.sync = self.disk.sync
+        self.writable = True
+
+    def close(self) -> None:
+        self.service.release(self.name, handle=True)
+
+
+Handle = PointHandle | DiskHandle

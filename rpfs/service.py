@@ -1,0 +1,287 @@
+"""Operations on writable disks: create, clone, delete, hydrate, list.
+
+One `DiskService` owns the open `LiveDisk` objects of a process. In the daemon it is
+shared by the FUSE layer (file handles) and the control socket (commands), so a command
+and a VM writing through the mount see the same in-memory block states. Without a
+daemon the CLI uses its own instance directly on the repository.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+from .errors import RpfsError
+from .image import ChunkCache
+from .index import ZERO, DiskRecord, LineageRecord
+from .livedisk import ABSENT, LiveDisk, create_local_file, drop_states, load_states
+from .names import check_name, parse_point_ref
+from .pipeline import ordered_map
+from .progress import ProgressFn
+from .repo import Repository
+
+log = logging.getLogger(__name__)
+
+HYDRATE_BATCH = 256  # blocks per hydration task
+SYNC_EVERY = 64  # hydration tasks between block-map syncs
+
+
+class _Open:
+    def __init__(self, disk: LiveDisk, lock_fd: int) -> None:
+        self.disk = disk
+        self.lock_fd = lock_fd
+        self.users = 0  # acquire() calls not yet released
+        self.handles = 0  # of which: open files of the mount
+
+
+class DiskService:
+    """Disk commands and the registry of open writable disks."""
+
+    def __init__(self, repo: Repository, cache: ChunkCache | None = None) -> None:
+        self.repo = repo
+        self.index = repo.index
+        self.cache = cache or ChunkCache(repo)
+        self._open: dict[str, _Open] = {}
+        self._lock = threading.Lock()
+
+    # -- open disks -----------------------------------------------------------------------
+
+    def _record(self, name: str) -> DiskRecord:
+        with self.index.read() as txn:
+            disk = self.index.get_disk(txn, name)
+        if disk is None:
+            raise RpfsError(f"no disk named {name!r}; 'rpfs disks' lists them")
+        return disk
+
+    def acquire(self, name: str, handle: bool = False) -> LiveDisk:
+        """Open (or share) the writable disk `name`; pair with release()."""
+        with self._lock:
+            entry = self._open.get(name)
+            if entry is None:
+                record = self._record(name)
+                if not record.writable:
+                    raise RpfsError(
+                        f"disk {name} has only recovery points; clone one to get a "
+                        f"writable disk: rpfs clone {name}@POINT NEWNAME"
+                    )
+                fd = self.repo.lock_disk(name, "it is open in another rpfs process")
+                try:
+                    entry = _Open(LiveDisk(self.repo, self.cache, record), fd)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                self._open[name] = entry
+            entry.users += 1
+            entry.handles += handle
+            return entry.disk
+
+    def release(self, name: str, handle: bool = False) -> None:
+        with self._lock:
+            entry = self._open[name]
+            entry.users -= 1
+            entry.handles -= handle
+            if entry.users:
+                return
+            del self._open[name]
+        try:
+            entry.disk.close()
+        finally:
+            os.close(entry.lock_fd)
+
+    def open_disks(self) -> list[LiveDisk]:
+        with self._lock:
+            return [entry.disk for entry in self._open.values()]
+
+    def close_all(self) -> None:
+        with self._lock:
+            entries = list(self._open.values())
+            self._open.clear()
+        for entry in entries:
+            try:
+                entry.disk.close()
+            finally:
+                os.close(entry.lock_fd)
+
+    def _check_closed(self, name: str, action: str) -> None:
+        with self._lock:
+            entry = self._open.get(name)
+            busy = entry is not None and entry.handles > 0
+        if busy:
+            raise RpfsError(
+                f"disk {name} is open ({entry.handles} open file(s) of its image); close it "
+                f"(see 'fuser -v MOUNT/disks/{name}.img') and {action} again"
+            )
+
+    # -- commands -------------------------------------------------------------------------
+
+    def create(self, name: str, size: int) -> dict:
+        """An empty writable disk of `size` bytes."""
+        check_name(name, "disk name")
+        if size <= 0:
+            raise RpfsError(f"invalid size {size}: a disk needs at least one byte")
+        return self._new_disk(name, size, parent=None, origin=None)
+
+    def clone(self, source: str, name: str) -> dict:
+        """A writable disk whose content is the point `source` (DISK@POINT), at once."""
+        check_name(name, "disk name")
+        src_disk, src_point = parse_point_ref(source)
+        with self.index.read() as txn:
+            point = self.index.get_point(txn, src_disk, src_point)
+            if point is None:
+                if self.index.get_disk(txn, src_disk) is None:
+                    raise RpfsError(f"cannot clone {source}: no disk named {src_disk!r}")
+                raise RpfsError(
+                    f"cannot clone {source}: disk {src_disk} has no point {src_point!r}; "
+                    f"'rpfs points {src_disk}' lists them"
+                )
+        return self._new_disk(name, point.size, (point.lineage, point.gen), source)
+
+    def _new_disk(
+        self, name: str, size: int, parent: tuple[int, int] | None, origin: str | None
+    ) -> dict:
+        with self.index.read() as txn:
+            if self.index.get_disk(txn, name) is not None:
+                raise RpfsError(f"a disk named {name!r} already exists; choose another name")
+        with self.index.write() as txn:
+            file_id = self.index.next_id(txn, "file")
+        # The local file is durable before the record that names it commits; a crash in
+        # between leaves an orphan file, never a record without its file.
+        create_local_file(self.repo.root / f"disks/{file_id:08d}.raw", size)
+        with self.index.write() as txn:
+            if self.index.get_disk(txn, name) is not None:
+                os.unlink(self.repo.root / f"disks/{file_id:08d}.raw")
+                raise RpfsError(f"a disk named {name!r} already exists; choose another name")
+            lineage = LineageRecord(self.index.next_id(txn, "lineage"), disks=[name])
+            if parent is not None:
+                lineage.parent, lineage.parent_gen = parent
+            self.index.put_lineage(txn, lineage)
+            record = DiskRecord(name, size, lineage.id, time.time(), origin, file_id)
+            self.index.put_disk(txn, record)
+        log.info("disk %s: created (%d bytes, origin %s)", name, size, origin or "none")
+        return self._describe(record)
+
+    def disks(self) -> list[dict]:
+        with self.index.read() as txn:
+            records = self.index.list_disks(txn)
+        return [self._describe(r) for r in records]
+
+    def _describe(self, record: DiskRecord) -> dict:
+        out = {
+            "name": record.name,
+            "size": record.size,
+            "origin": record.origin,
+            "writable": record.writable,
+            "created": record.created,
+        }
+        if not record.writable:
+            return {**out, "hydrated_pct": None, "state": "points only"}
+        with self._lock:
+            entry = self._open.get(record.name)
+            states = entry.disk.states if entry else None
+            handles = entry.handles if entry else 0
+        if states is None:
+            nblocks = -(-record.size // self.repo.block_size)
+            with self.index.read() as txn:
+                states = load_states(self.index, txn, record.file_id, nblocks)
+        absent = states.count(ABSENT) if record.origin else 0
+        pct = 100.0 * (1 - absent / len(states)) if len(states) else 100.0
+        return {
+            **out,
+            "hydrated_pct": round(pct, 2),
+            "state": f"open ({handles})" if handles else "idle",
+        }
+
+    def hydrate(self, name: str, progress: ProgressFn | None = None) -> dict:
+        """Copy every block of a clone into its local file (resumable, safe while in use)."""
+        disk = self.acquire(name)
+        try:
+            bs = disk.bs
+            ranges = [(b, min(b + HYDRATE_BATCH, disk.nblocks))
+                      for b in range(0, disk.nblocks, HYDRATE_BATCH)]
+            fetched = 0
+            fetch = functools.partial(_hydrate_range, disk)
+            for i, ((_, end), n) in enumerate(ordered_map(fetch, ranges)):
+                fetched += n
+                if progress:
+                    progress(min(end * bs, disk.size), disk.size)
+                if i % SYNC_EVERY == SYNC_EVERY - 1:
+                    disk.sync()
+            disk.sync()
+        finally:
+            self.release(name)
+        log.info("disk %s: hydrated, %d blocks fetched", name, fetched)
+        return {"name": name, "blocks_fetched": fetched, "bytes_fetched": fetched * bs}
+
+    def delete(self, name: str, force: bool = False) -> dict:
+        """Delete a writable disk and its local file.
+
+        Disks cloned from its points still read unhydrated blocks through it; with
+        `force`, those blocks are first copied into the dependants' own lineages (chunk
+        references, not data), so they no longer need it.
+        """
+        record = self._record(name)
+        self._check_closed(name, "delete it")
+        lock_fd = self.repo.lock_disk(name, "it is open in another rpfs process")
+        try:
+            with self.index.write() as txn:
+                mine = {lin.id for lin in self.index.list_lineages(txn) if name in lin.disks}
+                dependants = self._dependants(txn, mine)
+                if dependants and not force:
+                    users = ", ".join(sorted({d for lin in dependants for d in lin.disks}))
+                    raise RpfsError(
+                        f"disk {name} is the origin of {users}, which still read blocks from "
+                        f"it; pass --force to copy those blocks into them first"
+                    )
+                for lin in dependants:
+                    self._detach(txn, lin, record.size)
+                for point in self.index.list_points(txn, name):
+                    self.index.delete_point(txn, name, point.name)
+                for lineage in mine:
+                    self.index.delete_lineage(txn, lineage)
+                if record.writable:
+                    drop_states(self.index, txn, record.file_id)
+                self.index.delete_disk(txn, name)
+            if record.writable:
+                Path(self.repo.root / record.file).unlink(missing_ok=True)
+        finally:
+            os.close(lock_fd)
+        for open_disk in self.open_disks():  # dependants now resolve through themselves
+            open_disk.reload_chain()
+        log.info("disk %s: deleted (%d dependants detached)", name, len(dependants))
+        return {"name": name, "detached": sorted({d for lin in dependants for d in lin.disks})}
+
+    def _dependants(self, txn, lineages: set[int]) -> list[LineageRecord]:
+        """Lineages outside `lineages` whose reads fall through to one of them."""
+        out = []
+        for lin in self.index.list_lineages(txn):
+            if lin.id in lineages or lin.parent is None:
+                continue
+            chain = self.index.chain(txn, lin.parent, lin.parent_gen)
+            if any(lineage in lineages for lineage, _ in chain):
+                out.append(lin)
+        return out
+
+    def _detach(self, txn, lin: LineageRecord, size: int) -> None:
+        """Copy what `lin` reads through its origin into it as generation 0; drop the origin.
+
+        Generation 0 sorts below every point of the lineage, so each block keeps the value
+        it had; the chunks gain references, no data is copied. (A clone has the size of
+        its origin, so `size` is the deleted disk's.)
+        """
+        chain = self.index.chain(txn, lin.parent, lin.parent_gen)
+        for block in range(-(-size // self.repo.block_size)):
+            value = self.index.resolve(txn, chain, block)
+            if value != ZERO and self.index.lookup(txn, lin.id, block, 0) is None:
+                self.index.put_extent(txn, lin.id, block, 0, value)
+                self.index.incref(txn, value)
+        lin.parent, lin.parent_gen = None, 0
+        self.index.put_lineage(txn, lin)
+
+
+def _hydrate_range(disk: LiveDisk, blocks: tuple[int, int]) -> int:
+    return disk.hydrate_range(*blocks)
+
