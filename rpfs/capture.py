@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import RpfsError
-from .index import ZERO, ChunkLoc, DiskRecord, LineageRecord, PointRecord
+from .index import ZERO, DiskRecord, LineageRecord, PointRecord
+from .ingest import Change, Ingest, examine
 from .names import check_name, default_point_name
 from .pipeline import ordered_map
 from .progress import ProgressFn
 from .repo import Repository
 from .source import Source, block_runs, load_changed
-from .store import digest, encode_chunk
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +39,6 @@ class _Batch:
     first: int  # first block
     count: int
     read: bool  # False: a hole of the source, compared as zeros without reading
-
-
-@dataclass
-class _Change:
-    block: int
-    value: bytes  # chunk digest or ZERO
-    record: bytes | None  # pack record to append, if the chunk is not stored yet
-    allocated_delta: int
 
 
 @dataclass
@@ -113,13 +105,9 @@ class _Capture:
         self.changed = load_changed(changed, src.size) if changed is not None else None
         self.progress = progress or (lambda done, total: None)
         self.zero_block = bytes(self.bs)
-        self.writer = repo.store.writer(repo.allocate_pack)
-        self.pending_chunks: dict[bytes, ChunkLoc] = {}
+        self.ingest = Ingest(repo)
         self.pending_stage: list[tuple[int, bytes]] = []
-        self.pending_bytes = 0
-        self.session_chunks: set[bytes] = set()
         self.blocks_written = 0
-        self.bytes_stored = 0
         self.allocated_delta = 0
 
     # -- set-up ---------------------------------------------------------------------------
@@ -129,6 +117,11 @@ class _Capture:
             disk = self.index.get_disk(txn, self.disk)
             base = _Base(disk)
             if disk is not None:
+                if disk.writable:
+                    raise RpfsError(
+                        f"disk {self.disk} is a writable disk; take a point of it with "
+                        f"'rpfs snapshot {self.disk}', or capture under a new disk name"
+                    )
                 if disk.size != self.src.size:
                     raise RpfsError(
                         f"source {self.src.path} is {self.src.size} bytes but disk "
@@ -179,49 +172,35 @@ class _Capture:
 
     # -- the pipeline ---------------------------------------------------------------------
 
-    def _examine(self, batch: _Batch, chain: list[tuple[int, int]]) -> list[_Change]:
+    def _examine(self, batch: _Batch, chain: list[tuple[int, int]]) -> list[Change]:
         """Worker: read, hash and compare one batch; compress blocks not yet stored."""
         bs = self.bs
         data = memoryview(self.src.read(batch.first * bs, batch.count * bs)) if batch.read else None
-        out: list[_Change] = []
+        out: list[Change] = []
         with self.index.read() as txn:
             for i in range(batch.count):
                 block = batch.first + i
                 raw = data[i * bs : (i + 1) * bs] if data is not None else None
-                value = ZERO if raw is None or raw == self.zero_block else digest(raw)
                 prev = self.index.resolve(txn, chain, block) if chain else ZERO
-                if value == prev:
-                    continue
-                record = None
-                if value != ZERO and not self.index.has_chunk(txn, value):
-                    record = encode_chunk(bytes(raw), value)
-                delta = (value != ZERO) - (prev != ZERO)
-                out.append(_Change(block, value, record, delta))
+                change = examine(self.index, txn, block, raw, self.zero_block, prev)
+                if change is not None:
+                    out.append(change)
         return out
 
-    def _take(self, change: _Change) -> None:
-        if change.record is not None and change.value not in self.session_chunks:
-            loc = self.writer.append(change.record)
-            self.session_chunks.add(change.value)
-            self.pending_chunks[change.value] = loc
-            self.pending_bytes += len(change.record)
-            self.bytes_stored += len(change.record)
+    def _take(self, change: Change) -> None:
+        self.ingest.take(change)
         self.pending_stage.append((change.block, change.value))
         self.blocks_written += 1
         self.allocated_delta += change.allocated_delta
 
     def _flush(self, capture_id: int) -> None:
         """Make appended chunks durable, then record them and the staged extents."""
-        self.writer.sync()
+        self.ingest.sync()
         with self.index.write() as txn:
-            for value, loc in self.pending_chunks.items():
-                if not self.index.has_chunk(txn, value):  # another writer may have it now
-                    self.index.put_chunk(txn, value, loc)
+            self.ingest.register(txn)
             for block, value in self.pending_stage:
                 self.index.stage(txn, capture_id, block, value)
-        self.pending_chunks.clear()
         self.pending_stage.clear()
-        self.pending_bytes = 0
 
     def _publish(self, capture_id: int, base: _Base, method: str) -> PointRecord:
         """The commit point: staged extents become generation head+1 and a point."""
@@ -251,7 +230,7 @@ class _Capture:
                 size=self.src.size,
                 blocks_written=self.blocks_written,
                 allocated_blocks=base.allocated_blocks + self.allocated_delta,
-                bytes_stored=self.bytes_stored,
+                bytes_stored=self.ingest.bytes_stored,
                 method=method,
             )
             self.index.put_point(txn, point)
@@ -268,16 +247,16 @@ class _Capture:
             for batch, changes in ordered_map(examine, batches):
                 for change in changes:
                     self._take(change)
-                if self.pending_bytes >= FLUSH_BYTES or len(self.pending_stage) >= 65536:
+                if self.ingest.pending_bytes >= FLUSH_BYTES or len(self.pending_stage) >= 65536:
                     self._flush(capture_id)
                 if batch.read:
                     done += batch.count * self.bs
                     self.progress(done, total)
             self._flush(capture_id)
-            self.writer.close()
+            self.ingest.close()
             point = self._publish(capture_id, base, method)
         except BaseException:
-            self.writer.close()
+            self.ingest.close()
             with self.index.write() as txn:
                 self.index.drop_staged(txn, capture_id)
             raise

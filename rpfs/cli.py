@@ -17,7 +17,9 @@ from .capture import capture
 from .control import disk_service
 from .daemon import serve
 from .errors import RpfsError
+from .extents import allocated, changed
 from .image import ChunkCache, open_point
+from .index import DiskRecord, LineageRecord, PointRecord
 from .names import check_name, parse_point_ref, parse_size
 from .progress import progress_bar
 from .repo import Repository, read_daemon_info, repo_path
@@ -74,12 +76,26 @@ def cmd_capture(args: argparse.Namespace) -> int:
     return 0
 
 
+def _state(p: PointRecord) -> str:
+    if p.state == "complete":
+        return "complete"
+    return f"archiving {100 * p.archived_blocks // max(1, p.frozen_blocks)}%"
+
+
 def cmd_points(args: argparse.Namespace) -> int:
     with Repository(repo_path(args.repo)) as repo, repo.index.read() as txn:
-        if args.disk is not None and repo.index.get_disk(txn, check_name(args.disk)) is None:
-            raise RpfsError(f"no disk named {args.disk!r}; 'rpfs points' lists all disks")
+        disk = None
+        if args.disk is not None:
+            disk = repo.index.get_disk(txn, check_name(args.disk))
+            if disk is None:
+                raise RpfsError(f"no disk named {args.disk!r}; 'rpfs points' lists all disks")
         points = repo.index.list_points(txn, args.disk)
         bs = repo.block_size
+        if args.tree:
+            disks = [disk] if disk else repo.index.list_disks(txn)
+            for d in disks:
+                _print_tree(d, repo.index.list_lineages(txn), points)
+            return 0
     if args.json:
         out = [
             {**vars(p), "allocated_bytes": p.allocated_blocks * bs, "block_size": bs}
@@ -90,13 +106,40 @@ def cmd_points(args: argparse.Namespace) -> int:
     rows = [
         [
             p.disk, p.name, fmt_time(p.created), fmt_bytes(p.size), str(p.blocks_written),
-            fmt_bytes(p.allocated_blocks * bs), fmt_bytes(p.bytes_stored), p.method,
+            fmt_bytes(p.allocated_blocks * bs), fmt_bytes(p.bytes_stored), p.method, _state(p),
         ]
         for p in points
     ]
-    header = ["DISK", "POINT", "CREATED", "SIZE", "WRITTEN", "ALLOCATED", "STORED", "METHOD"]
+    header = ["DISK", "POINT", "CREATED", "SIZE", "WRITTEN", "ALLOCATED", "STORED", "METHOD",
+              "STATE"]
     print_table(header, rows)
     return 0
+
+
+def _print_tree(disk: DiskRecord, lineages: list[LineageRecord], points: list) -> None:
+    """A disk's points by lineage; a rollback's or clone's lineage under its origin."""
+    mine = {lin.id: lin for lin in lineages if disk.name in lin.disks}
+    children: dict[tuple[int, int], list[LineageRecord]] = {}
+    for lin in mine.values():
+        if lin.parent in mine:
+            children.setdefault((lin.parent, lin.parent_gen), []).append(lin)
+    origin = f" (from {disk.origin})" if disk.origin else ""
+    print(f"{disk.name}{origin}")
+
+    def show(lin: LineageRecord, indent: str) -> None:
+        label = "current" if lin.id == disk.lineage else "branch"
+        print(f"{indent}[{label}: lineage {lin.id}]")
+        for p in (p for p in points if p.disk == disk.name and p.lineage == lin.id):
+            print(f"{indent}  {p.name}  {fmt_time(p.created)}  {p.method}  {_state(p)}")
+            for child in children.pop((lin.id, p.gen), []):
+                show(child, indent + "    ")
+        for key in [k for k in children if k[0] == lin.id]:
+            for child in children.pop(key):
+                show(child, indent + "    ")
+
+    for lin in sorted(mine.values(), key=lambda x: x.id):
+        if lin.parent not in mine:
+            show(lin, "  ")
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
@@ -145,6 +188,47 @@ def cmd_disks(args: argparse.Namespace) -> int:
         for d in disks
     ]
     print_table(["DISK", "SIZE", "ORIGIN", "HYDRATED", "STATE"], rows)
+    return 0
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    with disk_service(repo_path(args.repo)) as service:
+        points = service.snapshot(disks=args.disks, name=args.name)
+    for p in points:
+        print(f"{p['disk']}@{p['name']}: taken ({p['method']}, {p['frozen_blocks']} blocks "
+              f"to archive)")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    with disk_service(repo_path(args.repo)) as service:
+        result = service.rollback(point=args.point)
+    print(f"disk {result['disk']}: rolled back to {args.point} "
+          f"({result['blocks_to_fetch']} blocks will be fetched again)")
+    return 0
+
+
+def _print_extents(extents: list[dict], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(extents))
+        return
+    for e in extents:
+        print(f"{e['start']}\t{e['length']}")
+    total = sum(e["length"] for e in extents)
+    print(f"# {len(extents)} extents, {fmt_bytes(total)}", file=sys.stderr)
+
+
+def cmd_changed(args: argparse.Namespace) -> int:
+    with Repository(repo_path(args.repo)) as repo:
+        result = changed(repo.index, args.a, args.b, repo.block_size)
+    _print_extents(result, args.json)
+    return 0
+
+
+def cmd_allocated(args: argparse.Namespace) -> int:
+    with Repository(repo_path(args.repo)) as repo:
+        result = allocated(repo.index, args.point, repo.block_size)
+    _print_extents(result, args.json)
     return 0
 
 
@@ -279,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("points", parents=[common], help="list recovery points")
     p.add_argument("disk", nargs="?", help="only this disk's points")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--tree", action="store_true", help="show branches left by rollbacks")
     p.set_defaults(func=cmd_points)
 
     p = sub.add_parser("restore", parents=[common], help="write a point to a file or device")
@@ -307,6 +392,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("disks", parents=[common], help="list disks")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_disks)
+
+    p = sub.add_parser("snapshot", parents=[common],
+                       help="instant point of writable disks (several: one instant)")
+    p.add_argument("disks", nargs="+", metavar="DISK")
+    p.add_argument("--name", help="point name (default: UTC timestamp)")
+    p.set_defaults(func=cmd_snapshot)
+
+    p = sub.add_parser("rollback", parents=[common], help="bring a closed disk back to a point")
+    p.add_argument("point", metavar="DISK@POINT")
+    p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("changed", parents=[common], help="extents that differ between points")
+    p.add_argument("a", metavar="DISK@POINT")
+    p.add_argument("b", metavar="DISK@POINT")
+    p.add_argument("--json", action="store_true", help='[{"start": bytes, "length": bytes}]')
+    p.set_defaults(func=cmd_changed)
+
+    p = sub.add_parser("allocated", parents=[common], help="extents of a point that hold data")
+    p.add_argument("point", metavar="DISK@POINT")
+    p.add_argument("--json", action="store_true", help='[{"start": bytes, "length": bytes}]')
+    p.set_defaults(func=cmd_allocated)
 
     p = sub.add_parser("hydrate", parents=[common], help="copy all of a clone's blocks locally")
     p.add_argument("name")

@@ -27,7 +27,7 @@ from .service import DiskService
 log = logging.getLogger(__name__)
 
 SOCKET_NAME = "control.sock"
-OPS = {"create", "clone", "delete", "hydrate", "disks"}
+OPS = {"create", "clone", "delete", "hydrate", "disks", "snapshot", "rollback"}
 WITH_PROGRESS = {"hydrate"}
 PROGRESS_INTERVAL = 0.2
 

@@ -104,7 +104,7 @@ def serve(root: Path, mountpoint: Path, on_ready, on_error) -> int:
         on_error(str(exc))
         return 1
     cache = ChunkCache(repo)
-    service = DiskService(repo, cache)
+    service = DiskService(repo, cache, background=True)
     ops = Operations(Tree(repo, cache, service))
     options = set(pyfuse3.default_options) | {"fsname=rpfs", "subtype=rpfs", "allow_other"}
     try:
@@ -115,6 +115,7 @@ def serve(root: Path, mountpoint: Path, on_ready, on_error) -> int:
         on_error(f"cannot mount at {mountpoint}: {exc}")
         return 1
     log.info("serving repository %s at %s (pid %d)", root, mountpoint, os.getpid())
+    service.resume_archiving()
     tune_readahead(mountpoint)
     try:
         trio.run(_serve, root, mountpoint, service, on_ready)

@@ -10,6 +10,7 @@ import logging
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future
+from typing import Protocol
 
 from .errors import CorruptChunk, RpfsError
 from .index import ZERO, PointRecord
@@ -63,13 +64,25 @@ class ChunkCache:
         return block
 
 
-class PointImage:
-    """A read-only view of one point: `read(offset, length)` returns its bytes."""
+class FrozenSource(Protocol):
+    def frozen_block(self, block: int, gen: int) -> bytes | None: ...
 
-    def __init__(self, repo: Repository, cache: ChunkCache, point: PointRecord) -> None:
+
+class PointImage:
+    """A read-only view of one point: `read(offset, length)` returns its bytes.
+
+    A point still being archived reads its not-yet-archived blocks from the live disk's
+    local file (`overlay`), which copy-before-write keeps equal to the point.
+    """
+
+    def __init__(
+        self, repo: Repository, cache: ChunkCache, point: PointRecord,
+        overlay: FrozenSource | None = None,
+    ) -> None:
         self.repo = repo
         self.cache = cache
         self.point = point
+        self.overlay = overlay
         self.size = point.size
         self.bs = repo.block_size
         self._zero = bytes(self.bs)
@@ -86,8 +99,11 @@ class PointImage:
         parts = []
         with self.repo.index.read() as txn:
             for block in range(first, last + 1):
-                value = self.repo.index.resolve(txn, self.chain, block)
-                parts.append(self._zero if value == ZERO else self._fetch(txn, value, block))
+                data = self.overlay.frozen_block(block, self.point.gen) if self.overlay else None
+                if data is None:
+                    value = self.repo.index.resolve(txn, self.chain, block)
+                    data = self._zero if value == ZERO else self._fetch(txn, value, block)
+                parts.append(data)
         data = b"".join(parts) if len(parts) > 1 else parts[0]
         start = offset - first * bs
         return data[start : start + (end - offset)]
@@ -110,4 +126,9 @@ def open_point(repo: Repository, cache: ChunkCache, disk: str, name: str) -> Poi
             if repo.index.get_disk(txn, disk) is None:
                 raise RpfsError(f"no disk named {disk!r}; 'rpfs points' lists disks and points")
             raise RpfsError(f"disk {disk} has no point {name!r}; 'rpfs points {disk}' lists them")
+    if point.state != "complete":
+        raise RpfsError(
+            f"point {disk}@{name} is still being archived; run 'rpfs mount' (the daemon "
+            "finishes it) and try again when 'rpfs points' shows it complete"
+        )
     return PointImage(repo, cache, point)

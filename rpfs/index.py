@@ -82,8 +82,9 @@ class DiskRecord:
     size: int
     lineage: int
     created: float
-    origin: str | None = None  # "disk@point" a clone was made from
+    origin: str | None = None  # "disk@point" a clone was made from (or rolled back to)
     file_id: int = 0
+    clean: bool = True  # False while open: after a crash its dirty map is not trusted
 
     @property
     def writable(self) -> bool:
@@ -111,7 +112,10 @@ class PointRecord:
     blocks_written: int = 0
     allocated_blocks: int = 0
     bytes_stored: int = 0
-    method: str = "full"  # how it was captured: full, incremental, changed-list
+    method: str = "full"  # full, incremental, changed-list; tracked, full-compare (live)
+    state: str = "complete"  # "archiving" while a live point's frozen blocks are copied
+    frozen_blocks: int = 0
+    archived_blocks: int = 0
 
     @property
     def ref(self) -> str:
@@ -333,6 +337,15 @@ class Index:
                     out.append(PointRecord(**json.loads(value)))
         out.sort(key=lambda p: (p.disk, p.lineage, p.gen))
         return out
+
+    def point_at(self, txn: lmdb.Transaction, lineage: int, gen: int) -> PointRecord | None:
+        """The point that froze `gen` of `lineage`, if it still exists."""
+        rec = self.get_lineage(txn, lineage)
+        for disk in rec.disks if rec else ():
+            for point in self.list_points(txn, disk):
+                if point.lineage == lineage and point.gen == gen:
+                    return point
+        return None
 
     def get_lineage(self, txn: lmdb.Transaction, lineage: int) -> LineageRecord | None:
         return _record(LineageRecord, txn.get(u64(lineage), db=self.db["lineages"]))

@@ -5,6 +5,15 @@ Block states:
              disk's lineage and origins in the index (copy-on-read fetches it)
     PRESENT  the local file is authoritative and equals the newest point / origin
     DIRTY    the local file is authoritative and was written since the newest point
+    FROZEN   belongs to the point being archived and is not archived yet; a write to it
+             first archives it (copy-before-write)
+
+Snapshot (`freeze`): under a barrier that holds every stripe lock (no write in flight),
+fdatasync the file, then in one index transaction take generation g, create the point
+("archiving") and turn DIRTY into FROZEN (every local block if the dirty map is not
+trusted). Archiving copies FROZEN blocks into the store and, in one transaction, writes
+their extents at g, the point's figures and their new map pages: a persisted FROZEN
+state therefore always means "not archived yet", and a crash resumes where it stopped.
 
 Durability: a state change reaches the index only after the local file's data is on
 disk (fdatasync, then the LMDB commit of the changed map pages). So the persistent map
@@ -14,7 +23,8 @@ from the origin) or keep their older state. `fsync`/`flush` on the image call `s
 
 Concurrency: callers are worker threads. Writes and copy-on-read fetches of a block
 hold that block's stripe lock, so a fetch never overwrites a newer write and two readers
-of one missing block fetch it once. Reads of local blocks take no lock.
+of one missing block fetch it once. Reads of local blocks take no lock. Lock order:
+stripe locks (ascending) -> archive lock -> sync lock.
 """
 
 from __future__ import annotations
@@ -24,20 +34,26 @@ import errno
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import CorruptChunk
+from .errors import CorruptChunk, RpfsError
 from .image import ChunkCache
-from .index import MAX_GEN, ZERO, DiskRecord, Index, u64
+from .index import MAX_GEN, ZERO, DiskRecord, Index, LineageRecord, PointRecord, u64
+from .ingest import Ingest, examine
 from .repo import Repository
 
 log = logging.getLogger(__name__)
 
-ABSENT, PRESENT, DIRTY = 0, 1, 2
+ABSENT, PRESENT, DIRTY, FROZEN = 0, 1, 2, 3
 PAGE_BLOCKS = 4096  # block states per LMDB value of the `blockmap` table
 STRIPES = 64
+ARCHIVE_BATCH = 64  # frozen blocks archived per index transaction
+
+_FREEZE_DIRTY = bytes([ABSENT, PRESENT, FROZEN, FROZEN]) + bytes(range(4, 256))
+_FREEZE_ALL = bytes([ABSENT, FROZEN, FROZEN, FROZEN]) + bytes(range(4, 256))
+_UNFREEZE = bytes([ABSENT, PRESENT, DIRTY, DIRTY]) + bytes(range(4, 256))
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
@@ -100,7 +116,15 @@ class LiveDisk:
         self._stripes = [threading.Lock() for _ in range(STRIPES)]
         self._pages: set[int] = set()
         self._sync_lock = threading.Lock()
+        self._archive_lock = threading.Lock()
+        self._ingest: Ingest | None = None
         self._zero = bytes(self.bs)
+        # A map left by a crash may miss writes: the next point compares every block.
+        self.tracked = record.clean
+        self.archiving = self._find_archiving()
+        if self.archiving is None and FROZEN in self.states:
+            self.states[:] = self.states.translate(_UNFREEZE)
+        self._mark_clean(False)
 
     def reload_chain(self) -> None:
         """Re-read where ABSENT blocks resolve (after an origin was detached or changed)."""
@@ -109,7 +133,25 @@ class LiveDisk:
 
     def close(self) -> None:
         self.sync()
+        if self._ingest is not None:
+            self._ingest.close()
+        self._mark_clean(self.tracked)
         os.close(self.fd)
+
+    def _mark_clean(self, clean: bool) -> None:
+        with self.index.write() as txn:
+            record = self.index.get_disk(txn, self.name)
+            if record is not None and record.clean != clean:
+                record.clean = clean
+                self.index.put_disk(txn, record)
+
+    def _find_archiving(self) -> PointRecord | None:
+        with self.index.read() as txn:
+            for point in self.index.list_points(txn, self.name):
+                if point.state == "archiving" and point.lineage == self.record.lineage:
+                    self._prev_chain = self.index.chain(txn, point.lineage, point.gen - 1)
+                    return point
+        return None
 
     # -- state bookkeeping ----------------------------------------------------------------
 
@@ -125,9 +167,9 @@ class LiveDisk:
         return bool(self._pages)
 
     @contextmanager
-    def _locked(self, first: int, end: int) -> Iterator[None]:
-        """Hold the stripe locks of blocks [first, end), in a fixed order."""
-        stripes = sorted({b % STRIPES for b in range(first, min(end, first + STRIPES))})
+    def _locked_blocks(self, blocks: Iterable[int]) -> Iterator[None]:
+        """Hold the stripe locks of arbitrary blocks, in ascending stripe order."""
+        stripes = sorted({b % STRIPES for b in blocks})
         for s in stripes:
             self._stripes[s].acquire()
         try:
@@ -135,6 +177,10 @@ class LiveDisk:
         finally:
             for s in reversed(stripes):
                 self._stripes[s].release()
+
+    def _locked(self, first: int, end: int):
+        """Hold the stripe locks of blocks [first, end)."""
+        return self._locked_blocks(range(first, min(end, first + STRIPES)))
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -195,6 +241,8 @@ class LiveDisk:
             data = data[: end - offset]
         first, last = offset // self.bs, (end - 1) // self.bs
         with self._locked(first, last + 1):
+            frozen = [b for b in range(first, last + 1) if self.states[b] == FROZEN]
+            self._archive_locked(frozen)  # copy-before-write: the point keeps the old bytes
             for b in {first, last}:
                 covered = offset <= b * self.bs and end >= min((b + 1) * self.bs, self.size)
                 if not covered and self.states[b] == ABSENT:
@@ -208,23 +256,197 @@ class LiveDisk:
     def sync(self) -> None:
         """Make every completed write durable: file data first, then the block map."""
         with self._sync_lock:
-            pages = []
-            while self._pages:
-                try:
-                    pages.append(self._pages.pop())
-                except KeyError:
-                    break
-            values = [
-                (p, bytes(self.states[p * PAGE_BLOCKS : (p + 1) * PAGE_BLOCKS])) for p in pages
-            ]
+            values = self._take_pages()
             os.fdatasync(self.fd)
             if values:
                 with self.index.write() as txn:
-                    for page, value in values:
-                        txn.put(
-                            _page_key(self.record.file_id, page), value,
-                            db=self.index.db["blockmap"],
-                        )
+                    self._put_pages(txn, values)
+
+    def _take_pages(self) -> list[tuple[int, bytes]]:
+        """Snapshot the changed map pages (caller holds the sync lock, then fdatasyncs)."""
+        pages = []
+        while self._pages:
+            try:
+                pages.append(self._pages.pop())
+            except KeyError:
+                break
+        return [(p, bytes(self.states[p * PAGE_BLOCKS : (p + 1) * PAGE_BLOCKS])) for p in pages]
+
+    def _put_pages(self, txn, values: list[tuple[int, bytes]]) -> None:
+        db = self.index.db["blockmap"]
+        for page, value in values:
+            txn.put(_page_key(self.record.file_id, page), value, db=db)
+
+    # -- snapshots ------------------------------------------------------------------------
+
+    @contextmanager
+    def barrier(self) -> Iterator[None]:
+        """No write or copy-on-read in flight while held; then make the file durable."""
+        with self._locked(0, STRIPES):
+            os.fdatasync(self.fd)
+            yield
+
+    def freeze(self, txn, name: str, now: float) -> PointRecord:
+        """Create point `name` at a new generation (caller holds barrier(), commits txn).
+
+        Call `frozen(point)` after the transaction commits.
+        """
+        index = self.index
+        if index.get_point(txn, self.name, name) is not None:
+            raise RpfsError(f"point {self.name}@{name} already exists; choose another --name")
+        lineage = index.get_lineage(txn, self.record.lineage)
+        base = index.point_at(txn, lineage.id, lineage.head_gen) if lineage.head_gen else (
+            index.point_at(txn, lineage.parent, lineage.parent_gen) if lineage.parent else None
+        )
+        lineage.head_gen += 1
+        index.put_lineage(txn, lineage)
+        old = bytes(self.states)
+        self.states[:] = self.states.translate(_FREEZE_DIRTY if self.tracked else _FREEZE_ALL)
+        frozen = self.states.count(FROZEN)
+        for p in range(-(-self.nblocks // PAGE_BLOCKS)):
+            window = slice(p * PAGE_BLOCKS, (p + 1) * PAGE_BLOCKS)
+            if old[window] != self.states[window]:
+                self._pages.add(p)
+        with self._sync_lock:
+            self._put_pages(txn, self._take_pages())  # the barrier made the data durable
+        point = PointRecord(
+            disk=self.name, name=name, lineage=lineage.id, gen=lineage.head_gen, created=now,
+            size=self.size, allocated_blocks=base.allocated_blocks if base else 0,
+            method="tracked" if self.tracked else "full-compare",
+            state="archiving" if frozen else "complete", frozen_blocks=frozen,
+        )
+        index.put_point(txn, point)
+        self._prev_chain = index.chain(txn, lineage.id, lineage.head_gen - 1)
+        return point
+
+    def frozen(self, point: PointRecord) -> None:
+        """The freeze committed: start tracking writes anew and archive `point`."""
+        self.tracked = True
+        self.archiving = point if point.state == "archiving" else None
+
+    def archive_batch(self, limit: int = ARCHIVE_BATCH) -> int:
+        """Archive up to `limit` frozen blocks; 0 once the point is complete."""
+        if self.archiving is None:
+            return 0
+        blocks, pos = [], 0
+        while len(blocks) < limit:
+            pos = self.states.find(FROZEN, pos)
+            if pos < 0:
+                break
+            blocks.append(pos)
+            pos += 1
+        if not blocks:
+            self._complete()
+            return 0
+        with self._locked_blocks(blocks):
+            return self._archive_locked([b for b in blocks if self.states[b] == FROZEN])
+
+    def finish_archiving(self) -> None:
+        while self.archive_batch():
+            pass
+
+    def frozen_block(self, block: int, gen: int) -> bytes | None:
+        """For readers of the archiving point: its block still in the local file, if so."""
+        point = self.archiving
+        if point is None or point.gen != gen or self.states[block] != FROZEN:
+            return None
+        with self._locked(block, block + 1):
+            if self.states[block] == FROZEN:
+                return self._pread_block(block)
+        return None
+
+    def _archive_locked(self, blocks: list[int]) -> int:
+        """Copy frozen `blocks` into the point (caller holds their stripe locks)."""
+        if not blocks:
+            return 0
+        with self._archive_lock:
+            point = self.archiving
+            ingest = self._ingest = self._ingest or Ingest(self.repo)
+            stored_before = ingest.bytes_stored
+            changes = []
+            with self.index.read() as txn:
+                for b in blocks:
+                    prev = self.index.resolve(txn, self._prev_chain, b)
+                    change = examine(self.index, txn, b, self._pread_block(b), self._zero, prev)
+                    if change is not None:
+                        ingest.take(change)
+                        changes.append(change)
+            ingest.sync()
+            for b in blocks:
+                self._set(b, b + 1, PRESENT)
+            with self._sync_lock:
+                values = self._take_pages()
+                os.fdatasync(self.fd)
+                with self.index.write() as txn:
+                    ingest.register(txn)
+                    for change in changes:
+                        self.index.put_extent(txn, point.lineage, change.block, point.gen,
+                                              change.value)
+                        if change.value != ZERO:
+                            self.index.incref(txn, change.value)
+                    rec = self.index.get_point(txn, point.disk, point.name)
+                    rec.archived_blocks += len(blocks)
+                    rec.blocks_written += len(changes)
+                    rec.bytes_stored += ingest.bytes_stored - stored_before
+                    rec.allocated_blocks += sum(c.allocated_delta for c in changes)
+                    self.index.put_point(txn, rec)
+                    self._put_pages(txn, values)
+            self.archiving = rec
+        return len(blocks)
+
+    def _complete(self) -> None:
+        with self._archive_lock:
+            point = self.archiving
+            if point is None:
+                return
+            with self.index.write() as txn:
+                rec = self.index.get_point(txn, point.disk, point.name)
+                rec.state = "complete"
+                self.index.put_point(txn, rec)
+            self.archiving = None
+        log.info("disk %s: point %s archived (%d blocks written, %d bytes stored)",
+                 self.name, rec.name, rec.blocks_written, rec.bytes_stored)
+
+    # -- rollback -------------------------------------------------------------------------
+
+    def rollback(self, point: PointRecord) -> int:
+        """Make the disk read as `point` (caller checked nobody has it open).
+
+        A new lineage with origin `point` becomes the disk's; local blocks that differ
+        from the point become ABSENT (committed first, then hole-punched), so they are
+        fetched from the point on read or by hydration. Returns how many were dropped.
+        """
+        self.finish_archiving()
+        with self.barrier():
+            with self.index.read() as txn:
+                target = self.index.chain(txn, point.lineage, point.gen)
+                drop = [
+                    b for b in range(self.nblocks)
+                    if self.states[b] in (DIRTY, FROZEN) or (
+                        self.states[b] == PRESENT
+                        and self.index.resolve(txn, self.chain, b)
+                        != self.index.resolve(txn, target, b)
+                    )
+                ]
+            for b in drop:
+                self._set(b, b + 1, ABSENT)
+            with self._sync_lock, self.index.write() as txn:
+                lineage = LineageRecord(
+                    self.index.next_id(txn, "lineage"), parent=point.lineage,
+                    parent_gen=point.gen, disks=[self.name],
+                )
+                self.index.put_lineage(txn, lineage)
+                record = self.index.get_disk(txn, self.name)
+                record.lineage, record.origin = lineage.id, point.ref
+                self.index.put_disk(txn, record)
+                self._put_pages(txn, self._take_pages())
+            self.record = record
+            self.reload_chain()
+            for b in drop:
+                punch_hole(self.fd, b * self.bs, min(self.bs, self.size - b * self.bs))
+        log.info("disk %s: rolled back to %s, %d blocks to fetch again",
+                 self.name, point.ref, len(drop))
+        return len(drop)
 
     # -- hydration ------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ daemon the CLI uses its own instance directly on the repository.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -19,7 +20,7 @@ from .errors import RpfsError
 from .image import ChunkCache
 from .index import ZERO, DiskRecord, LineageRecord
 from .livedisk import ABSENT, LiveDisk, create_local_file, drop_states, load_states
-from .names import check_name, parse_point_ref
+from .names import check_name, default_point_name, parse_point_ref
 from .pipeline import ordered_map
 from .progress import ProgressFn
 from .repo import Repository
@@ -41,12 +42,18 @@ class _Open:
 class DiskService:
     """Disk commands and the registry of open writable disks."""
 
-    def __init__(self, repo: Repository, cache: ChunkCache | None = None) -> None:
+    def __init__(
+        self, repo: Repository, cache: ChunkCache | None = None, background: bool = False
+    ) -> None:
+        """`background`: archive new points in threads (the daemon); else before returning."""
         self.repo = repo
         self.index = repo.index
         self.cache = cache or ChunkCache(repo)
+        self.background = background
         self._open: dict[str, _Open] = {}
         self._lock = threading.Lock()
+        self._archivers: dict[str, threading.Thread] = {}
+        self._stopping = threading.Event()
 
     # -- open disks -----------------------------------------------------------------------
 
@@ -97,6 +104,9 @@ class DiskService:
             return [entry.disk for entry in self._open.values()]
 
     def close_all(self) -> None:
+        self._stopping.set()
+        for thread in list(self._archivers.values()):
+            thread.join()
         with self._lock:
             entries = list(self._open.values())
             self._open.clear()
@@ -195,6 +205,98 @@ class DiskService:
             "state": f"open ({handles})" if handles else "idle",
         }
 
+    # -- points of writable disks --------------------------------------------------------
+
+    def snapshot(self, disks: list[str], name: str | None = None) -> list[dict]:
+        """One point of each disk, all at the same instant, archived in the background."""
+        point_name = check_name(name, "point name") if name else default_point_name()
+        names = sorted({check_name(d, "disk name") for d in disks})
+        if not names:
+            raise RpfsError("snapshot needs at least one disk name")
+        opened: list[LiveDisk] = []
+        try:
+            for disk_name in names:
+                opened.append(self.acquire(disk_name))
+            for disk in opened:
+                self._join_archiver(disk.name)
+                disk.finish_archiving()  # one archiving point per disk at a time
+            now = time.time()
+            with contextlib.ExitStack() as barriers:
+                for disk in opened:
+                    barriers.enter_context(disk.barrier())
+                with self.index.write() as txn:
+                    points = [disk.freeze(txn, point_name, now) for disk in opened]
+                for disk, point in zip(opened, points, strict=True):
+                    disk.frozen(point)
+            for disk in opened:
+                log.info("disk %s: point %s taken (%s, %d blocks to archive)", disk.name,
+                         point_name, points[0].method, disk.archiving.frozen_blocks
+                         if disk.archiving else 0)
+                if self.background:
+                    self._start_archiver(disk.name)
+                else:
+                    disk.finish_archiving()
+        finally:
+            for disk in opened:
+                self.release(disk.name)
+        return [vars(p) for p in points]
+
+    def _start_archiver(self, name: str) -> None:
+        """Archive `name`'s point in a thread that holds the disk open until done."""
+        disk = self.acquire(name)
+
+        def run() -> None:
+            try:
+                while not self._stopping.is_set() and disk.archive_batch():
+                    pass
+            except Exception:
+                log.exception("disk %s: archiving failed; it resumes at the next open", name)
+            finally:
+                with self._lock:
+                    self._archivers.pop(name, None)
+                self.release(name)
+
+        thread = threading.Thread(target=run, name=f"rpfs-archive-{name}", daemon=True)
+        with self._lock:
+            self._archivers[name] = thread
+        thread.start()
+
+    def _join_archiver(self, name: str) -> None:
+        with self._lock:
+            thread = self._archivers.get(name)
+        if thread is not None:
+            thread.join()
+
+    def resume_archiving(self) -> None:
+        """Start archivers for points a crash or stop left half archived (daemon start)."""
+        with self.index.read() as txn:
+            pending = {p.disk for p in self.index.list_points(txn) if p.state == "archiving"}
+        for name in sorted(pending):
+            self._start_archiver(name)
+
+    def rollback(self, point: str) -> dict:
+        """Bring a closed disk back to one of its points; newer points stay as a branch."""
+        disk_name, point_name = parse_point_ref(point)
+        record = self._record(disk_name)
+        if not record.writable:
+            raise RpfsError(
+                f"disk {disk_name} has only recovery points; restore one with "
+                f"'rpfs restore {point} TARGET' or clone it"
+            )
+        with self.index.read() as txn:
+            target = self.index.get_point(txn, disk_name, point_name)
+        if target is None:
+            raise RpfsError(f"disk {disk_name} has no point {point_name!r}; "
+                            f"'rpfs points {disk_name}' lists them")
+        self._check_closed(disk_name, "roll it back")
+        self._join_archiver(disk_name)
+        disk = self.acquire(disk_name)
+        try:
+            dropped = disk.rollback(target)
+        finally:
+            self.release(disk_name)
+        return {"disk": disk_name, "point": point_name, "blocks_to_fetch": dropped}
+
     def hydrate(self, name: str, progress: ProgressFn | None = None) -> dict:
         """Copy every block of a clone into its local file (resumable, safe while in use)."""
         disk = self.acquire(name)
@@ -225,6 +327,7 @@ class DiskService:
         """
         record = self._record(name)
         self._check_closed(name, "delete it")
+        self._join_archiver(name)
         lock_fd = self.repo.lock_disk(name, "it is open in another rpfs process")
         try:
             with self.index.write() as txn:

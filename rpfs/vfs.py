@@ -17,6 +17,7 @@ import os
 import stat
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import RpfsError
@@ -162,7 +163,14 @@ class Tree:
             raise OSError(errno.EISDIR, "is a directory")
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise OSError(errno.EROFS, "recovery points are read-only")
-        return PointHandle(PointImage(self.repo, self.cache, self._point(key)))
+        point = self._point(key)
+        if point.state == "complete":
+            return PointHandle(PointImage(self.repo, self.cache, point))
+        disk = self.service.acquire(point.disk)
+        return PointHandle(
+            PointImage(self.repo, self.cache, point, overlay=disk),
+            release=lambda: self.service.release(point.disk),
+        )
 
     def setattr(self, ino: int, size: int | None) -> Attr:
         """Points are read-only; disks have a fixed size (other changes are ignored)."""
@@ -177,9 +185,10 @@ class Tree:
 class PointHandle:
     """An open point image: reads only."""
 
-    def __init__(self, image: PointImage) -> None:
+    def __init__(self, image: PointImage, release: Callable[[], None] | None = None) -> None:
         self.read = image.read
         self.writable = False
+        self._release = release
 
     def write(self, offset: int, data: bytes) -> int:
         raise OSError(errno.EROFS, "recovery points are read-only")
@@ -188,7 +197,8 @@ class PointHandle:
         pass
 
     def close(self) -> None:
-        pass
+        if self._release is not None:
+            self._release()
 
 
 class DiskHandle:

@@ -1,0 +1,70 @@
+"""Turning blocks into stored chunks: the half of capture and live archiving they share.
+
+Workers call `examine()` (hash, compare with the previous value, compress only chunks the
+store lacks); one thread calls `take()` to append records to this writer's packs, and
+`sync()` + `register()` to make them durable and then known to the index. The order
+matters: pack bytes are fsynced before the index transaction that names them commits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .index import ZERO, ChunkLoc, Index
+from .repo import Repository
+from .store import digest, encode_chunk
+
+
+@dataclass
+class Change:
+    block: int
+    value: bytes  # chunk digest or ZERO
+    record: bytes | None  # pack record to append, if the store lacks the chunk
+    allocated_delta: int  # +1 zero -> data, -1 data -> zero
+
+
+def examine(index: Index, txn, block: int, raw, zero: bytes, prev: bytes) -> Change | None:
+    """Compare one block's bytes with its previous value; None if unchanged."""
+    value = ZERO if raw is None or raw == zero else digest(raw)
+    if value == prev:
+        return None
+    record = None
+    if value != ZERO and not index.has_chunk(txn, value):
+        record = encode_chunk(bytes(raw), value)
+    return Change(block, value, record, (value != ZERO) - (prev != ZERO))
+
+
+class Ingest:
+    """Appends new chunks for one writer and registers them once they are durable."""
+
+    def __init__(self, repo: Repository) -> None:
+        self.index = repo.index
+        self.writer = repo.store.writer(repo.allocate_pack)
+        self._pending: dict[bytes, ChunkLoc] = {}
+        self._seen: set[bytes] = set()
+        self.pending_bytes = 0
+        self.bytes_stored = 0
+
+    def take(self, change: Change) -> None:
+        """Append the change's record unless this writer already stored that chunk."""
+        if change.record is None or change.value in self._seen:
+            return
+        self._pending[change.value] = self.writer.append(change.record)
+        self._seen.add(change.value)
+        self.pending_bytes += len(change.record)
+        self.bytes_stored += len(change.record)
+
+    def sync(self) -> None:
+        """Make appended records durable (call before `register`'s transaction)."""
+        self.writer.sync()
+
+    def register(self, txn) -> None:
+        """Record the synced chunks in the index (refcount 0 until extents refer to them)."""
+        for value, loc in self._pending.items():
+            if not self.index.has_chunk(txn, value):  # another writer may have stored it
+                self.index.put_chunk(txn, value, loc)
+        self._pending.clear()
+        self.pending_bytes = 0
+
+    def close(self) -> None:
+        self.writer.close()
