@@ -373,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("clone", parents=[common], help="new writable disk from a point, at once")
-    p.add_argument("source", metavar="DISK@POINT")
+    p.add_argument("source", metavar="DISK@POINT|DISK",
+                   help="a point, or a writable disk (a point of it is taken first)")
     p.add_argument("name", help="name of the new disk")
     p.set_defaults(func=cmd_clone)
 

@@ -136,8 +136,14 @@ class DiskService:
         return self._new_disk(name, size, parent=None, origin=None)
 
     def clone(self, source: str, name: str) -> dict:
-        """A writable disk whose content is the point `source` (DISK@POINT), at once."""
+        """A writable disk whose content is `source`, at once.
+
+        `source` is DISK@POINT, or a writable DISK, of which a point is taken first.
+        """
         check_name(name, "disk name")
+        if "@" not in source:
+            point = self.snapshot([source])[0]
+            source = f"{point['disk']}@{point['name']}"
         src_disk, src_point = parse_point_ref(source)
         with self.index.read() as txn:
             point = self.index.get_point(txn, src_disk, src_point)
@@ -148,6 +154,13 @@ class DiskService:
                     f"cannot clone {source}: disk {src_disk} has no point {src_point!r}; "
                     f"'rpfs points {src_disk}' lists them"
                 )
+        if point.state != "complete":  # the clone reads through the index: archive first
+            self._join_archiver(src_disk)
+            disk = self.acquire(src_disk)
+            try:
+                disk.finish_archiving()
+            finally:
+                self.release(src_disk)
         return self._new_disk(name, point.size, (point.lineage, point.gen), source)
 
     def _new_disk(
