@@ -245,12 +245,12 @@ def cmd_mount(args: argparse.Namespace) -> int:
     root = repo_path(args.repo)
     mountpoint = Path(args.mountpoint).absolute()
     if args.foreground:
-        return _serve_foreground(root, mountpoint, args.ready_fd)
+        return _serve_foreground(root, mountpoint, args.ready_fd, args.hydrate)
     read_fd, write_fd = os.pipe()
     log_path = root / "rpfs.log"
     stderr = open(log_path, "ab") if root.is_dir() else subprocess.DEVNULL  # noqa: SIM115
     cmd = [sys.executable, "-m", "rpfs.cli", "-r", str(root), "mount", "--foreground",
-           "--ready-fd", str(write_fd), str(mountpoint)]
+           "--ready-fd", str(write_fd), str(mountpoint), *(["--hydrate"] if args.hydrate else [])]
     proc = subprocess.Popen(
         cmd, pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
         stderr=stderr, start_new_session=True,
@@ -287,7 +287,7 @@ def _read_report(fd: int, proc: subprocess.Popen) -> str:
     return f"the rpfs daemon (pid {proc.pid}) did not report ready in {MOUNT_TIMEOUT:.0f}s"
 
 
-def _serve_foreground(root: Path, mountpoint: Path, ready_fd: int | None) -> int:
+def _serve_foreground(root: Path, mountpoint: Path, ready_fd: int | None, hydrate: bool) -> int:
     # Spawned by `rpfs mount`, stderr already is the log file; in a terminal, log to both.
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if ready_fd is None and root.is_dir():
@@ -309,7 +309,7 @@ def _serve_foreground(root: Path, mountpoint: Path, ready_fd: int | None) -> int
     def on_ready() -> None:
         report("ready")
 
-    return serve(root, mountpoint, on_ready, on_error)
+    return serve(root, mountpoint, on_ready, on_error, hydrate)
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
@@ -422,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("mount", parents=[common], help="serve the repository at MOUNTPOINT")
     p.add_argument("mountpoint")
     p.add_argument("-f", "--foreground", action="store_true", help="serve in this process")
+    p.add_argument("--hydrate", action="store_true",
+                   help="copy clones' missing blocks locally in the background")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_mount)
 

@@ -88,8 +88,11 @@ async def _serve(root: Path, mountpoint: Path, service: DiskService, on_ready) -
         nursery.cancel_scope.cancel()
 
 
-def serve(root: Path, mountpoint: Path, on_ready, on_error) -> int:
-    """Mount `root` at `mountpoint` and serve until unmounted; returns the exit status."""
+def serve(root: Path, mountpoint: Path, on_ready, on_error, hydrate: bool = False) -> int:
+    """Mount `root` at `mountpoint` and serve until unmounted; returns the exit status.
+
+    `hydrate`: copy every clone's missing blocks locally in the background.
+    """
     mountpoint = mountpoint.absolute()
     try:
         repo = Repository(root)
@@ -116,6 +119,8 @@ def serve(root: Path, mountpoint: Path, on_ready, on_error) -> int:
         return 1
     log.info("serving repository %s at %s (pid %d)", root, mountpoint, os.getpid())
     service.resume_archiving()
+    if hydrate:
+        service.start_background_hydration()
     tune_readahead(mountpoint)
     try:
         trio.run(_serve, root, mountpoint, service, on_ready)

@@ -53,6 +53,7 @@ class DiskService:
         self._open: dict[str, _Open] = {}
         self._lock = threading.Lock()
         self._archivers: dict[str, threading.Thread] = {}
+        self._background: list[threading.Thread] = []
         self._stopping = threading.Event()
 
     # -- open disks -----------------------------------------------------------------------
@@ -105,7 +106,7 @@ class DiskService:
 
     def close_all(self) -> None:
         self._stopping.set()
-        for thread in list(self._archivers.values()):
+        for thread in [*self._archivers.values(), *self._background]:
             thread.join()
         with self._lock:
             entries = list(self._open.values())
@@ -310,7 +311,9 @@ class DiskService:
             self.release(disk_name)
         return {"disk": disk_name, "point": point_name, "blocks_to_fetch": dropped}
 
-    def hydrate(self, name: str, progress: ProgressFn | None = None) -> dict:
+    def hydrate(
+        self, name: str, progress: ProgressFn | None = None, workers: int | None = None
+    ) -> dict:
         """Copy every block of a clone into its local file (resumable, safe while in use)."""
         disk = self.acquire(name)
         try:
@@ -319,7 +322,9 @@ class DiskService:
                       for b in range(0, disk.nblocks, HYDRATE_BATCH)]
             fetched = 0
             fetch = functools.partial(_hydrate_range, disk)
-            for i, ((_, end), n) in enumerate(ordered_map(fetch, ranges)):
+            for i, ((_, end), n) in enumerate(ordered_map(fetch, ranges, workers)):
+                if self._stopping.is_set():
+                    break
                 fetched += n
                 if progress:
                     progress(min(end * bs, disk.size), disk.size)
@@ -330,6 +335,23 @@ class DiskService:
             self.release(name)
         log.info("disk %s: hydrated, %d blocks fetched", name, fetched)
         return {"name": name, "blocks_fetched": fetched, "bytes_fetched": fetched * bs}
+
+    def start_background_hydration(self) -> None:
+        """Hydrate every clone that still reads through its origin, one worker, in a thread."""
+
+        def run() -> None:
+            for disk in self.disks():
+                if self._stopping.is_set():
+                    return
+                if disk["writable"] and (disk["hydrated_pct"] or 0) < 100:
+                    try:
+                        self.hydrate(disk["name"], workers=1)
+                    except Exception:
+                        log.exception("disk %s: background hydration failed", disk["name"])
+
+        thread = threading.Thread(target=run, name="rpfs-hydrate", daemon=True)
+        self._background.append(thread)
+        thread.start()
 
     def delete(self, name: str, force: bool = False) -> dict:
         """Delete a writable disk and its local file.
