@@ -69,8 +69,10 @@ async def _serve(root: Path, mountpoint: Path, service: DiskService, on_ready) -
     async with trio.open_nursery() as nursery:
 
         async def ready() -> None:
-            # pyfuse3.main() is now reading requests: a stat of the root is answered.
+            # pyfuse3.main() is now reading requests: a stat of the root is answered, so
+            # the kernel has had FUSE_INIT, which resets readahead; tune it after that.
             await trio.to_thread.run_sync(os.stat, mountpoint)
+            await trio.to_thread.run_sync(tune_readahead, mountpoint)
             on_ready()
 
         async def stop_on_signal() -> None:
@@ -121,7 +123,6 @@ def serve(root: Path, mountpoint: Path, on_ready, on_error, hydrate: bool = Fals
     service.resume_archiving()
     if hydrate:
         service.start_background_hydration()
-    tune_readahead(mountpoint)
     try:
         trio.run(_serve, root, mountpoint, service, on_ready)
     finally:
