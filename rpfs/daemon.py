@@ -128,6 +128,7 @@ def serve(root: Path, mountpoint: Path, on_ready, on_error, hydrate: bool = Fals
     finally:
         pyfuse3.close(unmount=True)
         service.close_all()
+        cache.close()
         repo.close()
         os.close(lock_fd)
         log.info("unmounted %s", mountpoint)

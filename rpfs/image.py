@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
 from .errors import CorruptChunk, RpfsError
@@ -18,35 +19,62 @@ from .repo import Repository
 
 log = logging.getLogger(__name__)
 
+PREFETCH_BLOCKS = 32  # blocks a sequential reader's chunks are fetched ahead of it
+
 
 class ChunkCache:
     """A bounded LRU of decompressed blocks keyed by hash, fetching each miss once.
 
-    Concurrent readers of the same missing chunk wait on the first reader's fetch
-    instead of reading and decompressing it again.
+    Concurrent readers of the same missing chunk wait on the first fetch instead of
+    reading and decompressing it again. `prefetch()` starts fetches in a small pool, so
+    a sequential reader finds the next blocks decoded (or in flight) when it gets there.
     """
 
-    def __init__(self, repo: Repository, capacity_bytes: int = 64 << 20) -> None:
+    def __init__(
+        self, repo: Repository, capacity_bytes: int = 64 << 20, prefetch_workers: int = 2
+    ) -> None:
         self.repo = repo
         self.capacity = max(1, capacity_bytes // repo.block_size)
         self._blocks: OrderedDict[bytes, bytes] = OrderedDict()
         self._inflight: dict[bytes, Future] = {}
         self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(prefetch_workers, thread_name_prefix="rpfs-prefetch")
 
-    def get(self, txn, digest: bytes) -> bytes:
+    def _claim(self, digest: bytes) -> tuple[bytes | None, Future | None, bool]:
+        """(cached block, future to wait on or fill, whether the caller must fill it)."""
         with self._lock:
             block = self._blocks.get(digest)
             if block is not None:
                 self._blocks.move_to_end(digest)
-                return block
+                return block, None, False
             fut = self._inflight.get(digest)
-            owner = fut is None
+            if fut is not None:
+                return None, fut, False
+            fut = self._inflight[digest] = Future()
+            return None, fut, True
+
+    def get(self, txn, digest: bytes) -> bytes:
+        block, fut, owner = self._claim(digest)
+        if block is not None:
+            return block
+        if owner:
+            self._load(digest, fut, txn)
+        return fut.result()
+
+    def prefetch(self, digests: list[bytes]) -> None:
+        """Start fetching chunks not cached or in flight; errors surface at get()."""
+        for digest in digests:
+            _, fut, owner = self._claim(digest)
             if owner:
-                fut = self._inflight[digest] = Future()
-        if not owner:
-            return fut.result()
+                self._pool.submit(self._load, digest, fut, None)
+
+    def _load(self, digest: bytes, fut: Future, txn) -> None:
         try:
-            loc = self.repo.index.get_chunk(txn, digest)
+            if txn is None:
+                with self.repo.index.read() as own:
+                    loc = self.repo.index.get_chunk(own, digest)
+            else:
+                loc = self.repo.index.get_chunk(txn, digest)
             if loc is None:
                 raise CorruptChunk("-", 0, f"chunk {digest.hex()[:16]} is not in the index")
             block = self.repo.store.get(loc, digest)
@@ -54,14 +82,52 @@ class ChunkCache:
             with self._lock:
                 del self._inflight[digest]
             fut.set_exception(exc)
-            raise
+            return
         with self._lock:
             del self._inflight[digest]
             self._blocks[digest] = block
             if len(self._blocks) > self.capacity:
                 self._blocks.popitem(last=False)
         fut.set_result(block)
-        return block
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class Readahead:
+    """Detects a sequential reader and prefetches the chunks of the blocks ahead of it."""
+
+    def __init__(self, cache: ChunkCache, nblocks: int, window: int = PREFETCH_BLOCKS) -> None:
+        self.cache = cache
+        self.nblocks = nblocks
+        self.window = window
+        self._next_offset = -1
+        self._ahead = 0  # blocks below this were already handed to prefetch
+
+    def after_read(
+        self, offset: int, end: int, last: int, chain: list[tuple[int, int]],
+        wanted: Callable[[int], bool] | None = None,
+    ) -> None:
+        """Called after a read of [offset, end) whose last block is `last`; `wanted`
+        filters the blocks ahead (a live disk prefetches only blocks it lacks)."""
+        sequential = offset == self._next_offset
+        self._next_offset = end
+        if not sequential:
+            self._ahead = 0
+            return
+        start = max(last + 1, self._ahead)
+        stop = min(self.nblocks, last + 1 + self.window)
+        if start >= stop:
+            return
+        self._ahead = stop
+        index = self.cache.repo.index
+        with index.read() as txn:
+            values = [
+                index.resolve(txn, chain, b)
+                for b in range(start, stop)
+                if wanted is None or wanted(b)
+            ]
+        self.cache.prefetch([v for v in values if v != ZERO])
 
 
 class FrozenSource(Protocol):
@@ -88,6 +154,7 @@ class PointImage:
         self._zero = bytes(self.bs)
         with repo.index.read() as txn:
             self.chain = repo.index.chain(txn, point.lineage, point.gen)
+        self.readahead = Readahead(cache, -(-self.size // self.bs))
 
     def read(self, offset: int, length: int) -> bytes:
         """Bytes [offset, offset+length) clipped to the image size; CorruptChunk on bad data."""
@@ -104,6 +171,7 @@ class PointImage:
                     value = self.repo.index.resolve(txn, self.chain, block)
                     data = self._zero if value == ZERO else self._fetch(txn, value, block)
                 parts.append(data)
+        self.readahead.after_read(offset, end, last, self.chain)
         data = b"".join(parts) if len(parts) > 1 else parts[0]
         start = offset - first * bs
         return data[start : start + (end - offset)]

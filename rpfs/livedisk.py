@@ -39,7 +39,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import CorruptChunk, RpfsError
-from .image import ChunkCache
+from .image import ChunkCache, Readahead
 from .index import MAX_GEN, ZERO, DiskRecord, Index, LineageRecord, PointRecord, u64
 from .ingest import Ingest, examine
 from .repo import Repository
@@ -119,6 +119,7 @@ class LiveDisk:
         self._archive_lock = threading.Lock()
         self._ingest: Ingest | None = None
         self._zero = bytes(self.bs)
+        self.readahead = Readahead(cache, self.nblocks)
         # A map left by a crash may miss writes: the next point compares every block.
         self.tracked = record.clean
         self.archiving = self._find_archiving()
@@ -189,11 +190,15 @@ class LiveDisk:
         if offset >= end:
             return b""
         first, last = offset // self.bs, (end - 1) // self.bs
+        self.readahead.after_read(offset, end, last, self.chain, self._absent)
         if ABSENT not in self.states[first : last + 1]:
             return os.pread(self.fd, end - offset, offset)
         parts = [self._block(b) for b in range(first, last + 1)]
         start = offset - first * self.bs
         return b"".join(parts)[start : start + end - offset]
+
+    def _absent(self, block: int) -> bool:
+        return self.states[block] == ABSENT
 
     def _block(self, block: int) -> bytes:
         if self.states[block] == ABSENT:
