@@ -1,0 +1,221 @@
+#!/usr/bin/env python3
+"""The ceiling filesystem: the fastest a pyfuse3 filesystem can serve a file here.
+
+One read-only file, `image.img`, at the root of the mount, whose content is a bytes object
+held in memory: a copy of SOURCE, or with SOURCE `pattern:SIZE` (e.g. `pattern:64M`) a
+deterministic pattern of that size. Reads are slices of that object answered on the trio
+thread; nothing else happens. The mount uses rpfs's FUSE settings: the same options
+(allow_other, default_permissions), keep_cache on open, st_blksize 1 MiB and the same bdi
+read_ahead_kb, so the difference between rpfs and this is rpfs's own work.
+
+    python scripts/ceilingfs.py SOURCE MOUNTPOINT
+
+Runs in the foreground; prints `ready` on stdout once it answers requests; SIGTERM,
+SIGINT or `fusermount3 -u MOUNTPOINT` end it with a clean unmount.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import errno
+import logging
+import os
+import signal
+import stat
+import sys
+import time
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+log = logging.getLogger("ceilingfs")
+
+FILE_NAME = b"image.img"
+FILE_INO = pyfuse3.ROOT_INODE + 1
+BLKSIZE = 1 << 20  # as rpfs.fsops.BLKSIZE
+TIMEOUT = 1.0  # as rpfs.fsops.ENTRY_TIMEOUT
+
+try:  # the very value and code rpfs uses, when rpfs is importable
+    from rpfs.daemon import READ_AHEAD_KB, tune_readahead
+except ImportError:  # pragma: no cover - rpfs is installed wherever the bench runs
+    READ_AHEAD_KB = 1024
+
+    def tune_readahead(mountpoint: Path) -> None:
+        dev = None
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if fields[4] == str(mountpoint):
+                    dev = fields[2]
+        path = Path(f"/sys/class/bdi/{dev}/read_ahead_kb")
+        try:
+            path.write_text(f"{READ_AHEAD_KB}\n")
+        except OSError as exc:
+            log.warning("cannot set %s to %d KiB: %s", path, READ_AHEAD_KB, exc)
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """`4096`, `64K`, `256M`, `2G` (binary units; a trailing `iB`/`B` is allowed)."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in _UNITS else ""
+    number = t[: len(t) - len(unit)]
+    try:
+        value = float(number) * _UNITS[unit]
+    except ValueError:
+        raise ValueError(f"invalid size {text!r}: use e.g. 4096, 64K, 256M, 2G") from None
+    if value < 0:
+        raise ValueError(f"invalid size {text!r}: negative")
+    return int(value)
+
+
+def pattern_bytes(size: int) -> bytes:
+    """Deterministic, not all-zero content: each 8-byte word holds its own offset (LE)."""
+    words = array.array("Q", range(0, size + 7, 8))
+    if sys.byteorder != "little":
+        words.byteswap()
+    return words.tobytes()[:size]
+
+
+def load_source(source: str) -> bytes:
+    if source.startswith("pattern:"):
+        return pattern_bytes(parse_size(source.removeprefix("pattern:")))
+    return Path(source).read_bytes()
+
+
+class CeilingOps(pyfuse3.Operations):
+    def __init__(self, data: bytes) -> None:
+        super().__init__()
+        self.data = data
+        self.view = memoryview(data)
+        self.mtime_ns = time.time_ns()
+
+    def _attr(self, ino: int) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = ino
+        if ino == pyfuse3.ROOT_INODE:
+            entry.st_mode = stat.S_IFDIR | 0o755
+            entry.st_nlink = 2
+        elif ino == FILE_INO:
+            entry.st_mode = stat.S_IFREG | 0o444
+            entry.st_nlink = 1
+            entry.st_size = len(self.data)
+            entry.st_blocks = (len(self.data) + 511) // 512
+        else:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        entry.st_blksize = BLKSIZE
+        entry.st_uid = os.getuid()
+        entry.st_gid = os.getgid()
+        entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = self.mtime_ns
+        entry.entry_timeout = entry.attr_timeout = TIMEOUT
+        return entry
+
+    async def lookup(self, parent_inode, name, ctx=None):
+        if parent_inode != pyfuse3.ROOT_INODE or name != FILE_NAME:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attr(FILE_INO)
+
+    async def getattr(self, inode, ctx=None):
+        return self._attr(inode)
+
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def opendir(self, inode, ctx):
+        if inode != pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh, start_id, token):
+        if start_id == 0:
+            pyfuse3.readdir_reply(token, FILE_NAME, self._attr(FILE_INO), 1)
+
+    async def releasedir(self, fh):
+        pass
+
+    async def open(self, inode, flags, ctx):
+        if inode != FILE_INO:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return pyfuse3.FileInfo(fh=FILE_INO, keep_cache=True)
+
+    async def read(self, fh, off, size):
+        return self.view[off : off + size]
+
+    async def write(self, fh, off, buf):
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def flush(self, fh):
+        pass
+
+    async def release(self, fh):
+        pass
+
+    async def statfs(self, ctx):
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = out.f_frsize = 4096
+        out.f_blocks = (len(self.data) + 4095) // 4096
+        out.f_files = 2
+        out.f_namemax = 255
+        return out
+
+
+async def _serve(mountpoint: Path) -> None:
+    async with trio.open_nursery() as nursery:
+
+        async def ready() -> None:
+            # Once a stat is answered the kernel has our INIT reply, which caps the bdi's
+            # readahead at what it offered (128 KiB): only now does a larger value stick.
+            await trio.to_thread.run_sync(os.stat, mountpoint / FILE_NAME.decode())
+            await trio.to_thread.run_sync(tune_readahead, mountpoint)
+            print("ready", flush=True)
+
+        async def stop_on_signal() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                async for _ in sigs:
+                    pyfuse3.terminate()
+                    return
+
+        nursery.start_soon(stop_on_signal)
+        nursery.start_soon(ready)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", help="file to serve (read into memory), or pattern:SIZE")
+    parser.add_argument("mountpoint", help="an empty directory")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="ceilingfs: %(message)s")
+    mountpoint = Path(args.mountpoint).absolute()
+    try:
+        data = load_source(args.source)
+    except (OSError, ValueError) as exc:
+        print(f"ceilingfs: cannot load {args.source}: {exc}", file=sys.stderr)
+        return 1
+    if not mountpoint.is_dir() or os.path.ismount(mountpoint):
+        print(f"ceilingfs: {mountpoint} is not an unmounted directory", file=sys.stderr)
+        return 1
+    options = set(pyfuse3.default_options) | {
+        "fsname=ceilingfs", "subtype=ceilingfs", "allow_other",
+    }
+    try:
+        pyfuse3.init(CeilingOps(data), str(mountpoint), options)
+    except RuntimeError as exc:
+        print(f"ceilingfs: cannot mount at {mountpoint}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        trio.run(_serve, mountpoint)
+    finally:
+        pyfuse3.close(unmount=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

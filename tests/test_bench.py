@@ -1,0 +1,345 @@
+"""The benchmark's own machinery: the ceiling filesystem, the sample disk, medians, the
+targets and the JSON file. The benchmark itself never runs in tests (nothing is timed)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "scripts"
+CEILINGFS = SCRIPTS / "ceilingfs.py"
+sys.path.insert(0, str(SCRIPTS))
+br = importlib.import_module("benchlib.results")
+sample_mod = importlib.import_module("benchlib.sample")
+ceilingfs = importlib.import_module("ceilingfs")
+
+MiB = 1 << 20
+
+needs_fuse = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/dev/fuse") or not shutil.which("fusermount3"),
+    reason="needs root, /dev/fuse and fusermount3",
+)
+needs_e2fsprogs = pytest.mark.skipif(
+    not all(shutil.which(t) for t in ("mkfs.ext4", "debugfs", "dumpe2fs")),
+    reason="needs e2fsprogs",
+)
+
+
+# -- medians, results, JSON --------------------------------------------------------------
+
+
+def test_median_ignores_missing_values():
+    assert br.median([3, 1, 2]) == 2
+    assert br.median([4, 1, 3, 2]) == 2.5
+    assert br.median([5, None, float("nan"), 1, 3]) == 3
+    assert br.median([]) is None
+    assert br.median([None]) is None
+
+
+def test_add_takes_the_median_of_runs_and_keeps_them():
+    r = br.Results(256 * MiB)
+    e = r.add("rpfs", "seq_read_cold_MBps", [310.0, 290.0, 500.0])
+    assert e.value == 310.0
+    assert e.runs == [310.0, 290.0, 500.0]
+    assert r.add("rpfs", "daemon_peak_rss_MiB", 88).value == 88.0
+    assert r.add("rpfs", "snapshot_s", None, "no command").value is None
+    assert r.get("rpfs", "seq_read_cold_MBps") == 310.0
+    assert r.get("borg", "seq_read_cold_MBps") is None
+
+
+def test_missing_marks_only_unrecorded_metrics_null():
+    r = br.Results(MiB)
+    r.add("rpfs", "clone_create_s", [0.01, 0.02, 0.03])
+    r.missing("rpfs", ["clone_create_s", "snapshot_s"], "not measured: no snapshot yet")
+    assert r.get("rpfs", "clone_create_s") == 0.02
+    entry = r.entries[("rpfs", "snapshot_s")]
+    assert entry.value is None
+    assert entry.note == "not measured: no snapshot yet"
+
+
+def _fake_results() -> br.Results:
+    r = br.Results(2 << 30, {"cpus": 2})
+    r.add("rpfs", "seq_read_cold_MBps", [700, 690, 710])
+    r.add("ceiling", "seq_read_cold_MBps", [1000, 1000, 1000])
+    r.add("borg", "seq_read_cold_MBps", [300, 300, 300])  # 700 < 3 × 300: FAIL
+    r.add("rpfs", "clone_create_s", [0.05, 0.04, 0.06])  # PASS
+    r.add("rpfs", "snapshot_s", [0.2, 0.3, 0.25])  # FAIL
+    r.add("rpfs", "rollback_s", None, "not measured: no rollback command yet")  # n/a
+    r.add("rpfs", "rand4k_qd1_mean_us", [100, 100, 100])
+    r.add("qemu", "rand4k_qd1_mean_us", [120, 120, 120])  # PASS
+    r.add("rpfs", "repo_bytes_added_incr", [5 * MiB] * 3)
+    r.add("qemu", "repo_bytes_added_incr", [5 * MiB] * 3)  # equal: PASS (<=)
+    r.add("rpfs", "daemon_peak_rss_MiB", [90.0])
+    r.add("rpfs", "daemon_peak_rss_MiB_64G", [120.0])  # ≤ 150 but 1.33 × 90: FAIL growth
+    r.note("a note")
+    return r
+
+
+def _verdicts(r: br.Results) -> dict[str, br.Verdict]:
+    return {v.target.name: v for v in br.evaluate_targets(r)}
+
+
+def test_targets_with_fake_numbers():
+    v = _verdicts(_fake_results())
+    ceiling = v["point cold read ≥ 0.6 × ceiling"]
+    assert (ceiling.status, ceiling.ratio, ceiling.required) == ("PASS", 0.7, ">= 0.6")
+    borg = v["point cold read ≥ 3 × borg"]
+    assert borg.status == "FAIL" and borg.ratio == pytest.approx(700 / 300)
+    assert v["point cold read ≥ 3 × restic"].status == "n/a"  # restic not measured
+    assert v["point cold read ≥ 3 × restic"].ratio is None
+    assert v["clone < 0.1 s"].status == "PASS"
+    assert v["clone < 0.1 s"].ratio == pytest.approx(0.5)
+    assert v["snapshot < 0.1 s"].status == "FAIL"
+    assert v["rollback < 0.1 s"].status == "n/a"
+    assert v["rand4k qd1 mean latency ≤ qemu"].status == "PASS"
+    assert v["incremental repo bytes ≤ qcow2 overlay"].status == "PASS"
+    assert v["daemon peak RSS ≤ 150 MiB"].status == "PASS"
+    assert v["daemon peak RSS ≤ 150 MiB at 64 GiB"].status == "PASS"
+    growth = [t for name, t in v.items() if name.startswith("daemon RSS not growing")]
+    assert growth[0].status == "FAIL"
+    assert v["hydrated clone read ≥ 0.8 × ceiling"].status == "n/a"
+    assert {t.status for t in v.values()} == {"PASS", "FAIL", "n/a"}
+
+
+def test_target_bounds_are_strict_or_not_as_written():
+    r = br.Results(MiB)
+    r.add("rpfs", "clone_create_s", 0.1)
+    r.add("rpfs", "daemon_peak_rss_MiB", 150)
+    v = _verdicts(r)
+    assert v["clone < 0.1 s"].status == "FAIL"  # < 0.1: 0.1 itself fails
+    assert v["daemon peak RSS ≤ 150 MiB"].status == "PASS"  # ≤ 150: 150 passes
+
+
+def test_json_shape(tmp_path: Path):
+    r = _fake_results()
+    when = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
+    path = br.write_json(r, tmp_path / "bench-results", when)
+    assert path.name == "20250102T030405Z.json"
+    data = json.loads(path.read_text())
+    assert set(data) == {"machine", "size_bytes", "results", "targets", "notes"}
+    assert data["machine"] == {"cpus": 2}
+    assert data["size_bytes"] == 2 << 30
+    assert data["notes"] == ["a note"]
+    for item in data["results"]:
+        assert {"system", "metric", "value"} <= set(item)
+        assert item["value"] is None or isinstance(item["value"], float)
+    by_key = {(i["system"], i["metric"]): i for i in data["results"]}
+    assert by_key[("rpfs", "seq_read_cold_MBps")]["value"] == 700
+    assert by_key[("rpfs", "seq_read_cold_MBps")]["runs"] == [700, 690, 710]
+    assert by_key[("rpfs", "rollback_s")]["value"] is None
+    assert "no rollback" in by_key[("rpfs", "rollback_s")]["note"]
+    statuses = {t["target"]: t["status"] for t in data["targets"]}
+    assert statuses["point cold read ≥ 0.6 × ceiling"] == "PASS"
+    assert statuses["point cold read ≥ 3 × restic"] == "n/a"
+    assert all({"target", "rule", "status", "ratio", "required"} <= set(t)
+               for t in data["targets"])
+    # a second run in the same second gets its own file
+    again = br.write_json(r, tmp_path / "bench-results", when)
+    assert again != path and again.exists() and path.exists()
+    assert not list((tmp_path / "bench-results").glob("*.tmp"))
+
+
+def test_table_shows_values_targets_and_notes():
+    text = br.render_table(_fake_results())
+    lines = text.splitlines()
+    header = next(line for line in lines if line.startswith("metric"))
+    assert header.split() == ["metric", "rpfs", "ceiling", "borg", "qemu"]
+    row = next(line for line in lines if line.startswith("seq_read_cold_MBps"))
+    assert row.split() == ["seq_read_cold_MBps", "700", "1000", "300"]
+    assert any(line.startswith("rollback_s") and "-*" in line for line in lines)
+    snap = next(line for line in lines if line.startswith("snapshot < 0.1 s "))
+    assert "FAIL" in snap and "2.50" in snap
+    assert "a note" in text
+    assert "no rollback command yet" in text
+
+
+# -- the sample disk ---------------------------------------------------------------------
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@needs_e2fsprogs
+def test_sample_disk_is_deterministic_and_churn_is_listed(tmp_path: Path):
+    size = 32 * MiB
+    a = sample_mod.build_sample(_mk(tmp_path / "a"), size, seed=7)
+    b = sample_mod.build_sample(_mk(tmp_path / "b"), size, seed=7)
+    assert _sha(a.base) == _sha(b.base)
+    assert _sha(a.churned) == _sha(b.churned)
+    assert a.base.stat().st_size == size
+    assert 0.5 < a.used_bytes / size < 0.7
+    fsck = subprocess.run(["e2fsck", "-fn", str(a.base)], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    changed = json.loads(a.changed.read_text())
+    regions = size // sample_mod.CHURN_REGION
+    assert len(changed) == a.churn_regions == round(regions * 0.05)
+    listed = {e["start"] for e in changed}
+    assert all(e["length"] == sample_mod.CHURN_REGION for e in changed)
+    base, churned = a.base.read_bytes(), a.churned.read_bytes()
+    step = sample_mod.CHURN_REGION
+    differing = {off for off in range(0, size, step)
+                 if base[off : off + step] != churned[off : off + step]}
+    assert differing == listed
+    other = sample_mod.build_sample(_mk(tmp_path / "c"), size, seed=8)
+    assert _sha(other.base) != _sha(a.base)
+
+
+def _mk(p: Path) -> Path:
+    p.mkdir(parents=True)
+    return p
+
+
+# -- the ceiling filesystem --------------------------------------------------------------
+
+
+def test_ceilingfs_sizes_and_pattern():
+    assert ceilingfs.parse_size("4096") == 4096
+    assert ceilingfs.parse_size("64K") == 64 << 10
+    assert ceilingfs.parse_size("256MiB") == 256 << 20
+    assert ceilingfs.parse_size("2G") == 2 << 30
+    with pytest.raises(ValueError):
+        ceilingfs.parse_size("lots")
+    data = ceilingfs.pattern_bytes(1 << 16)
+    assert len(data) == 1 << 16
+    assert data[8:16] == (8).to_bytes(8, "little")
+    assert ceilingfs.pattern_bytes(13) == data[:13]
+
+
+def _mounted(path: Path) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == str(path) for line in f)
+
+
+def _wait(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+@contextlib.contextmanager
+def _ceiling(source: str | Path, mnt: Path) -> Iterator[subprocess.Popen]:
+    """ceilingfs serving `source` at `mnt`; always unmounted and its process stopped."""
+    mnt.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, str(CEILINGFS), str(source), str(mnt)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        line = proc.stdout.readline().decode().strip() if ready else ""  # "" if it died
+        if line != "ready":
+            proc.wait(timeout=30)
+            pytest.fail(f"ceilingfs did not start: {proc.stderr.read().decode()}")
+        assert _mounted(mnt)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=20)
+        if _mounted(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+@pytest.fixture
+def ceiling(tmp_path: Path) -> Iterator[tuple[Path, Path, subprocess.Popen]]:
+    source = tmp_path / "source.bin"
+    # not a multiple of the page size, and varied content
+    source.write_bytes(os.urandom(3 * MiB + 12345))
+    mnt = tmp_path / "mnt"
+    with _ceiling(source, mnt) as proc:
+        yield source, mnt, proc
+    assert not _mounted(mnt)
+    assert proc.poll() is not None
+
+
+@needs_fuse
+def test_ceiling_serves_the_source_bytes(ceiling):
+    source, mnt, _ = ceiling
+    image = mnt / "image.img"
+    assert os.listdir(mnt) == ["image.img"]
+    st = image.stat()
+    assert st.st_size == source.stat().st_size
+    assert st.st_blksize == 1 << 20
+    assert oct(st.st_mode & 0o777) == oct(0o444)
+    subprocess.run(["cmp", str(image), str(source)], check=True)
+    out = subprocess.run(["dd", f"if={image}", "bs=1M", "status=none"], capture_output=True,
+                         check=True).stdout
+    assert out == source.read_bytes()
+    # an unaligned read in the middle
+    with open(image, "rb") as f:
+        f.seek(1_000_001)
+        assert f.read(7777) == source.read_bytes()[1_000_001 : 1_000_001 + 7777]
+    # dropping the page cache makes the next read come from the filesystem again
+    if os.geteuid() == 0:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        subprocess.run(["cmp", str(image), str(source)], check=True)
+
+
+@needs_fuse
+def test_ceiling_is_read_only_and_tuned_like_rpfs(ceiling):
+    _, mnt, _ = ceiling
+    image = mnt / "image.img"
+    with pytest.raises(OSError):
+        open(image, "r+b")  # noqa: SIM115
+    with pytest.raises(OSError):
+        (mnt / "new").write_bytes(b"x")
+    dev = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == str(mnt):
+                dev = fields[2]
+                assert "fuse.ceilingfs" in line
+                assert "allow_other" in line and "default_permissions" in line
+    from rpfs.daemon import READ_AHEAD_KB
+
+    assert int(Path(f"/sys/class/bdi/{dev}/read_ahead_kb").read_text()) == READ_AHEAD_KB
+
+
+@needs_fuse
+def test_ceiling_pattern_source_and_unmount_ends_it(tmp_path: Path):
+    mnt = tmp_path / "mnt"
+    with _ceiling("pattern:1M", mnt) as proc:
+        data = (mnt / "image.img").read_bytes()
+        assert data == ceilingfs.pattern_bytes(1 << 20)
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
+        assert proc.wait(timeout=20) == 0
+    assert not _mounted(mnt)
+
+
+@needs_fuse
+def test_ceiling_refuses_a_missing_source(tmp_path: Path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    res = subprocess.run([sys.executable, str(CEILINGFS), str(tmp_path / "nope"), str(mnt)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1
+    assert "cannot load" in res.stderr
+    assert not _mounted(mnt)
