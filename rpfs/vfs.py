@@ -58,16 +58,18 @@ class Tree:
         self.cache = cache
         self.service = service
         self.mounted_at = time.time()
-        self._ino_of: dict[Key, int] = {(): ROOT_INO}
+        self._ino_of: dict[tuple, int] = {(): ROOT_INO}
         self._key_of: dict[int, Key] = {ROOT_INO: ()}
         self._lock = threading.Lock()
 
-    def _ino(self, key: Key) -> int:
+    def _ino(self, key: Key, identity: tuple = ()) -> int:
+        """The inode of `key`; `identity` tells a deleted and re-created image apart, so
+        the kernel never serves the old one's cached pages for the new one."""
         with self._lock:
-            ino = self._ino_of.get(key)
+            ino = self._ino_of.get((*key, *identity))
             if ino is None:
                 ino = len(self._key_of) + ROOT_INO
-                self._ino_of[key] = ino
+                self._ino_of[(*key, *identity)] = ino
                 self._key_of[ino] = key
             return ino
 
@@ -77,6 +79,13 @@ class Tree:
         except KeyError:
             raise _enoent() from None
 
+    def _current(self, ino: int) -> Key:
+        """The key of `ino`, if the entry it names still exists (and is the same one)."""
+        key = self.key(ino)
+        if self._stat(key).ino != ino:
+            raise _enoent()
+        return key
+
     def _point(self, key: Key) -> PointRecord:
         with self.repo.index.read() as txn:
             point = self.repo.index.get_point(txn, key[1], key[2])
@@ -85,7 +94,10 @@ class Tree:
         return point
 
     def attr(self, ino: int) -> Attr:
-        return self._stat(self.key(ino))
+        attr = self._stat(self.key(ino))
+        if attr.ino != ino:
+            raise _enoent()
+        return attr
 
     def _stat(self, key: Key) -> Attr:
         """Attributes of the entry at `key`; its inode is allocated only if it exists."""
@@ -93,7 +105,8 @@ class Tree:
             disk = self._disk(key[1], writable=True)
             local = os.stat(self.repo.root / disk.file)
             return Attr(
-                self._ino(key), stat.S_IFREG | 0o644, size=disk.size, blocks=local.st_blocks,
+                self._ino(key, (disk.file_id,)), stat.S_IFREG | 0o644, size=disk.size,
+                blocks=local.st_blocks,
                 mtime=local.st_mtime,
             )
         if len(key) < 3:
@@ -103,8 +116,8 @@ class Tree:
         point = self._point(key)
         allocated = point.allocated_blocks * self.repo.block_size
         return Attr(
-            self._ino(key), stat.S_IFREG | 0o444, size=point.size, blocks=allocated // 512,
-            mtime=point.created,
+            self._ino(key, (point.lineage, point.gen)), stat.S_IFREG | 0o444, size=point.size,
+            blocks=allocated // 512, mtime=point.created,
         )
 
     def _disk(self, name: str, writable: bool = False) -> DiskRecord:
@@ -156,7 +169,7 @@ class Tree:
 
     def open(self, ino: int, flags: int) -> Handle:
         """Open an image: points read-only (EROFS for writing), disks read-write."""
-        key = self.key(ino)
+        key = self._current(ino)
         if key[:1] == ("disks",) and len(key) == 2:
             return DiskHandle(self.service, key[1])
         if len(key) != 3:
@@ -174,7 +187,7 @@ class Tree:
 
     def setattr(self, ino: int, size: int | None) -> Attr:
         """Points are read-only; disks have a fixed size (other changes are ignored)."""
-        key = self.key(ino)
+        key = self._current(ino)
         if len(key) == 3:
             raise OSError(errno.EROFS, "recovery points are read-only")
         if size is not None and size != self._stat(key).size:
