@@ -51,12 +51,13 @@ class _Base:
     allocated_blocks: int = 0
 
 
-def reap_dead_captures(repo: Repository) -> None:
-    """Drop the staging rows of captures whose process is gone (their disk lock is free)."""
+def reap_dead_captures(repo: Repository, held: str) -> None:
+    """Drop the staging rows of captures whose process is gone: their disk lock is free,
+    or it is `held` by the caller (so no other capture of that disk can be running)."""
     with repo.index.read() as txn:
         records = repo.index.list_captures(txn)
     for capture_id, info in records:
-        if repo.disk_lock_free(info["disk"]):
+        if info["disk"] == held or repo.disk_lock_free(info["disk"]):
             log.warning(
                 "disk %s: dropping capture %d left by pid %s (it did not finish; no point "
                 "was created)", info["disk"], capture_id, info.get("pid"),
@@ -79,7 +80,7 @@ def capture(
     src = Source.open(source)
     try:
         with repo.disk_lock(disk):
-            reap_dead_captures(repo)
+            reap_dead_captures(repo, disk)
             return _Capture(repo, disk, point, src, changed, progress).run()
     finally:
         src.close()

@@ -106,7 +106,9 @@ class Repository:
     def _lock_path(self, name: str) -> Path:
         return self.root / "locks" / f"{name}.lock"
 
-    def lock_disk(self, disk: str, holder: str = "another capture of it is running") -> int:
+    def lock_disk(
+        self, disk: str, holder: str = "a capture of it runs, or a daemon has it open"
+    ) -> int:
         """Take a disk's exclusive lock; returns the fd that holds it (close to release)."""
         fd = os.open(self._lock_path(f"disk-{disk}"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
