@@ -1,0 +1,200 @@
+"""Fixtures: the `rpfs` command against a per-test repository, mounts that are always
+cleaned up, and deterministic ext4 source images."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from helpers import MiB, build_tree, is_fuse_mounted, make_ext4, wait_pid_exit
+
+_SCRIPT = Path(sys.executable).parent / "rpfs"
+RPFS_CMD = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "rpfs.cli"]
+
+DAEMON_EXIT_TIMEOUT = 20.0
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+        skip = pytest.mark.skip(reason="needs root and /dev/fuse")
+        for item in items:
+            if "mount" in item.fixturenames or "mounted" in item.fixturenames:
+                item.add_marker(skip)
+
+
+@dataclass
+class Rpfs:
+    """Runs the `rpfs` console script with RPFS_REPO set to this test's repository."""
+
+    repo: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    def __call__(
+        self, *args: str | Path, check: bool = False, timeout: float = 300, **kw
+    ) -> subprocess.CompletedProcess:
+        env = {**os.environ, "RPFS_REPO": str(self.repo), **self.env}
+        res = subprocess.run(
+            [*RPFS_CMD, *map(str, args)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            **kw,
+        )
+        if check and res.returncode != 0:
+            raise AssertionError(
+                f"rpfs {' '.join(map(str, args))} exited {res.returncode}\n"
+                f"stdout: {res.stdout}\nstderr: {res.stderr}"
+            )
+        return res
+
+    def popen(self, *args: str | Path, **kw) -> subprocess.Popen:
+        env = {**os.environ, "RPFS_REPO": str(self.repo), **self.env}
+        return subprocess.Popen([*RPFS_CMD, *map(str, args)], env=env, **kw)
+
+    def points(self, disk: str | None = None) -> list[dict]:
+        args = ["points", "--json"] + ([disk] if disk else [])
+        return json.loads(self(*args, check=True).stdout)
+
+    def point(self, disk: str, name: str) -> dict:
+        found = [p for p in self.points(disk) if p["name"] == name]
+        assert len(found) == 1, f"no single point {disk}@{name} in {self.points()}"
+        return found[0]
+
+    def capture(self, disk: str, source: Path, name: str, *extra: str) -> dict:
+        self("capture", disk, source, "--name", name, *extra, check=True)
+        return self.point(disk, name)
+
+
+@pytest.fixture
+def repo_dir(tmp_path: Path) -> Path:
+    """Where this test's repository lives (not created)."""
+    return tmp_path / "repo"
+
+
+@pytest.fixture
+def rpfs(repo_dir: Path) -> Rpfs:
+    return Rpfs(repo_dir)
+
+
+@pytest.fixture
+def repo(rpfs: Rpfs, repo_dir: Path) -> Path:
+    """An initialised repository (64 KiB blocks)."""
+    rpfs("init", check=True)
+    return repo_dir
+
+
+def _daemon_info(repo: Path) -> dict:
+    try:
+        return json.loads((repo / "locks" / "daemon.lock").read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def _is_rpfs_process(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(b"rpfs" in part for part in cmdline)
+
+
+class Mounter:
+    """Mounts the repository with `rpfs mount` and remembers what to clean up."""
+
+    def __init__(self, rpfs: Rpfs, tmp_path: Path) -> None:
+        self.rpfs = rpfs
+        self.tmp_path = tmp_path
+        self.mountpoints: list[Path] = []
+        self.pids: list[int] = []
+
+    def __call__(self, mountpoint: Path | None = None, check: bool = True):
+        """Mount at `mountpoint` (default tmp/mnt); returns (mountpoint, CompletedProcess)."""
+        mnt = (mountpoint or self.tmp_path / "mnt").absolute()
+        mnt.mkdir(parents=True, exist_ok=True)
+        if mnt not in self.mountpoints:
+            self.mountpoints.append(mnt)
+        res = self.rpfs("mount", mnt, timeout=120)
+        if res.returncode == 0:
+            info = _daemon_info(self.rpfs.repo)
+            if info.get("mountpoint") == str(mnt) and isinstance(info.get("pid"), int):
+                self.pids.append(info["pid"])
+        if check:
+            assert res.returncode == 0, f"rpfs mount failed: {res.stderr}"
+            assert is_fuse_mounted(mnt), f"{mnt} is not a FUSE mount after rpfs mount"
+        return mnt, res
+
+    def daemon_pid(self) -> int:
+        return _daemon_info(self.rpfs.repo)["pid"]
+
+    def cleanup(self) -> None:
+        errors = []
+        for mnt in reversed(self.mountpoints):
+            if not os.path.ismount(mnt):
+                continue
+            res = self.rpfs("umount", mnt, timeout=90)
+            if res.returncode != 0 or os.path.ismount(mnt):
+                errors.append(f"rpfs umount {mnt}: {res.stderr.strip()}")
+                subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+        for pid in self.pids:
+            if wait_pid_exit(pid, DAEMON_EXIT_TIMEOUT):
+                continue
+            if _is_rpfs_process(pid):  # only the daemon this test started
+                errors.append(f"daemon {pid} still alive after unmount: SIGKILL")
+                os.kill(pid, signal.SIGKILL)
+                wait_pid_exit(pid, 10)
+        for mnt in self.mountpoints:  # a killed daemon leaves a dead FUSE connection
+            if is_fuse_mounted(mnt):
+                subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+        if errors:
+            print("mount cleanup:", *errors, sep="\n  ", file=sys.stderr)
+
+
+@pytest.fixture
+def mount(rpfs: Rpfs, tmp_path: Path) -> Iterator[Mounter]:
+    """A factory: `mount(path=None, check=True)`; every mount is undone at teardown."""
+    mounter = Mounter(rpfs, tmp_path)
+    try:
+        yield mounter
+    finally:
+        mounter.cleanup()
+
+
+@pytest.fixture
+def mounted(repo: Path, mount: Mounter) -> Path:
+    """The initialised repository mounted at tmp/mnt; returns the mountpoint."""
+    mnt, _ = mount()
+    return mnt
+
+
+@pytest.fixture
+def ext4_builder(tmp_path: Path) -> Callable[..., tuple[Path, Path, dict[str, str]]]:
+    """`build(name, seed, size=64 MiB)` -> (image, tree, {path: sha256}), deterministic."""
+
+    def build(name: str = "disk", seed: int = 1, size: int = 64 * MiB):
+        tree = tmp_path / f"{name}-tree"
+        sums = build_tree(tree, seed)
+        image = tmp_path / f"{name}.img"
+        make_ext4(tree, image, size)
+        return image, tree, sums
+
+    for tool in ("mkfs.ext4", "debugfs", "e2fsck"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"missing {tool}")
+    return build
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_leaked_mounts() -> Iterator[None]:
+    yield
+    with open("/proc/mounts") as f:
+        leaked = [line for line in f if "rpfs" in line and "pytest-of" in line]
+    assert not leaked, f"tests left FUSE mounts behind: {leaked}"

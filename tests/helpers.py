@@ -1,0 +1,225 @@
+"""Helpers shared by the tests: source images, checksums, process and mount bookkeeping.
+
+Everything here is plain functions; the fixtures that use them live in conftest.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import random
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+MiB = 1 << 20
+BS = 64 << 10  # the repository's default block size
+
+
+# -- files and checksums -------------------------------------------------------------------
+
+
+def sha256_file(path: Path, chunk: int = 4 * MiB) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while data := f.read(chunk):
+            h.update(data)
+    return h.hexdigest()
+
+
+def sha256sum(path: Path) -> str:
+    """The checksum by the real tool (`sha256sum`), as an operator would take it."""
+    out = subprocess.run(["sha256sum", str(path)], capture_output=True, text=True, check=True)
+    return out.stdout.split()[0]
+
+
+def cmp_files(a: Path, b: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["cmp", str(a), str(b)], capture_output=True, text=True)
+
+
+def assert_same_bytes(a: Path, b: Path) -> None:
+    res = cmp_files(a, b)
+    assert res.returncode == 0, f"cmp {a} {b}: {res.stdout}{res.stderr}"
+
+
+def write_random(path: Path, size: int, seed: int | None = None, piece: int = 4 * MiB) -> None:
+    """`size` bytes of random data: seeded (reproducible) or os.urandom (fast)."""
+    rng = random.Random(seed) if seed is not None else None
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(piece, left)
+            f.write(rng.randbytes(n) if rng else os.urandom(n))
+            left -= n
+
+
+def sparse_copy(src: Path, dst: Path) -> None:
+    """A copy of `src` that keeps its holes (the state of a source at a capture)."""
+    subprocess.run(["cp", "--sparse=always", str(src), str(dst)], check=True)
+
+
+def read_at(path: Path, offset: int, length: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(length)
+
+
+def write_at(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+# -- ext4 images ---------------------------------------------------------------------------
+
+LOREM = (
+    "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor "
+    "incididunt ut labore et dolore magna aliqua. Ut enim ad minim veniam, quis nostrud "
+    "exercitation ullamco laboris nisi ut aliquip ex ea commodo consequat.\n"
+)
+
+
+def build_tree(root: Path, seed: int) -> dict[str, str]:
+    """A deterministic folder of mixed files; returns {relative path: sha256}.
+
+    Compressible text, seeded random binary, a duplicated file and a few subdirectories.
+    """
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    files: dict[str, bytes] = {}
+    files["README.txt"] = (LOREM * 200).encode()
+    files["etc/config.ini"] = "".join(f"key{i} = value{i * 7}\n" for i in range(3000)).encode()
+    files["var/log/syslog"] = "".join(
+        f"Nov 22 06:{i % 60:02d}:00 host kernel: event {i} {LOREM[: i % 80]}\n"
+        for i in range(20000)
+    ).encode()
+    files["data/random.bin"] = rng.randbytes(3 * MiB + 12345)
+    files["data/small.bin"] = rng.randbytes(4096)
+    files["data/copy-of-random.bin"] = files["data/random.bin"]  # a duplicated file
+    files["home/user/notes.md"] = ("# notes\n" + LOREM * 30).encode()
+    files["home/user/blob.dat"] = rng.randbytes(1 * MiB)
+    for rel, data in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return {rel: hashlib.sha256(data).hexdigest() for rel, data in files.items()}
+
+
+def tree_checksums(root: Path) -> dict[str, str]:
+    """{relative path: sha256} of every regular file under `root` (lost+found skipped)."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith("lost+found") or not path.is_file():
+            continue
+        out[rel] = sha256_file(path)
+    return out
+
+
+def make_ext4(tree: Path, image: Path, size: int) -> None:
+    """A `size`-byte ext4 image holding `tree`, built without root mounts (mkfs -d)."""
+    image.unlink(missing_ok=True)
+    subprocess.run(["truncate", "-s", str(size), str(image)], check=True)
+    subprocess.run(
+        ["mkfs.ext4", "-q", "-F", "-d", str(tree), str(image)],
+        check=True,
+        capture_output=True,
+    )
+
+
+def debugfs_write(image: Path, commands: list[str]) -> None:
+    """Change an ext4 image in place with `debugfs -w`; fails loudly if debugfs complains."""
+    res = subprocess.run(
+        ["debugfs", "-w", "-f", "-", str(image)],
+        input="\n".join(commands) + "\n",
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr
+    errors = [
+        line for line in res.stderr.splitlines() if line.strip() and not line.startswith("debugfs ")
+    ]
+    assert not errors, f"debugfs reported: {errors}"
+
+
+def e2fsck_clean(image: Path) -> None:
+    res = subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True, text=True)
+    assert res.returncode == 0, f"e2fsck -fn {image}: rc {res.returncode}\n{res.stdout}{res.stderr}"
+
+
+def qemu_identical(a: Path, b: Path) -> None:
+    res = subprocess.run(
+        ["qemu-img", "compare", "-f", "raw", "-F", "raw", str(a), str(b)],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, f"qemu-img compare: {res.stdout}{res.stderr}"
+    assert "Images are identical" in res.stdout
+
+
+def _loop_devices_of(image: Path) -> list[str]:
+    res = subprocess.run(["losetup", "-j", str(image)], capture_output=True, text=True)
+    return [line.split(":", 1)[0] for line in res.stdout.splitlines() if line.strip()]
+
+
+@contextlib.contextmanager
+def loop_mount(image: Path, where: Path) -> Iterator[Path]:
+    """`mount -o loop,ro image where`; always unmounted (and its loop device freed)."""
+    where.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["mount", "-o", "loop,ro", str(image), str(where)], check=True, capture_output=True
+    )
+    try:
+        yield where
+    finally:
+        res = subprocess.run(["umount", str(where)], capture_output=True, text=True)
+        if res.returncode != 0 and os.path.ismount(where):
+            subprocess.run(["umount", "-l", str(where)], capture_output=True)
+        for dev in _loop_devices_of(image):
+            subprocess.run(["losetup", "-d", dev], capture_output=True)
+
+
+# -- processes and mounts ------------------------------------------------------------------
+
+
+def pid_alive(pid: int) -> bool:
+    """True if `pid` runs (a zombie counts as exited)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    state = stat.rsplit(")", 1)[1].split()[0]
+    return state not in ("Z", "X")
+
+
+def wait_pid_exit(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            return True
+        time.sleep(0.05)
+    return not pid_alive(pid)
+
+
+def is_fuse_mounted(mountpoint: Path) -> bool:
+    target = str(mountpoint)
+    with open("/proc/mounts") as f:
+        return any(line.split()[1] == target and "fuse" in line.split()[2] for line in f)
+
+
+def dir_size(path: Path) -> int:
+    """Bytes allocated on disk under `path` (`du -sb --apparent-size` would hide holes)."""
+    res = subprocess.run(["du", "-s", "-B1", str(path)], capture_output=True, text=True, check=True)
+    return int(res.stdout.split()[0])
+
+
+def have_tool(name: str) -> bool:
+    return shutil.which(name) is not None
+
+
+def point_image(mnt: Path, disk: str, point: str) -> Path:
+    """The path of a point's image in the mount."""
+    return mnt / "points" / disk / f"{point}.img"

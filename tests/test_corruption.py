@@ -1,0 +1,138 @@
+"""A flipped byte in a pack file: the damaged region reads as EIO through the mount (never
+as wrong bytes), everything else still reads correctly, and the daemon's log names the
+disk, point, block and pack."""
+
+from __future__ import annotations
+
+import errno
+import random
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from helpers import BS, MiB, assert_same_bytes, point_image, read_at
+
+from rpfs.store import CODEC_RAW, CODEC_ZSTD, HEADER, digest
+
+NBLOCKS = 256  # 16 MiB
+
+
+def make_source(path: Path) -> None:
+    """Random blocks (stored raw) and text blocks (stored zstd), each block unique."""
+    rng = random.Random(21)
+    with open(path, "wb") as f:
+        for b in range(NBLOCKS):
+            if b % 4 == 1:
+                line = f"block {b} of the source: some compressible text {rng.random()}\n"
+                f.write((line.encode() * (BS // len(line) + 1))[:BS])
+            else:
+                f.write(rng.randbytes(BS))
+
+
+def pack_records(path: Path):
+    """(offset, codec, digest, payload length) of every record in a pack file."""
+    data = path.read_bytes()
+    pos = 0
+    while pos < len(data):
+        magic, codec, dig, length = HEADER.unpack_from(data, pos)
+        assert magic == b"RPC1", f"no record at {path.name}:{pos}"
+        yield pos, codec, dig, length
+        pos += HEADER.size + length
+
+
+def flip(path: Path, pos: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(pos)
+        byte = f.read(1)[0]
+        f.seek(pos)
+        f.write(bytes([byte ^ 0x01]))
+
+
+def block_digests(src: Path) -> dict[bytes, int]:
+    data = src.read_bytes()
+    return {digest(data[b * BS : (b + 1) * BS]): b for b in range(NBLOCKS)}
+
+
+@pytest.mark.parametrize("where", ["raw-payload", "zstd-payload", "record-header"])
+def test_flipped_byte_reads_as_eio_and_is_logged(rpfs, mounted, tmp_path, where):
+    src = tmp_path / "src.img"
+    make_source(src)
+    rpfs.capture("vm", src, "p1")
+    packs = sorted((rpfs.repo / "packs").glob("*.pack"))
+    assert len(packs) == 1
+    pack = packs[0]
+    blocks = block_digests(src)
+    records = list(pack_records(pack))
+    assert len(records) == NBLOCKS
+    want = CODEC_ZSTD if where == "zstd-payload" else CODEC_RAW
+    # A record in the middle of the pack, of the wanted codec.
+    candidates = [r for r in records if r[1] == want]
+    offset, _codec, dig, length = candidates[len(candidates) // 2]
+    bad_block = blocks[dig]
+    # Inside the header's BLAKE3 field, or in the middle of the payload.
+    in_header = where == "record-header"
+    pos = offset + 5 + 7 if in_header else offset + HEADER.size + length // 2
+    flip(pack, pos)
+
+    img = point_image(mounted, "vm", "p1")
+    # Python: the read of the damaged block raises EIO.
+    with open(img, "rb", buffering=0) as f, pytest.raises(OSError) as err:
+        f.seek(bad_block * BS)
+        f.read(BS)
+    assert err.value.errno == errno.EIO
+    # dd over the damaged block fails too, and again on a second try (nothing cached).
+    for _ in range(2):
+        res = subprocess.run(
+            ["dd", f"if={img}", "of=/dev/null", f"bs={BS}", f"skip={bad_block}", "count=1"],
+            capture_output=True,
+            text=True,
+        )
+        assert res.returncode != 0
+        assert "Input/output error" in res.stderr
+    # Every other block still reads correctly, including its neighbours.
+    for b in range(NBLOCKS):
+        if b != bad_block:
+            assert read_at(img, b * BS, BS) == read_at(src, b * BS, BS), f"block {b}"
+    # Reading the whole image fails; it never returns wrong bytes.
+    res = subprocess.run(["cmp", str(img), str(src)], capture_output=True, text=True)
+    assert res.returncode == 2 and "Input/output error" in res.stderr, res
+    # The log names disk, point, block and pack.
+    log = (rpfs.repo / "rpfs.log").read_text()
+    line = re.search(rf"disk vm point p1 block {bad_block}\b.*", log)
+    assert line, log
+    assert pack.name in line.group(0)
+    # The daemon survived: the mount still serves.
+    assert read_at(img, 0, 100) == read_at(src, 0, 100)
+    # `rpfs restore` refuses too, with a clear error naming the pack.
+    res = rpfs("restore", "vm@p1", tmp_path / "restored.img")
+    assert res.returncode != 0
+    assert res.stderr.strip().splitlines()[-1].startswith("rpfs: error: corrupt chunk")
+    assert pack.name in res.stderr
+
+
+def test_corrupt_chunk_shared_by_two_points_fails_both(rpfs, mounted, tmp_path):
+    src = tmp_path / "src.img"
+    make_source(src)
+    rpfs.capture("vm", src, "p1")
+    rpfs.capture("vm", src, "p2")  # unchanged: shares every chunk
+    copy = tmp_path / "copy.img"
+    copy.write_bytes(src.read_bytes())
+    rpfs.capture("other", copy, "p1")  # another disk, deduplicated onto the same chunks
+    pack = next((rpfs.repo / "packs").glob("*.pack"))
+    offset, _, dig, _length = next(r for r in pack_records(pack) if r[1] == CODEC_RAW)
+    bad_block = block_digests(src)[dig]
+    flip(pack, offset + HEADER.size + 17)
+    for disk, point in (("vm", "p1"), ("vm", "p2"), ("other", "p1")):
+        img = point_image(mounted, disk, point)
+        with open(img, "rb", buffering=0) as f, pytest.raises(OSError) as err:
+            f.seek(bad_block * BS)
+            f.read(BS)
+        assert err.value.errno == errno.EIO
+        good = (bad_block + 1) % NBLOCKS
+        assert read_at(img, good * BS, BS) == read_at(src, good * BS, BS)
+    # A fresh, undamaged disk is unaffected.
+    fresh = tmp_path / "fresh.img"
+    fresh.write_bytes(random.Random(99).randbytes(2 * MiB))
+    rpfs.capture("fresh", fresh, "p")
+    assert_same_bytes(point_image(mounted, "fresh", "p"), fresh)

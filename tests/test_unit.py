@@ -1,0 +1,402 @@
+"""Unit tests of the index, the chunk store, names and changed-extent lists, calling the
+library directly (no mount)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from rpfs.errors import CorruptChunk, RpfsError
+from rpfs.index import (
+    MAX_GEN,
+    ZERO,
+    ChunkLoc,
+    Index,
+    LineageRecord,
+    decode_extent_key,
+    extent_key,
+)
+from rpfs.names import check_name, parse_point_ref, parse_size
+from rpfs.source import block_runs, load_changed
+from rpfs.store import (
+    CODEC_RAW,
+    CODEC_ZSTD,
+    HEADER,
+    MAGIC,
+    PackStore,
+    decode_chunk,
+    digest,
+    encode_chunk,
+)
+
+BS = 64 << 10
+
+
+# -- extent keys and resolution ------------------------------------------------------------
+
+
+def test_extent_key_orders_lineage_block_then_newest_gen_first():
+    keys = [
+        (lineage, block, gen)
+        for lineage in (1, 2, 300)
+        for block in (0, 1, 2, 1 << 40)
+        for gen in (1, 2, 3, 1000, MAX_GEN - 1)
+    ]
+    rng = random.Random(7)
+    shuffled = keys[:]
+    rng.shuffle(shuffled)
+    by_bytes = sorted(shuffled, key=lambda k: extent_key(*k))
+    expected = sorted(keys, key=lambda k: (k[0], k[1], -k[2]))
+    assert by_bytes == expected
+    for k in keys:
+        assert decode_extent_key(extent_key(*k)) == k
+        assert len(extent_key(*k)) == 24
+
+
+@pytest.fixture
+def index(tmp_path: Path):
+    idx = Index(tmp_path / "index", map_size=64 << 20)
+    try:
+        yield idx
+    finally:
+        idx.close()
+
+
+def _h(label: str) -> bytes:
+    return digest(label.encode())
+
+
+def test_lookup_is_one_seek_newest_at_or_before_gen(index: Index):
+    writes = {  # (lineage, block): {gen: value}
+        (1, 5): {1: _h("a1"), 3: _h("a3"), 7: _h("a7")},
+        (1, 6): {2: _h("b2")},
+        (2, 5): {1: _h("other-lineage")},
+        (1, 4): {9: _h("earlier-block")},
+    }
+    with index.write() as txn:
+        for (lineage, block), gens in writes.items():
+            for gen, value in gens.items():
+                index.put_extent(txn, lineage, block, gen, value)
+    with index.read() as txn:
+        assert index.lookup(txn, 1, 5, 0) is None  # before its first write
+        assert index.lookup(txn, 1, 5, 1) == _h("a1")
+        assert index.lookup(txn, 1, 5, 2) == _h("a1")
+        assert index.lookup(txn, 1, 5, 3) == _h("a3")
+        assert index.lookup(txn, 1, 5, 6) == _h("a3")
+        assert index.lookup(txn, 1, 5, 7) == _h("a7")
+        assert index.lookup(txn, 1, 5, MAX_GEN) == _h("a7")
+        # The next key after (1, 6) belongs to another lineage / block: not a match.
+        assert index.lookup(txn, 1, 6, 1) is None
+        assert index.lookup(txn, 1, 6, 2) == _h("b2")
+        assert index.lookup(txn, 1, 7, 100) is None  # past the last block of lineage 1
+        assert index.lookup(txn, 2, 6, 100) is None
+        assert index.lookup(txn, 3, 5, 100) is None  # past the end of the table
+        assert index.lookup(txn, 1, 4, 8) is None  # only written at gen 9
+        # iter_extents lists by block, newest generation first.
+        assert list(index.iter_extents(txn, 1)) == [
+            (4, 9, _h("earlier-block")),
+            (5, 7, _h("a7")),
+            (5, 3, _h("a3")),
+            (5, 1, _h("a1")),
+            (6, 2, _h("b2")),
+        ]
+
+
+def test_lookup_matches_brute_force_on_random_history(index: Index):
+    rng = random.Random(11)
+    history: dict[tuple[int, int], dict[int, bytes]] = {}
+    with index.write() as txn:
+        for _ in range(600):
+            lineage, block, gen = rng.randint(1, 3), rng.randint(0, 40), rng.randint(1, 30)
+            value = ZERO if rng.random() < 0.2 else _h(f"{lineage}/{block}/{gen}")
+            index.put_extent(txn, lineage, block, gen, value)
+            history.setdefault((lineage, block), {})[gen] = value
+    with index.read() as txn:
+        for lineage in range(1, 5):
+            for block in range(0, 42):
+                for gen in range(0, 32):
+                    gens = history.get((lineage, block), {})
+                    older = [g for g in gens if g <= gen]
+                    expected = gens[max(older)] if older else None
+                    assert index.lookup(txn, lineage, block, gen) == expected
+
+
+def test_resolve_falls_through_origins_and_zero_masks(index: Index):
+    with index.write() as txn:
+        # lineage 1: the origin, generations 1..3
+        index.put_extent(txn, 1, 0, 1, _h("o0g1"))
+        index.put_extent(txn, 1, 0, 3, _h("o0g3"))  # after the clone: invisible to it
+        index.put_extent(txn, 1, 1, 1, _h("o1g1"))
+        index.put_extent(txn, 1, 2, 2, _h("o2g2"))
+        index.put_lineage(txn, LineageRecord(1, head_gen=3))
+        # lineage 2: cloned from lineage 1 at gen 2
+        index.put_lineage(txn, LineageRecord(2, head_gen=2, parent=1, parent_gen=2))
+        index.put_extent(txn, 2, 1, 1, _h("c1g1"))
+        index.put_extent(txn, 2, 2, 2, ZERO)  # a written zero hides the origin's data
+    with index.read() as txn:
+        chain = index.chain(txn, 2, 2)
+        assert chain == [(2, 2), (1, 2)]
+        assert index.resolve(txn, chain, 0) == _h("o0g1")  # not o0g3: newer than the clone
+        assert index.resolve(txn, chain, 1) == _h("c1g1")
+        assert index.resolve(txn, chain, 2) == ZERO
+        assert index.resolve(txn, chain, 3) == ZERO  # never written anywhere
+        chain_g1 = index.chain(txn, 2, 1)
+        assert index.resolve(txn, chain_g1, 2) == _h("o2g2")  # the zero came at gen 2
+        assert index.resolve(txn, index.chain(txn, 1, 3), 0) == _h("o0g3")
+        assert index.resolve(txn, index.chain(txn, 1, 2), 0) == _h("o0g1")
+
+
+def test_counters_and_chunk_refcounts(index: Index):
+    with index.write() as txn:
+        assert [index.next_id(txn, "pack") for _ in range(3)] == [1, 2, 3]
+        assert index.next_id(txn, "capture") == 1
+        index.put_chunk(txn, _h("x"), ChunkLoc(4, 100, 50))
+        index.incref(txn, _h("x"))
+        index.incref(txn, _h("x"), 2)
+        with pytest.raises(KeyError):
+            index.incref(txn, _h("missing"))
+    with index.read() as txn:
+        assert index.get_chunk(txn, _h("x")) == ChunkLoc(4, 100, 50, 3)
+        assert index.has_chunk(txn, _h("x"))
+        assert not index.has_chunk(txn, _h("y"))
+
+
+def test_staging_is_per_capture(index: Index):
+    with index.write() as txn:
+        index.put_capture(txn, 1, {"disk": "a"})
+        index.put_capture(txn, 2, {"disk": "b"})
+        for block in (3, 1, 2):
+            index.stage(txn, 1, block, _h(f"1/{block}"))
+        index.stage(txn, 2, 0, ZERO)
+    with index.write() as txn:
+        assert list(index.iter_staged(txn, 1)) == [(b, _h(f"1/{b}")) for b in (1, 2, 3)]
+        index.drop_staged(txn, 1)
+    with index.read() as txn:
+        assert list(index.iter_staged(txn, 1)) == []
+        assert list(index.iter_staged(txn, 2)) == [(0, ZERO)]
+        assert [c for c, _ in index.list_captures(txn)] == [2]
+
+
+# -- the chunk store -----------------------------------------------------------------------
+
+
+class _Counter:
+    def __init__(self) -> None:
+        self.n = 0
+
+    def __call__(self) -> int:
+        self.n += 1
+        return self.n
+
+
+def _blocks() -> list[bytes]:
+    rng = random.Random(3)
+    return [
+        rng.randbytes(BS),  # incompressible: stored raw
+        (b"compressible text " * 4000)[:BS],  # zstd
+        bytes(BS - 1) + b"\1",  # nearly zero
+        rng.randbytes(BS // 2) + bytes(BS // 2),
+    ]
+
+
+def test_chunk_round_trip_and_codecs(tmp_path: Path):
+    packs = tmp_path / "packs"
+    packs.mkdir()
+    store = PackStore(packs, BS)
+    writer = store.writer(_Counter())
+    blocks = _blocks()
+    locs = []
+    for block in blocks:
+        record = encode_chunk(block, digest(block))
+        magic, _codec, stored, length = HEADER.unpack_from(record)
+        assert (magic, stored, length) == (MAGIC, digest(block), len(record) - HEADER.size)
+        assert HEADER.size == 41
+        locs.append(writer.append(record))
+    writer.close()
+    assert HEADER.unpack_from(encode_chunk(blocks[0], digest(blocks[0])))[1] == CODEC_RAW
+    assert HEADER.unpack_from(encode_chunk(blocks[1], digest(blocks[1])))[1] == CODEC_ZSTD
+    assert locs[1].length < BS // 10
+    for block, loc in zip(blocks, locs, strict=True):
+        assert store.get(loc, digest(block)) == block
+    store.close()
+
+
+@pytest.mark.parametrize("which", ["raw-payload", "zstd-payload", "header-digest", "magic"])
+def test_chunk_corruption_is_detected(tmp_path: Path, which: str):
+    packs = tmp_path / "packs"
+    packs.mkdir()
+    store = PackStore(packs, BS)
+    writer = store.writer(_Counter())
+    blocks = _blocks()
+    locs = [writer.append(encode_chunk(b, digest(b))) for b in blocks]
+    writer.close()
+    i = 1 if which == "zstd-payload" else 0
+    loc = locs[i]
+    pos = {
+        "raw-payload": loc.offset + HEADER.size + 1000,
+        "zstd-payload": loc.offset + HEADER.size + loc.length // 2 - HEADER.size // 2,
+        "header-digest": loc.offset + 10,
+        "magic": loc.offset,
+    }[which]
+    path = store.path(loc.pack)
+    with open(path, "r+b") as f:
+        f.seek(pos)
+        byte = f.read(1)
+        f.seek(pos)
+        f.write(bytes([byte[0] ^ 0x5A]))
+    with pytest.raises(CorruptChunk) as err:
+        store.get(loc, digest(blocks[i]))
+    assert err.value.pack == path.name
+    assert err.value.offset == loc.offset
+    assert isinstance(err.value, RpfsError)
+    # The other records are untouched and still read back.
+    for j, (block, other) in enumerate(zip(blocks, locs, strict=True)):
+        if j != i:
+            assert store.get(other, digest(block)) == block
+    store.close()
+
+
+def test_decode_chunk_rejects_mismatches():
+    block = b"x" * BS
+    record = encode_chunk(block, digest(block))
+    where = ("00000001.pack", 0)
+    assert decode_chunk(record, digest(block), BS, where) == block
+    with pytest.raises(CorruptChunk, match="does not match the index"):
+        decode_chunk(record, digest(b"other"), BS, where)  # asked for another chunk
+    with pytest.raises(CorruptChunk, match="truncated"):
+        decode_chunk(record[:20], digest(block), BS, where)
+    with pytest.raises(CorruptChunk):
+        decode_chunk(record[:-1], digest(block), BS, where)  # short payload
+    bad_codec = record[:4] + b"\x07" + record[5:]
+    with pytest.raises(CorruptChunk, match="codec"):
+        decode_chunk(bad_codec, digest(block), BS, where)
+    # A record whose header hash matches a different block than its payload.
+    forged = HEADER.pack(MAGIC, CODEC_RAW, digest(block), BS) + b"y" * BS
+    with pytest.raises(CorruptChunk, match="BLAKE3"):
+        decode_chunk(forged, digest(block), BS, where)
+
+
+def test_store_read_past_end_of_pack_is_corrupt(tmp_path: Path):
+    packs = tmp_path / "packs"
+    packs.mkdir()
+    store = PackStore(packs, BS)
+    writer = store.writer(_Counter())
+    block = os.urandom(BS)
+    loc = writer.append(encode_chunk(block, digest(block)))
+    writer.close()
+    os.truncate(store.path(loc.pack), loc.length - 10)
+    with pytest.raises(CorruptChunk):
+        store.get(loc, digest(block))
+    store.close()
+
+
+# -- names, sizes, references --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name", ["a", "web01", "A-b_c.d:e", "2024-01-01T00:00:00Z", "x" * 128, "0"]
+)
+def test_valid_names(name: str):
+    assert check_name(name) == name
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "",
+        ".",
+        "..",
+        "../x",
+        "a/b",
+        "/abs",
+        ".hidden",
+        "-rf",
+        "_x",
+        "a b",
+        "a\0b",
+        "x" * 129,
+        "é",
+        "a\n",
+        "a@b",
+    ],
+)
+def test_invalid_names(name: str):
+    with pytest.raises(RpfsError, match="invalid"):
+        check_name(name, "disk name")
+
+
+def test_point_refs_and_sizes():
+    assert parse_point_ref("web01@monday") == ("web01", "monday")
+    for bad in ("web01", "@x", "x@", "../x@y", "x@../y", "a/b@c"):
+        with pytest.raises(RpfsError):
+            parse_point_ref(bad)
+    assert parse_size("64K") == 64 << 10
+    assert parse_size("4M") == 4 << 20
+    assert parse_size("1048576") == 1 << 20
+    assert parse_size("2GiB") == 2 << 30
+    for bad in ("", "abc", "-1", "1.5M", "64Q"):
+        with pytest.raises(RpfsError):
+            parse_size(bad)
+
+
+# -- changed-extent lists ------------------------------------------------------------------
+
+
+def _changed(tmp_path: Path, content) -> Path:
+    path = tmp_path / "changed.json"
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    return path
+
+
+def test_load_changed_accepts_lists_and_vmware_shape(tmp_path: Path):
+    size = 10 * BS
+    extents = [
+        {"start": 0, "length": 100},
+        {"start": 5 * BS, "length": BS},
+        {"start": 9, "length": 0},
+    ]
+    assert load_changed(_changed(tmp_path, extents), size) == [(0, 100), (5 * BS, BS)]
+    vmware = {"startOffset": 0, "length": size, "changedArea": extents[:2]}
+    assert load_changed(_changed(tmp_path, vmware), size) == [(0, 100), (5 * BS, BS)]
+    assert load_changed(_changed(tmp_path, [{"start": size - 1, "length": 1}]), size) == [
+        (size - 1, 1)
+    ]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "not json at all",
+        "{",
+        {"start": 0, "length": 1},
+        [{"start": 0}],
+        [{"start": -1, "length": 10}],
+        [{"start": 0, "length": -10}],
+        [{"start": "0", "length": 10}],
+        [{"start": 0.5, "length": 10}],
+        [{"start": 10 * BS - 1, "length": 2}],  # past the end
+        [{"start": 20 * BS, "length": 0}],
+        [[0, 10]],
+    ],
+)
+def test_load_changed_rejects_bad_lists(tmp_path: Path, content):
+    with pytest.raises(RpfsError, match="changed-extent list"):
+        load_changed(_changed(tmp_path, content), 10 * BS)
+
+
+def test_load_changed_missing_file(tmp_path: Path):
+    with pytest.raises(RpfsError, match="cannot read"):
+        load_changed(tmp_path / "nope.json", BS)
+
+
+def test_block_runs_cover_and_merge():
+    assert block_runs([], BS, 10) == []
+    assert block_runs([(0, 1)], BS, 10) == [(0, 1)]
+    assert block_runs([(BS - 1, 2)], BS, 10) == [(0, 2)]
+    assert block_runs([(3 * BS, BS), (0, BS), (BS, 10)], BS, 10) == [(0, 2), (3, 4)]
+    assert block_runs([(0, 10 * BS)], BS, 10) == [(0, 10)]
+    assert block_runs([(2 * BS, 5 * BS), (3 * BS, BS)], BS, 10) == [(2, 7)]
