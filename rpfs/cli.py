@@ -316,17 +316,19 @@ def cmd_umount(args: argparse.Namespace) -> int:
     mountpoint = Path(args.mountpoint).absolute()
     if not os.path.ismount(mountpoint):
         raise RpfsError(f"{mountpoint} is not mounted")
-    info = read_daemon_info(repo_path(args.repo)) or {}
+    root = repo_path(args.repo)
+    info = read_daemon_info(root) or {}
     res = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
     if res.returncode != 0:
         detail = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed"
         if "busy" in detail.lower():
             detail += "; close the files using it (see 'fuser -vm MOUNT') and try again"
         raise RpfsError(f"cannot unmount {mountpoint}: {detail}")
-    pid = info.get("pid") if info.get("mountpoint") == str(mountpoint) else None
-    deadline = time.monotonic() + UMOUNT_TIMEOUT
-    while pid and Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    if info.get("mountpoint") == str(mountpoint):
+        # The daemon releases its lock when it exits (even before anyone reaps it).
+        deadline = time.monotonic() + UMOUNT_TIMEOUT
+        while read_daemon_info(root) and time.monotonic() < deadline:
+            time.sleep(0.05)
     print(f"unmounted {mountpoint}")
     return 0
 

@@ -77,6 +77,33 @@ class Operations(pyfuse3.Operations):
         size = attr.st_size if fields.update_size else None
         return self._entry(await self._run(self.tree.setattr, inode, size))
 
+    async def _refuse(self, parent_inode: int) -> None:
+        raise pyfuse3.FUSEError(await self._run(self.tree.namespace_error, parent_inode))
+
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        await self._refuse(parent_inode)
+
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        await self._refuse(parent_inode)
+
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        await self._refuse(parent_inode)
+
+    async def symlink(self, parent_inode, name, target, ctx):
+        await self._refuse(parent_inode)
+
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        await self._refuse(new_parent_inode)
+
+    async def unlink(self, parent_inode, name, ctx):
+        await self._refuse(parent_inode)
+
+    async def rmdir(self, parent_inode, name, ctx):
+        await self._refuse(parent_inode)
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        await self._refuse(parent_inode_old)
+
     async def opendir(self, inode, ctx):
         fh = next(self._fh)
         self._dirs[fh] = await self._run(self.tree.listdir, inode)

@@ -474,6 +474,11 @@ def create_local_file(path: Path, size: int) -> None:
     try:
         os.ftruncate(fd, size)
         os.fsync(fd)
+    except OSError as exc:
+        path.unlink()
+        raise RpfsError(
+            f"cannot create a {size}-byte local file in {path.parent}: {exc.strerror}"
+        ) from None
     finally:
         os.close(fd)
     dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)

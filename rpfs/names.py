@@ -26,8 +26,9 @@ def check_name(name: str, what: str = "name") -> str:
 
 
 def default_point_name() -> str:
-    """A UTC timestamp, the name of a point the user did not name."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """A UTC timestamp to the millisecond, the name of a point the user did not name
+    (seconds alone collide when points are taken in quick succession)."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 def parse_point_ref(ref: str) -> tuple[str, str]:

@@ -54,6 +54,7 @@ class DiskService:
         self._lock = threading.Lock()
         self._archivers: dict[str, threading.Thread] = {}
         self._background: list[threading.Thread] = []
+        self._point_readers: dict[str, int] = {}  # disk -> open point images of the mount
         self._stopping = threading.Event()
 
     # -- open disks -----------------------------------------------------------------------
@@ -117,10 +118,21 @@ class DiskService:
             finally:
                 os.close(entry.lock_fd)
 
-    def _check_closed(self, name: str, action: str) -> None:
+    def point_opened(self, disk: str, delta: int) -> None:
+        """Count the mount's open point images of `disk` (they block its deletion)."""
+        with self._lock:
+            self._point_readers[disk] = self._point_readers.get(disk, 0) + delta
+
+    def _check_closed(self, name: str, action: str, points_too: bool = False) -> None:
         with self._lock:
             entry = self._open.get(name)
             busy = entry is not None and entry.handles > 0
+            readers = self._point_readers.get(name, 0) if points_too else 0
+        if readers:
+            raise RpfsError(
+                f"disk {name} has {readers} open point image(s) in the mount; close them "
+                f"(see 'fuser -v MOUNT/points/{name}/*') and {action} again"
+            )
         if busy:
             raise RpfsError(
                 f"disk {name} is open ({entry.handles} open file(s) of its image); close it "
@@ -361,7 +373,7 @@ class DiskService:
         references, not data), so they no longer need it.
         """
         record = self._record(name)
-        self._check_closed(name, "delete it")
+        self._check_closed(name, "delete it", points_too=True)
         self._join_archiver(name)
         lock_fd = self.repo.lock_disk(name, "it is open in another rpfs process")
         try:

@@ -177,13 +177,20 @@ class Tree:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise OSError(errno.EROFS, "recovery points are read-only")
         point = self._point(key)
-        if point.state == "complete":
-            return PointHandle(PointImage(self.repo, self.cache, point))
-        disk = self.service.acquire(point.disk)
-        return PointHandle(
-            PointImage(self.repo, self.cache, point, overlay=disk),
-            release=lambda: self.service.release(point.disk),
-        )
+        overlay = self.service.acquire(point.disk) if point.state != "complete" else None
+        self.service.point_opened(point.disk, +1)
+
+        def release() -> None:
+            self.service.point_opened(point.disk, -1)
+            if overlay is not None:
+                self.service.release(point.disk)
+
+        return PointHandle(PointImage(self.repo, self.cache, point, overlay), release)
+
+    def namespace_error(self, parent: int) -> int:
+        """The errno for creating, removing or renaming entries under `parent`: the tree
+        mirrors the index, and changes to it go through rpfs commands."""
+        return errno.EROFS if self.key(parent)[:1] in ((), ("points",)) else errno.EPERM
 
     def setattr(self, ino: int, size: int | None) -> Attr:
         """Points are read-only; disks have a fixed size (other changes are ignored)."""
@@ -198,7 +205,7 @@ class Tree:
 class PointHandle:
     """An open point image: reads only."""
 
-    def __init__(self, image: PointImage, release: Callable[[], None] | None = None) -> None:
+    def __init__(self, image: PointImage, release: Callable[[], None]) -> None:
         self.read = image.read
         self.writable = False
         self._release = release
@@ -210,8 +217,7 @@ class PointHandle:
         pass
 
     def close(self) -> None:
-        if self._release is not None:
-            self._release()
+        self._release()
 
 
 class DiskHandle:
