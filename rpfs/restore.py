@@ -52,9 +52,8 @@ def restore(
         offsets = range(0, image.size, BATCH_BYTES)
         read = functools.partial(_read_batch, image)
         for offset, data in ordered_map(read, offsets):
-            view = memoryview(data)
             for pos in range(0, len(data), bs):
-                piece = view[pos : pos + bs]
+                piece = data[pos : pos + bs]  # bytes: its == is a memcmp
                 if not (sparse and piece == zero[: len(piece)]):
                     os.pwrite(fd, piece, offset + pos)
             if progress:
