@@ -26,6 +26,9 @@ CEILINGFS = SCRIPTS / "ceilingfs.py"
 sys.path.insert(0, str(SCRIPTS))
 br = importlib.import_module("benchlib.results")
 sample_mod = importlib.import_module("benchlib.sample")
+runner = importlib.import_module("benchlib.runner")
+cli_timer = importlib.import_module("benchlib.cli_timer")
+measure = importlib.import_module("benchlib.measure")
 ceilingfs = importlib.import_module("ceilingfs")
 
 MiB = 1 << 20
@@ -166,6 +169,36 @@ def test_table_shows_values_targets_and_notes():
     assert "FAIL" in snap and "2.50" in snap
     assert "a note" in text
     assert "no rollback command yet" in text
+
+
+def test_commands_not_there_yet_give_null_metrics_with_a_note(tmp_path: Path):
+    r = br.Results(256 * MiB)
+    bench = runner.Bench(runner.Options(size=256 * MiB, log=lambda _: None), r, tmp_path)
+    bench.commands = {"clone": False, "hydrate": False, "snapshot": False, "rollback": False}
+    runner.bench_clones(bench, tmp_path / "repo", tmp_path / "mnt", "bench@p2", "", 3)
+    runner.bench_clones(bench, tmp_path / "repo", tmp_path / "mnt", "big@p1", "_64G", 3,
+                        reads=False)
+    for metric in [*runner.CLONE_METRICS, "snapshot_s", "rollback_s", "clone_create_s_64G",
+                   "snapshot_s_64G", "rollback_s_64G"]:
+        entry = r.entries[("rpfs", metric)]
+        assert entry.value is None, metric
+        assert "no 'clone' command" in entry.note
+    item = next(i for i in r.to_json()["results"] if i["metric"] == "clone_create_s")
+    assert (item["system"], item["value"]) == ("rpfs", None)
+
+
+def test_cli_timer_times_rpfs_commands_in_one_process(tmp_path: Path):
+    repo = tmp_path / "repo"
+    with cli_timer.CliTimer(timeout=120) as timer:
+        pid = timer.proc.pid
+        assert 0 <= timer.call("-r", repo, "init") < 60
+        assert (repo / "rpfs.json").exists()
+        assert timer.call("-r", repo, "points") >= 0
+        with pytest.raises(measure.BenchError, match="exited 1"):
+            timer.call("-r", repo, "restore", "nodisk@nopoint", tmp_path / "out.img")
+        assert timer.call("-r", repo, "init", check=False) >= 0  # fails: already a repo
+    assert timer.proc.poll() is not None
+    assert not Path(f"/proc/{pid}").exists() or timer.proc.returncode is not None
 
 
 # -- the sample disk ---------------------------------------------------------------------

@@ -298,9 +298,14 @@ def render_table(results: Results) -> str:
         trows.append([v.target.name, v.status, ratio, v.required, v.target.text()])
     lines += _grid(["target", "status", "ratio", "needed", "rule"], trows, left=(0, 1, 3, 4))
     notes = [f"{e.system}.{e.metric}: {e.note}" for e in results.entries.values() if e.note]
-    if results.notes or notes:
+    general = list(results.notes)
+    readahead = results.machine.get("read_ahead_kb") or {}
+    if readahead:
+        general.append("effective read_ahead_kb of each FUSE mount: " + ", ".join(
+            f"{system} {kb}" for system, kb in readahead.items()))
+    if general or notes:
         lines += ["", "notes", ""]
-        lines += [f"- {n}" for n in [*results.notes, *_dedupe_notes(notes)]]
+        lines += [f"- {n}" for n in [*general, *_dedupe_notes(notes)]]
     return "\n".join(lines)
 
 
