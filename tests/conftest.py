@@ -3,6 +3,7 @@ cleaned up, and deterministic ext4 source images."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -70,8 +71,23 @@ class Rpfs:
         return found[0]
 
     def capture(self, disk: str, source: Path, name: str, *extra: str) -> dict:
+        """`rpfs capture`; returns the new point's record, read from the index in-process
+        (the same fields as `rpfs points --json`, without another process start)."""
         self("capture", disk, source, "--name", name, *extra, check=True)
-        return self.point(disk, name)
+        return self.point_record(disk, name)
+
+    def point_record(self, disk: str, name: str) -> dict:
+        from rpfs.repo import Repository
+
+        with Repository(self.repo) as repo, repo.index.read() as txn:
+            point = repo.index.get_point(txn, disk, name)
+            bs = repo.block_size
+        assert point is not None, f"no point {disk}@{name}"
+        return {
+            **dataclasses.asdict(point),
+            "allocated_bytes": point.allocated_blocks * bs,
+            "block_size": bs,
+        }
 
 
 @pytest.fixture
@@ -193,8 +209,10 @@ def ext4_builder(tmp_path: Path) -> Callable[..., tuple[Path, Path, dict[str, st
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _no_leaked_mounts() -> Iterator[None]:
+def _no_leaked_mounts(tmp_path_factory) -> Iterator[None]:
+    """Fail the run if a mount under this session's temporary directory survived it."""
+    base = str(tmp_path_factory.getbasetemp())
     yield
     with open("/proc/mounts") as f:
-        leaked = [line for line in f if "rpfs" in line and "pytest-of" in line]
-    assert not leaked, f"tests left FUSE mounts behind: {leaked}"
+        leaked = [line for line in f if line.split()[1].startswith(base + "/")]
+    assert not leaked, f"tests left mounts behind: {leaked}"

@@ -12,7 +12,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import pytest
 from helpers import BS, MiB, assert_same_bytes, point_image, sparse_copy, write_at, write_random
 
 from rpfs.repo import Repository
@@ -138,13 +137,6 @@ def test_dead_capture_of_another_disk_is_reaped(rpfs, repo, tmp_path):
     assert _staged_rows(repo) == 0
 
 
-@pytest.mark.xfail(
-    reason="BUG: reap_dead_captures() runs while the capture holds its own disk's flock and "
-    "tests disk_lock_free() with a second open(): flock conflicts with the caller's own "
-    "lock, so a dead capture of the SAME disk is never dropped by that disk's next capture "
-    "(its staging rows stay until some other disk is captured)",
-    strict=True,
-)
 def test_dead_capture_is_reaped_by_the_next_capture_of_the_same_disk(rpfs, repo, tmp_path):
     src = tmp_path / "s.img"
     write_random(src, MiB, seed=3)
@@ -155,3 +147,40 @@ def test_dead_capture_is_reaped_by_the_next_capture_of_the_same_disk(rpfs, repo,
     assert _captures(repo) == [], "the dead capture's record and staging rows were kept"
     assert _staged_rows(repo) == 0
     assert json.loads(rpfs("points", "--json", check=True).stdout)[-1]["name"] == "p2"
+
+
+def test_concurrent_captures(rpfs, mounted, tmp_path):
+    """Two captures of one disk at once: the second is refused (disk busy) and nothing is
+    lost; a capture of another disk meanwhile succeeds. All points are exact."""
+    big = tmp_path / "big.img"
+    write_random(big, 256 * MiB)
+    other = tmp_path / "other.img"
+    write_random(other, 8 * MiB, seed=4)
+    base = pack_bytes(rpfs.repo)
+    proc = rpfs.popen(
+        "capture", "big", big, "--name", "p1", stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while pack_bytes(rpfs.repo) - base < 16 * MiB and time.monotonic() < deadline:
+            assert proc.poll() is None
+            time.sleep(0.005)
+        # Hold the first capture still (it keeps its disk lock) while the second tries.
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            busy = rpfs("capture", "big", big, "--name", "p2", timeout=60)
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        assert proc.poll() is None
+        rpfs("capture", "other", other, "--name", "p1", check=True)
+    finally:
+        proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    assert busy.returncode != 0
+    assert busy.stderr.strip().splitlines() == [busy.stderr.strip()]
+    assert busy.stderr.startswith("rpfs: error: disk big is busy")
+    assert [p["name"] for p in rpfs.points("big")] == ["p1"]
+    assert_same_bytes(point_image(mounted, "big", "p1"), big)
+    assert_same_bytes(point_image(mounted, "other", "p1"), other)
+    # Once the first has finished, the same capture goes through.
+    assert rpfs.capture("big", big, "p2")["blocks_written"] == 0

@@ -252,12 +252,6 @@ def test_point_images_are_read_only(rpfs, populated, mount, tmp_path):
     assert_nothing_lost(rpfs, populated, tmp_path, rpfs.points())
 
 
-@pytest.mark.xfail(
-    reason="BUG: the mount is not read-only for namespace changes: create, mkdir, unlink, "
-    "rename and symlink fail with ENOSYS ('Function not implemented') instead of EROFS "
-    "(the mount has no 'ro' option and fsops.Operations does not override them)",
-    strict=True,
-)
 def test_namespace_changes_fail_with_erofs(rpfs, populated, mount, tmp_path):
     mnt, _ = mount()
     img = point_image(mnt, "vm", "p1")

@@ -248,12 +248,6 @@ def test_capture_from_and_restore_to_block_devices(rpfs, repo, tmp_path):
     assert res.returncode != 0 and "the point needs" in res.stderr
 
 
-@pytest.mark.xfail(
-    reason="BUG: the default point name is the UTC time to the second, so a second capture "
-    "of a disk within the same second fails with 'already exists; choose another --name' "
-    "although the user chose no name",
-    strict=True,
-)
 def test_default_point_names_do_not_collide(repo, tmp_path):
     src = tmp_path / "s.img"
     write_random(src, BS, seed=11)
@@ -299,12 +293,6 @@ UMOUNT_UNDER_SUBREAPER = textwrap.dedent(
 )
 
 
-@pytest.mark.xfail(
-    reason="BUG: 'rpfs umount' waits for /proc/PID of the daemon to disappear; a daemon that "
-    "has exited but is not reaped yet (a zombie: its parent 'rpfs mount' is gone and PID 1 "
-    "or a subreaper reaps late or never) keeps it waiting the full 60 s UMOUNT_TIMEOUT",
-    strict=True,
-)
 def test_umount_returns_once_the_daemon_has_exited(rpfs, repo, tmp_path):
     mnt = tmp_path / "mnt"
     mnt.mkdir()

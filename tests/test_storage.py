@@ -48,7 +48,9 @@ def test_second_point_stores_only_changed_blocks(rpfs, mounted, tmp_path):
     # An unchanged rewrite is no change at all.
     write_at(src, 40 * BS, read_at(src, 40 * BS, BS))
     k = len(new_random) + 3
-    p2 = rpfs.capture("raw", src, "p2")
+    rpfs("capture", "raw", src, "--name", "p2", check=True)
+    p2 = rpfs.point("raw", "p2")  # from `rpfs points --json`
+    assert p2 == rpfs.point_record("raw", "p2")
     assert p2["method"] == "incremental"
     assert p2["blocks_written"] == k
     assert p2["bytes_stored"] == (len(new_random) + 1) * RECORD  # the zero and the copy: 0
@@ -72,8 +74,9 @@ def test_sparse_and_zero_disks_store_almost_nothing(rpfs, mounted, tmp_path):
         for _ in range(64):
             f.write(bytes(MiB))
     assert os.stat(zeros).st_blocks * 512 >= 64 * MiB
-    p_sparse = rpfs.capture("sparse", sparse, "p")
-    p_zero = rpfs.capture("zeros", zeros, "p")
+    rpfs("capture", "sparse", sparse, "--name", "p", check=True)
+    rpfs("capture", "zeros", zeros, "--name", "p", check=True)
+    p_sparse, p_zero = rpfs.points()  # `rpfs points --json`, sorted by disk
     for p in (p_sparse, p_zero):
         assert p["bytes_stored"] == 0, p
         assert p["allocated_blocks"] == 0, p
@@ -107,7 +110,8 @@ def test_identical_disks_dedup_to_one_copy(rpfs, mounted, tmp_path):
     sparse_copy(a, b)
     pa = rpfs.capture("vm-a", a, "p")
     packs = dir_size(rpfs.repo / "packs")
-    pb = rpfs.capture("vm-b", b, "p")
+    rpfs("capture", "vm-b", b, "--name", "p", check=True)
+    pb = rpfs.point("vm-b", "p")  # from `rpfs points --json`
     assert pa["bytes_stored"] > 28 * MiB
     assert pb["bytes_stored"] == 0
     assert pb["blocks_written"] == pa["blocks_written"]  # each disk has all its blocks
@@ -204,3 +208,30 @@ def test_changed_list_sees_source_holes_as_zeros(rpfs, mounted, tmp_path):
     p3 = rpfs.capture("holes", src, "p3")
     assert (p3["blocks_written"], p3["bytes_stored"]) == (1, 0)
     assert_same_bytes(point_image(mounted, "holes", "p3"), src)
+
+
+def test_first_capture_with_changed_list_takes_unlisted_as_zero(rpfs, mounted, tmp_path):
+    """docs/design.md: on a disk's first capture, unlisted extents are taken as zero."""
+    src = tmp_path / "first.img"
+    write_random(src, 4 * MiB, seed=12)
+    listed = [(BS, 2 * BS), (40 * BS + 10, 100)]
+    p = rpfs.capture("first", src, "p", "--changed", _changed_file(tmp_path / "c.json", listed))
+    assert p["method"] == "changed-list"
+    assert p["blocks_written"] == 3
+    expected = bytearray(4 * MiB)
+    for first, end in ((1, 3), (40, 41)):
+        expected[first * BS : end * BS] = read_at(src, first * BS, (end - first) * BS)
+    assert point_image(mounted, "first", "p").read_bytes() == bytes(expected)
+
+
+def test_capture_of_a_point_image_from_the_mount_dedups_fully(rpfs, mounted, tmp_path):
+    """A point read back through the mount and captured as a new disk stores nothing new."""
+    src = tmp_path / "orig.img"
+    write_random(src, 16 * MiB, seed=13)
+    write_at(src, 4 * MiB, bytes(2 * MiB))  # some zero blocks too
+    rpfs.capture("orig", src, "p")
+    copy = rpfs.capture("copy", point_image(mounted, "orig", "p"), "p")
+    assert copy["bytes_stored"] == 0
+    assert copy["size"] == 16 * MiB
+    assert copy["allocated_blocks"] == 256 - 32
+    assert_same_bytes(point_image(mounted, "copy", "p"), src)

@@ -400,3 +400,16 @@ def test_block_runs_cover_and_merge():
     assert block_runs([(3 * BS, BS), (0, BS), (BS, 10)], BS, 10) == [(0, 2), (3, 4)]
     assert block_runs([(0, 10 * BS)], BS, 10) == [(0, 10)]
     assert block_runs([(2 * BS, 5 * BS), (3 * BS, BS)], BS, 10) == [(2, 7)]
+
+
+@pytest.mark.xfail(
+    reason="BUG: load_changed() checks isinstance(x, int), which JSON booleans pass: "
+    '[{"start": true, "length": 1}] is accepted as the extent (1, 1)',
+    strict=True,
+)
+@pytest.mark.parametrize(
+    "content", [[{"start": True, "length": 1}], [{"start": 0, "length": True}]], ids=str
+)
+def test_load_changed_rejects_booleans(tmp_path: Path, content):
+    with pytest.raises(RpfsError, match="changed-extent list"):
+        load_changed(_changed(tmp_path, content), 10 * BS)
