@@ -153,6 +153,7 @@ class Mounter:
 
     def cleanup(self) -> None:
         errors = []
+        lazy = False
         for mnt in reversed(self.mountpoints):
             if not os.path.ismount(mnt):
                 continue
@@ -160,8 +161,9 @@ class Mounter:
             if res.returncode != 0 or os.path.ismount(mnt):
                 errors.append(f"rpfs umount {mnt}: {res.stderr.strip()}")
                 subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+                lazy = True  # the daemon serves on until the last open file is closed
         for pid in self.pids:
-            if wait_pid_exit(pid, DAEMON_EXIT_TIMEOUT):
+            if wait_pid_exit(pid, 5 if lazy else DAEMON_EXIT_TIMEOUT):
                 continue
             if _is_rpfs_process(pid):  # only the daemon this test started
                 errors.append(f"daemon {pid} still alive after unmount: SIGKILL")

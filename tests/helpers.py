@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import os
 import random
+import re
 import shutil
 import subprocess
 import time
@@ -204,10 +205,29 @@ def wait_pid_exit(pid: int, timeout: float) -> bool:
     return not pid_alive(pid)
 
 
+def unescape_mount_field(field: str) -> str:
+    """/proc/mounts and mountinfo write space, tab, newline and backslash as \\ooo."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
 def is_fuse_mounted(mountpoint: Path) -> bool:
     target = str(mountpoint)
     with open("/proc/mounts") as f:
-        return any(line.split()[1] == target and "fuse" in line.split()[2] for line in f)
+        return any(
+            unescape_mount_field(line.split()[1]) == target and "fuse" in line.split()[2]
+            for line in f
+        )
+
+
+def mount_bdi(mountpoint: Path) -> str | None:
+    """MAJ:MIN of the filesystem mounted at `mountpoint` (its /sys/class/bdi name)."""
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if unescape_mount_field(fields[4]) == str(mountpoint):
+                found = fields[2]
+    return found
 
 
 def dir_size(path: Path) -> int:

@@ -54,8 +54,7 @@ def block_digests(src: Path) -> dict[bytes, int]:
     return {digest(data[b * BS : (b + 1) * BS]): b for b in range(NBLOCKS)}
 
 
-@pytest.mark.parametrize("where", ["raw-payload", "zstd-payload", "record-header"])
-def test_flipped_byte_reads_as_eio_and_is_logged(rpfs, mounted, tmp_path, where):
+def test_flipped_bytes_read_as_eio_and_are_logged(rpfs, mounted, tmp_path):
     src = tmp_path / "src.img"
     make_source(src)
     rpfs.capture("vm", src, "p1")
@@ -65,43 +64,51 @@ def test_flipped_byte_reads_as_eio_and_is_logged(rpfs, mounted, tmp_path, where)
     blocks = block_digests(src)
     records = list(pack_records(pack))
     assert len(records) == NBLOCKS
-    want = CODEC_ZSTD if where == "zstd-payload" else CODEC_RAW
-    # A record in the middle of the pack, of the wanted codec.
-    candidates = [r for r in records if r[1] == want]
-    offset, _codec, dig, length = candidates[len(candidates) // 2]
-    bad_block = blocks[dig]
-    # Inside the header's BLAKE3 field, or in the middle of the payload.
-    in_header = where == "record-header"
-    pos = offset + 5 + 7 if in_header else offset + HEADER.size + length // 2
-    flip(pack, pos)
+    raw = [r for r in records if r[1] == CODEC_RAW]
+    zstd = [r for r in records if r[1] == CODEC_ZSTD]
+    assert raw and zstd
+    # Three damaged records, each a different way: a byte in a raw payload, in a zstd
+    # payload, and in a record header's BLAKE3 field.
+    damaged = {}
+    for kind, (offset, _codec, dig, length) in {
+        "raw-payload": raw[len(raw) // 2],
+        "zstd-payload": zstd[len(zstd) // 2],
+        "record-header": raw[len(raw) // 4],
+    }.items():
+        pos = offset + 5 + 7 if kind == "record-header" else offset + HEADER.size + length // 2
+        flip(pack, pos)
+        damaged[blocks[dig]] = kind
+    assert len(damaged) == 3
 
     img = point_image(mounted, "vm", "p1")
-    # Python: the read of the damaged block raises EIO.
-    with open(img, "rb", buffering=0) as f, pytest.raises(OSError) as err:
-        f.seek(bad_block * BS)
-        f.read(BS)
-    assert err.value.errno == errno.EIO
-    # dd over the damaged block fails too, and again on a second try (nothing cached).
-    for _ in range(2):
-        res = subprocess.run(
-            ["dd", f"if={img}", "of=/dev/null", f"bs={BS}", f"skip={bad_block}", "count=1"],
-            capture_output=True,
-            text=True,
-        )
-        assert res.returncode != 0
-        assert "Input/output error" in res.stderr
-    # Every other block still reads correctly, including its neighbours.
+    for bad_block in damaged:
+        # Python: the read of the damaged block raises EIO.
+        with open(img, "rb", buffering=0) as f, pytest.raises(OSError) as err:
+            f.seek(bad_block * BS)
+            f.read(BS)
+        assert err.value.errno == errno.EIO, damaged[bad_block]
+        # dd over the damaged block fails too, and again on a second try (nothing cached).
+        for _ in range(2):
+            res = subprocess.run(
+                ["dd", f"if={img}", "of=/dev/null", f"bs={BS}", f"skip={bad_block}", "count=1"],
+                capture_output=True,
+                text=True,
+            )
+            assert res.returncode != 0
+            assert "Input/output error" in res.stderr
+    # Every other block still reads correctly, including the neighbours.
     for b in range(NBLOCKS):
-        if b != bad_block:
+        if b not in damaged:
             assert read_at(img, b * BS, BS) == read_at(src, b * BS, BS), f"block {b}"
     # Reading the whole image fails; it never returns wrong bytes.
     res = subprocess.run(["cmp", str(img), str(src)], capture_output=True, text=True)
     assert res.returncode == 2 and "Input/output error" in res.stderr, res
-    # The log names disk, point, block and pack.
+    # The log names disk, point, block and pack, for each damaged block.
     log = (rpfs.repo / "rpfs.log").read_text()
-    line = re.search(rf"disk vm point p1 block {bad_block}\b.*", log)
-    assert line, log
-    assert pack.name in line.group(0)
+    for bad_block, kind in damaged.items():
+        line = re.search(rf"disk vm point p1 block {bad_block}\b.*", log)
+        assert line, f"{kind}: no log line for block {bad_block}:\n{log}"
+        assert pack.name in line.group(0)
     # The daemon survived: the mount still serves.
     assert read_at(img, 0, 100) == read_at(src, 0, 100)
     # `rpfs restore` refuses too, with a clear error naming the pack.

@@ -77,6 +77,9 @@ BAD_COMMANDS = {
     "re-init": (["init"], ["already an rpfs repository"]),
     "bad-block-size": (["-r", "{tmp}/newrepo", "init", "--block-size", "3K"], ["block size"]),
     "restore-over-file": (["restore", "vm@p1", "{nonempty}"], ["--force"]),
+    "restore-into-missing-dir": (["restore", "vm@p1", "{tmp}/no-dir/out.img"], ["no-dir"]),
+    "restore-onto-directory": (["restore", "vm@p1", "{tmp}"], ["neither a regular file"]),
+    "repo-is-a-file": (["-r", "{nonempty}", "points"], ["nonempty.img"]),
     # changed-extent lists
     "changed-not-json": (
         ["capture", "vm", "{src}", "--name", "p2", "--changed", "{notjson}"],
@@ -93,6 +96,10 @@ BAD_COMMANDS = {
     "changed-missing": (
         ["capture", "vm", "{src}", "--name", "p2", "--changed", "{tmp}/nope.json"],
         ["nope.json"],
+    ),
+    "changed-is-directory": (
+        ["capture", "vm", "{src}", "--name", "p2", "--changed", "{tmp}"],
+        ["cannot read changed-extent list"],
     ),
     "changed-not-list": (
         ["capture", "vm", "{src}", "--name", "p2", "--changed", "{notlist}"],
