@@ -234,12 +234,13 @@ def loop_device(path: Path, read_only: bool) -> Path:
 def test_capture_from_and_restore_to_block_devices(rpfs, repo, tmp_path):
     src = tmp_path / "src.img"
     write_random(src, 8 * MiB, seed=10)
+    write_at(src, 2 * MiB, bytes(MiB))  # zero blocks: a device gets them written
     with loop_device(src, read_only=True) as dev:
         p = rpfs.capture("blk", dev, "p")
     assert p["size"] == 8 * MiB
-    assert p["blocks_written"] == 128
+    assert p["allocated_blocks"] == 128 - 16
     target = tmp_path / "target.img"
-    subprocess.run(["truncate", "-s", "8M", str(target)], check=True)
+    write_random(target, 8 * MiB, seed=11)  # old content that must be overwritten
     small = tmp_path / "small.img"
     subprocess.run(["truncate", "-s", "4M", str(small)], check=True)
     with loop_device(target, read_only=False) as dev:
@@ -248,6 +249,7 @@ def test_capture_from_and_restore_to_block_devices(rpfs, repo, tmp_path):
     with loop_device(small, read_only=False) as dev:
         res = rpfs("restore", "blk@p", dev)
     assert res.returncode != 0 and "the point needs" in res.stderr
+    assert small.stat().st_blocks == 0  # nothing was written to the too-small device
 
 
 def test_default_point_names_do_not_collide(repo, tmp_path):
