@@ -168,7 +168,7 @@ def cmd_disk_create(args: argparse.Namespace) -> int:
 def cmd_disk_delete(args: argparse.Namespace) -> int:
     with disk_service(repo_path(args.repo)) as service:
         result = service.delete(name=args.name, force=args.force)
-    detached = f" ({', '.join(result['detached'])} no longer depend on it)" if result[
+    detached = f"; now independent of it: {', '.join(result['detached'])}" if result[
         "detached"] else ""
     print(f"disk {args.name}: deleted{detached}")
     return 0

@@ -89,17 +89,19 @@ class DiskService:
             return entry.disk
 
     def release(self, name: str, handle: bool = False) -> None:
+        # The last user closes the disk (sync, unlock) while holding the registry lock: an
+        # acquire() arriving meanwhile must wait for the lock file, not find it still held.
         with self._lock:
             entry = self._open[name]
             entry.users -= 1
             entry.handles -= handle
             if entry.users:
                 return
-            del self._open[name]
-        try:
-            entry.disk.close()
-        finally:
-            os.close(entry.lock_fd)
+            try:
+                entry.disk.close()
+            finally:
+                os.close(entry.lock_fd)
+                del self._open[name]
 
     def open_disks(self) -> list[LiveDisk]:
         with self._lock:
@@ -155,6 +157,11 @@ class DiskService:
         """
         check_name(name, "disk name")
         if "@" not in source:
+            if not self._record(check_name(source, "disk name")).writable:
+                raise RpfsError(
+                    f"disk {source} has only recovery points: name one, e.g. "
+                    f"'rpfs clone {source}@POINT {name}' ('rpfs points {source}' lists them)"
+                )
             point = self.snapshot([source])[0]
             source = f"{point['disk']}@{point['name']}"
         src_disk, src_point = parse_point_ref(source)

@@ -171,6 +171,8 @@ class Tree:
         """Open an image: points read-only (EROFS for writing), disks read-write."""
         key = self._current(ino)
         if key[:1] == ("disks",) and len(key) == 2:
+            if flags & os.O_TRUNC:
+                raise OSError(errno.EPERM, "disk images have a fixed size")
             return DiskHandle(self.service, key[1])
         if len(key) != 3:
             raise OSError(errno.EISDIR, "is a directory")
