@@ -153,7 +153,7 @@ def test_concurrent_captures(rpfs, mounted, tmp_path):
     """Two captures of one disk at once: the second is refused (disk busy) and nothing is
     lost; a capture of another disk meanwhile succeeds. All points are exact."""
     big = tmp_path / "big.img"
-    write_random(big, 256 * MiB)
+    write_random(big, 128 * MiB)
     other = tmp_path / "other.img"
     write_random(other, 8 * MiB, seed=4)
     base = pack_bytes(rpfs.repo)
