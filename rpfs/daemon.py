@@ -111,6 +111,7 @@ def serve(root: Path, mountpoint: Path, on_ready, on_error, hydrate: bool = Fals
     cache = ChunkCache(repo)
     service = DiskService(repo, cache, background=True)
     ops = Operations(Tree(repo, cache, service))
+    service.on_removed = ops.forget_disk
     options = set(pyfuse3.default_options) | {"fsname=rpfs", "subtype=rpfs", "allow_other"}
     try:
         pyfuse3.init(ops, str(mountpoint), options)

@@ -7,6 +7,7 @@ Only FUSEError may leave a handler: anything else would end the mount.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import logging
@@ -35,6 +36,13 @@ class Operations(pyfuse3.Operations):
         self._handles: dict[int, Handle] = {}
         self._dirs: dict[int, list[tuple[str, Attr]]] = {}
         self._fh = itertools.count(1)
+
+    def forget_disk(self, name: str) -> None:
+        """Drop the kernel's cached entries of a deleted disk, before the command that
+        deleted it returns. Call it from a worker thread, never from a request handler."""
+        for parent, entry in self.tree.entries_of_disk(name):
+            with contextlib.suppress(OSError):  # ENOENT: the kernel had nothing cached
+                pyfuse3.invalidate_entry(parent, os.fsencode(entry))
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         """Run blocking `fn` in a worker thread; map errors to FUSEError."""

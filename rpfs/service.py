@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import RpfsError
@@ -55,6 +56,9 @@ class DiskService:
         self._archivers: dict[str, threading.Thread] = {}
         self._background: list[threading.Thread] = []
         self._point_readers: dict[str, int] = {}  # disk -> open point images of the mount
+        # Called with a disk's name after it is deleted (the daemon drops the kernel's
+        # cached entries, so a disk re-created under that name shows at once).
+        self.on_removed: Callable[[str], None] = lambda name: None
         self._stopping = threading.Event()
 
     # -- open disks -----------------------------------------------------------------------
@@ -408,6 +412,7 @@ class DiskService:
             os.close(lock_fd)
         for open_disk in self.open_disks():  # dependants now resolve through themselves
             open_disk.reload_chain()
+        self.on_removed(name)
         log.info("disk %s: deleted (%d dependants detached)", name, len(dependants))
         return {"name": name, "detached": sorted({d for lin in dependants for d in lin.disks})}
 

@@ -189,6 +189,13 @@ class Tree:
 
         return PointHandle(PointImage(self.repo, self.cache, point, overlay), release)
 
+    def entries_of_disk(self, name: str) -> list[tuple[int, str]]:
+        """(parent inode, entry name) of every name the mount may show for disk `name`."""
+        return [
+            (self._ino(("disks",)), name + IMAGE_SUFFIX),
+            (self._ino(("points",)), name),
+        ]
+
     def namespace_error(self, parent: int) -> int:
         """The errno for creating, removing or renaming entries under `parent`: the tree
         mirrors the index, and changes to it go through rpfs commands."""
