@@ -477,7 +477,7 @@ def create_local_file(path: Path, size: int) -> None:
     except OSError as exc:
         path.unlink()
         raise RpfsError(
-            f"cannot create a {size}-byte local file in {path.parent}: {exc.strerror}"
+            f"a {size}-byte local file cannot be created in {path.parent}: {exc.strerror}"
         ) from None
     finally:
         os.close(fd)

@@ -197,7 +197,10 @@ class DiskService:
             file_id = self.index.next_id(txn, "file")
         # The local file is durable before the record that names it commits; a crash in
         # between leaves an orphan file, never a record without its file.
-        create_local_file(self.repo.root / f"disks/{file_id:08d}.raw", size)
+        try:
+            create_local_file(self.repo.root / f"disks/{file_id:08d}.raw", size)
+        except RpfsError as exc:
+            raise RpfsError(f"cannot create disk {name}: {exc}") from None
         with self.index.write() as txn:
             if self.index.get_disk(txn, name) is not None:
                 os.unlink(self.repo.root / f"disks/{file_id:08d}.raw")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -122,35 +121,8 @@ def remount(rpfs, mount, mnt: Path) -> None:
     mount(mnt)
 
 
-def wait_closed(repo: Path, name: str, timeout: float = 20.0) -> None:
-    """Wait until the daemon has finished closing disk `name` (it holds the disk's lock
-    while the disk is open).
-
-    WORKAROUND for the bug test_image_reopens_right_after_close shows: the daemon finishes
-    closing a disk after the kernel's release, and an open (EBUSY), hydrate, delete or
-    `disks` listing of it in that window fails or sees stale state. Drop it once fixed.
-    """
-    path = repo / "locks" / f"disk-{name}.lock"
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            pass
-        finally:
-            os.close(fd)
-        assert time.monotonic() < deadline, f"disk {name} is still open in the daemon"
-        time.sleep(0.01)
-
-
 class Disks:
-    """The writable images of a mount; every access waits for earlier closes (see
-    wait_closed) before it starts and after it ends."""
+    """The writable images of a mount."""
 
     def __init__(self, repo: Path, mnt: Path) -> None:
         self.repo = repo
@@ -159,26 +131,16 @@ class Disks:
     def __call__(self, name: str) -> Path:
         return self.mnt / "disks" / f"{name}.img"
 
-    def settle(self, *names: str) -> None:
-        for name in names:
-            wait_closed(self.repo, name)
-
     @contextlib.contextmanager
     def fd(self, name: str, flags: int = os.O_RDWR) -> Iterator[int]:
-        self.settle(name)
         fd = os.open(self(name), flags)
         try:
             yield fd
         finally:
             os.close(fd)
-            self.settle(name)
 
     def read(self, name: str) -> bytes:
-        self.settle(name)
-        try:
-            return read_file(self(name))
-        finally:
-            self.settle(name)
+        return read_file(self(name))
 
     def write(self, name: str, offset: int, data: bytes) -> None:
         with self.fd(name) as fd:
@@ -190,20 +152,11 @@ class Disks:
 
     def assert_same(self, name: str, plain: Path) -> None:
         """`cmp` of the image and a plain file."""
-        self.settle(name)
-        try:
-            assert_same_bytes(self(name), plain)
-        finally:
-            self.settle(name)
+        assert_same_bytes(self(name), plain)
 
     def run(self, name: str, cmd: list[str], **kw) -> subprocess.CompletedProcess:
-        """A tool that opens the image (fio, qemu-io, dd, e2fsck, truncate).
-
-        The image is held open meanwhile: tools that open, close and reopen it (qemu-io
-        probes it first) would otherwise hit the EBUSY bug in between (WORKAROUND, see
-        test_qemu_io_opens_a_clone_every_time)."""
-        with self.fd(name, os.O_RDONLY):
-            return subprocess.run(cmd, capture_output=True, text=True, **kw)
+        """A tool that opens the image (fio, qemu-io, dd, e2fsck, truncate)."""
+        return subprocess.run(cmd, capture_output=True, text=True, **kw)
 
 
 def make_disks(repo: Path, mnt: Path) -> Disks:
@@ -461,7 +414,6 @@ def test_ext4_clone_loop_mounted_read_write(rpfs, repo, mounted, ext4_builder, t
     assert res.returncode == 0, f"e2fsck -fn: rc {res.returncode}\n{res.stdout}{res.stderr}"
     with loop_mount(disks("vm2"), tmp_path / "ro") as root:
         assert tree_checksums(root) == expected
-    disks.settle("vm2")
     point = point_image(mounted, "vm", "p1")
     assert_same_bytes(point, original)  # the point it came from is bit-exact
     e2fsck_clean(point)
@@ -851,7 +803,6 @@ def test_delete_of_an_open_disk_is_refused(rpfs, repo, mounted, tmp_path):
     while disks_by_name(rpfs)["c"]["state"] != "idle":  # the kernel's release is async
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    disks.settle("c")
     rpfs("disk", "delete", "c", check=True)
     assert "c" not in disks_by_name(rpfs)
     assert local_files(repo) == set()
@@ -1009,15 +960,9 @@ def test_bad_input_is_one_clear_error_and_loses_nothing(rpfs, repo, mount, tmp_p
     make_disks(repo, mnt).assert_is("c", ref)
 
 
-# -- bugs -------------------------------------------------------------------------------------
+# -- regressions of fixed bugs ---------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    reason="BUG: DiskService.release() drops the disk from its registry, then closes it "
-    "(sync) and its lock outside the registry lock; an open of the same image in that "
-    "window fails with EBUSY ('disk d is busy: it is open in another rpfs process')",
-    strict=True,
-)
 def test_image_reopens_right_after_close(rpfs, repo, mounted):
     rpfs("disk", "create", "d", "--size", "4M", check=True)
     image = mounted / "disks" / "d.img"
@@ -1035,17 +980,10 @@ def test_image_reopens_right_after_close(rpfs, repo, mounted):
             expected[i * 4096 + 1] = i % 251 + 1
         finally:
             os.close(fd)
-    wait_closed(repo, "d")
     assert read_file(image) == expected
     assert refused == 0, f"{refused} of 200 opens right after a close failed with EBUSY"
 
 
-@pytest.mark.xfail(
-    reason="BUG: open(O_TRUNC) of a disk image succeeds and silently does not truncate "
-    "(libfuse's atomic_o_trunc passes O_TRUNC to open, which ignores it), while every other "
-    "truncate fails with EPERM: `cp small.img IMG` or `: > IMG` report success",
-    strict=True,
-)
 def test_open_with_o_trunc_is_refused(rpfs, repo, mounted, tmp_path):
     _, ref = captured_source(rpfs, tmp_path, "vm", MiB, seed=25)
     rpfs("clone", "vm@p1", "c", check=True)
@@ -1054,23 +992,16 @@ def test_open_with_o_trunc_is_refused(rpfs, repo, mounted, tmp_path):
         with pytest.raises(PermissionError):
             os.close(os.open(image, os.O_WRONLY | os.O_TRUNC))
     finally:
-        wait_closed(repo, "c")
         assert image.stat().st_size == MiB
         assert read_file(image) == ref
 
 
-@pytest.mark.xfail(
-    reason="BUG: qemu-io opens the image, closes it and opens it again; the second open "
-    "often fails with EBUSY (the release race of test_image_reopens_right_after_close)",
-    strict=True,
-)
 def test_qemu_io_opens_a_clone_every_time(rpfs, repo, mounted, tmp_path):
     captured_source(rpfs, tmp_path, "vm", MiB, seed=26)
     rpfs("clone", "vm@p1", "q", check=True)
     image = mounted / "disks" / "q.img"
     failures = []
     for _ in range(10):
-        wait_closed(repo, "q")  # only qemu-io's own close and reopen remain
         res = subprocess.run(
             ["qemu-io", "-f", "raw", "-t", "none", "-c", "read 0 4k", str(image)],
             capture_output=True,
@@ -1082,11 +1013,6 @@ def test_qemu_io_opens_a_clone_every_time(rpfs, repo, mounted, tmp_path):
     assert failures == [], f"{len(failures)} of 10 qemu-io runs failed: {failures[0]}"
 
 
-@pytest.mark.xfail(
-    reason="BUG: a size the filesystem cannot hold (EFBIG from ftruncate) is an OSError, not "
-    "an RpfsError: without a daemon a traceback, and an empty orphan REPO/disks/*.raw stays",
-    strict=True,
-)
 def test_disk_create_too_large_is_one_clear_error(rpfs, repo):
     res = rpfs("disk", "create", "huge", "--size", "100000T")
     assert "huge" not in disks_by_name(rpfs)
@@ -1094,11 +1020,6 @@ def test_disk_create_too_large_is_one_clear_error(rpfs, repo):
     assert_one_line_error(res, "huge")
 
 
-@pytest.mark.xfail(
-    reason="BUG: a disk deleted and created again under the same name keeps its inode, so "
-    "for up to ENTRY_TIMEOUT (1 s) the kernel reports the old image's size",
-    strict=True,
-)
 def test_recreated_disk_shows_its_new_size_at_once(rpfs, repo, mounted):
     from rpfs.control import RemoteService
 
