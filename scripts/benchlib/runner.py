@@ -52,6 +52,15 @@ CLONE_METRICS = ["clone_create_s", "clone_first_read_MBps", "clone_hydrate_s",
                  "clone_hydrated_read_MBps", "clone_rand4k_write_iops"]
 BIG_METRICS = ["clone_create_s_64G", "snapshot_s_64G", "rollback_s_64G",
                "daemon_peak_rss_MiB_64G"]
+BASE_PACKAGES = {  # what every run needs (scripts/install-deps installs these too)
+    "fio": "fio",
+    "mkfs.ext4": "e2fsprogs",
+    "debugfs": "e2fsprogs",
+    "dumpe2fs": "e2fsprogs",
+    "fusermount3": "fuse3",
+    "cmp": "diffutils",
+    "dd": "coreutils",
+}
 PEER_PACKAGES = {  # Debian 12 packages: the command each provides
     "restic": "restic",
     "borg": "borgbackup",
@@ -210,6 +219,28 @@ def _fs_of(path: Path) -> str | None:
     return fstype
 
 
+def apt_install(bench: Bench, pkgs: list[str]) -> None:
+    if not pkgs:
+        return
+    bench.say(f"installing Debian packages: {' '.join(pkgs)}")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    try:
+        run(["apt-get", "update", "-q"], timeout=600, env=env)
+        run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *pkgs],
+            timeout=1200, env=env)
+    except BenchError as exc:
+        bench.results.note(f"cannot install {' '.join(pkgs)}: {exc}")
+
+
+def ensure_tools(bench: Bench) -> None:
+    """Install the Debian packages of missing base tools; BenchError if still missing."""
+    apt_install(bench, sorted({pkg for cmd, pkg in BASE_PACKAGES.items()
+                               if not shutil.which(cmd)}))
+    missing = [cmd for cmd in BASE_PACKAGES if not shutil.which(cmd)]
+    if missing:
+        raise BenchError(f"missing {', '.join(missing)} (apt-get install failed?)")
+
+
 def ensure_peers(bench: Bench) -> list[str]:
     """Install the peers' Debian packages that are missing; returns the missing commands."""
     need = [cmd for cmd in PEER_PACKAGES if not shutil.which(cmd)]
@@ -219,15 +250,7 @@ def ensure_peers(bench: Bench) -> list[str]:
                       ).returncode != 0 and subprocess.run(
             ["/usr/bin/python3", "-c", "import llfuse"], capture_output=True).returncode != 0:
         pkgs.append("python3-pyfuse3")
-    if pkgs:
-        bench.say(f"installing Debian packages: {' '.join(pkgs)}")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        try:
-            run(["apt-get", "update", "-q"], timeout=600, env=env)
-            run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *pkgs],
-                timeout=1200, env=env)
-        except BenchError as exc:
-            bench.results.note(f"peers: cannot install {' '.join(pkgs)}: {exc}")
+    apt_install(bench, pkgs)
     return [cmd for cmd in PEER_PACKAGES if not shutil.which(cmd)]
 
 
@@ -355,7 +378,7 @@ def bench_clones(bench: Bench, repo: Path, mnt: Path, source: str, suffix: str,
         drop_caches()
         first.append(dd_read(path, bench.opts.size))
         if have["hydrate"]:
-            hydrate_s.append(timed([*bench.rpfs_cmd, "-r", repo, "hydrate", name]))
+            hydrate_s.append(bench.rpfs_op_s("-r", repo, "hydrate", name))
             drop_caches()
             hydrated.append(dd_read(path, bench.opts.size))
     r.add("rpfs", f"clone_create_s{suffix}", creates, bench.op_note)
@@ -363,7 +386,7 @@ def bench_clones(bench: Bench, repo: Path, mnt: Path, source: str, suffix: str,
         r.add("rpfs", "clone_first_read_MBps", first)
         no_hydrate = "not measured: this rpfs has no 'hydrate' command yet"
         r.add("rpfs", "clone_hydrate_s", hydrate_s if have["hydrate"] else None,
-              None if have["hydrate"] else no_hydrate)
+              bench.op_note if have["hydrate"] else no_hydrate)
         r.add("rpfs", "clone_hydrated_read_MBps", hydrated if have["hydrate"] else None,
               None if have["hydrate"] else no_hydrate)
         path = mnt / "disks" / f"{names[0]}.img"
@@ -637,6 +660,7 @@ def _run(bench: Bench) -> None:
     r.note(f"medians of {opts.runs} runs; fio runs {opts.fio_runtime:g}s each; MB = 10^6 "
            "bytes; cold = page cache dropped before each run; warm = second of two reads")
     bench.rpfs_cmd = rpfs_command()
+    ensure_tools(bench)
     bench.say(f"building the {opts.size / MiB:.0f} MiB sample disk (seed {opts.seed})")
     t = time.perf_counter()
     bench.sample = build_sample(_mkdir(bench.work / "sample"), opts.size, opts.seed)
