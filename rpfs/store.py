@@ -102,7 +102,7 @@ class PackStore:
 
     def get(self, loc: ChunkLoc, expected: bytes) -> bytes:
         """The verified block stored at `loc` (a blocking call: run it off the trio thread)."""
-        where = (self.path(loc.pack).name, loc.offset)
+        where = (f"{loc.pack:08d}.pack", loc.offset)
         try:
             record = os.pread(self._fd(loc.pack), loc.length, loc.offset)
         except OSError as exc:
