@@ -31,7 +31,7 @@ class ChunkCache:
     """
 
     def __init__(
-        self, repo: Repository, capacity_bytes: int = 64 << 20, prefetch_workers: int = 2
+        self, repo: Repository, capacity_bytes: int = 32 << 20, prefetch_workers: int = 2
     ) -> None:
         self.repo = repo
         self.capacity = max(1, capacity_bytes // repo.block_size)

@@ -33,6 +33,7 @@ import ctypes
 import errno
 import logging
 import os
+import re
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -53,6 +54,7 @@ ARCHIVE_BATCH = 64  # frozen blocks archived per index transaction
 
 _FREEZE_DIRTY = bytes([ABSENT, PRESENT, FROZEN, FROZEN]) + bytes(range(4, 256))
 _FREEZE_ALL = bytes([ABSENT, FROZEN, FROZEN, FROZEN]) + bytes(range(4, 256))
+_LOCAL_BLOCK = re.compile(rb"[^\x00]")  # any state but ABSENT: scans the map at C speed
 _UNFREEZE = bytes([ABSENT, PRESENT, DIRTY, DIRTY]) + bytes(range(4, 256))
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -425,13 +427,11 @@ class LiveDisk:
         with self.barrier():
             with self.index.read() as txn:
                 target = self.index.chain(txn, point.lineage, point.gen)
+                local = (m.start() for m in _LOCAL_BLOCK.finditer(self.states))
                 drop = [
-                    b for b in range(self.nblocks)
-                    if self.states[b] in (DIRTY, FROZEN) or (
-                        self.states[b] == PRESENT
-                        and self.index.resolve(txn, self.chain, b)
-                        != self.index.resolve(txn, target, b)
-                    )
+                    b for b in local
+                    if self.states[b] != PRESENT
+                    or self.index.resolve(txn, self.chain, b) != self.index.resolve(txn, target, b)
                 ]
             for b in drop:
                 self._set(b, b + 1, ABSENT)

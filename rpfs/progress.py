@@ -6,15 +6,6 @@ import contextlib
 import sys
 from collections.abc import Callable, Iterator
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-
 ProgressFn = Callable[[int, int], None]  # (bytes done, bytes total)
 
 
@@ -24,6 +15,16 @@ def progress_bar(label: str) -> Iterator[ProgressFn]:
     if not sys.stderr.isatty():
         yield lambda done, total: None
         return
+    # Imported here: the daemon and scripts never draw bars and need not carry rich.
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
     columns = (
         "[progress.description]{task.description}",
         BarColumn(),
