@@ -28,21 +28,13 @@ SYNC_INTERVAL = 2.0  # seconds between block-map persists of open disks
 READ_AHEAD_KB = 1024  # the default 128 KiB caps sequential reads well below the ceiling
 
 
-def _mount_device(mountpoint: Path) -> str | None:
-    """MAJ:MIN of the filesystem mounted at `mountpoint`, from /proc/self/mountinfo."""
-    with open("/proc/self/mountinfo") as f:
-        found = None
-        for line in f:
-            fields = line.split()
-            if fields[4] == str(mountpoint):
-                found = fields[2]  # the last (topmost) mount wins
-    return found
-
-
 def tune_readahead(mountpoint: Path) -> None:
-    """Raise the mount's readahead so buffered sequential reads come in 1 MiB pieces."""
-    dev = _mount_device(mountpoint)
-    path = Path(f"/sys/class/bdi/{dev}/read_ahead_kb")
+    """Raise the mount's readahead so buffered sequential reads come in 1 MiB pieces.
+
+    The mount must already answer requests (it stats its own root to find its bdi).
+    """
+    dev = os.stat(mountpoint).st_dev
+    path = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
     try:
         path.write_text(f"{READ_AHEAD_KB}\n")
     except OSError as exc:
@@ -71,7 +63,6 @@ async def _serve(root: Path, mountpoint: Path, service: DiskService, on_ready) -
         async def ready() -> None:
             # pyfuse3.main() is now reading requests: a stat of the root is answered, so
             # the kernel has had FUSE_INIT, which resets readahead; tune it after that.
-            await trio.to_thread.run_sync(os.stat, mountpoint)
             await trio.to_thread.run_sync(tune_readahead, mountpoint)
             on_ready()
 

@@ -98,7 +98,7 @@ def load_changed(path: Path, disk_size: int) -> list[Extent]:
     for i, item in enumerate(raw):
         start = item.get("start") if isinstance(item, dict) else None
         length = item.get("length") if isinstance(item, dict) else None
-        if not (isinstance(start, int) and isinstance(length, int)) or start < 0 or length < 0:
+        if not all(type(v) is int for v in (start, length)) or start < 0 or length < 0:
             raise RpfsError(
                 f"changed-extent list {path}: item {i} must be "
                 '{"start": bytes >= 0, "length": bytes >= 0}'

@@ -349,13 +349,6 @@ def test_other_block_sizes_round_trip(rpfs, mount, tmp_path, block_size):
     assert_same_bytes(tmp_path / "out.img", at_p1)
 
 
-@pytest.mark.xfail(
-    reason="BUG: daemon._mount_device() compares /proc/self/mountinfo's escaped mount point "
-    "(space written as \\040) with the plain path, finds no device for a mount point "
-    "containing a space, and the readahead is left at 128 KiB (log: 'cannot set "
-    "/sys/class/bdi/None/read_ahead_kb')",
-    strict=True,
-)
 def test_mount_point_with_a_space_gets_readahead_tuned(rpfs, repo, mount, tmp_path):
     src = tmp_path / "s.img"
     write_random(src, 4 * MiB, seed=14)

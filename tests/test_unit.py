@@ -402,11 +402,6 @@ def test_block_runs_cover_and_merge():
     assert block_runs([(2 * BS, 5 * BS), (3 * BS, BS)], BS, 10) == [(2, 7)]
 
 
-@pytest.mark.xfail(
-    reason="BUG: load_changed() checks isinstance(x, int), which JSON booleans pass: "
-    '[{"start": true, "length": 1}] is accepted as the extent (1, 1)',
-    strict=True,
-)
 @pytest.mark.parametrize(
     "content", [[{"start": True, "length": 1}], [{"start": 0, "length": True}]], ids=str
 )
