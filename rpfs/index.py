@@ -180,6 +180,23 @@ class Index:
         txn.put(key, u64(n), db=self.db["meta"])
         return n
 
+    def _scan(self, txn: lmdb.Transaction, db: str, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+        """(key, value) of every entry of `db` whose key starts with `prefix`, in order."""
+        with txn.cursor(db=self.db[db]) as cur:
+            if not cur.set_range(prefix):
+                return
+            for key, value in cur:
+                if not key.startswith(prefix):
+                    return
+                yield key, value
+
+    def _delete_prefix(self, txn: lmdb.Transaction, db: str, prefix: bytes) -> list[bytes]:
+        """Delete every entry of `db` whose key starts with `prefix`; return their values."""
+        entries = list(self._scan(txn, db, prefix))
+        for key, _ in entries:
+            txn.delete(key, db=self.db[db])
+        return [value for _, value in entries]
+
     # -- extents --------------------------------------------------------------------------
 
     def lookup(self, txn: lmdb.Transaction, lineage: int, block: int, gen: int) -> bytes | None:
@@ -223,15 +240,9 @@ class Index:
         self, txn: lmdb.Transaction, lineage: int
     ) -> Iterator[tuple[int, int, bytes]]:
         """(block, gen, value) of every extent of a lineage, by block then newest gen."""
-        prefix = u64(lineage)
-        with txn.cursor(db=self.db["extents"]) as cur:
-            if not cur.set_range(prefix):
-                return
-            for key, value in cur:
-                if key[:8] != prefix:
-                    return
-                _, block, gen = decode_extent_key(key)
-                yield block, gen, value
+        for key, value in self._scan(txn, "extents", u64(lineage)):
+            _, block, gen = decode_extent_key(key)
+            yield block, gen, value
 
     # -- chunks ---------------------------------------------------------------------------
 
@@ -259,24 +270,13 @@ class Index:
         txn.put(u64(capture) + u64(block), value, db=self.db["staging"])
 
     def iter_staged(self, txn: lmdb.Transaction, capture: int) -> Iterator[tuple[int, bytes]]:
-        prefix = u64(capture)
-        with txn.cursor(db=self.db["staging"]) as cur:
-            if not cur.set_range(prefix):
-                return
-            for key, value in cur:
-                if key[:8] != prefix:
-                    return
-                yield _U64.unpack(key[8:])[0], value
+        for key, value in self._scan(txn, "staging", u64(capture)):
+            yield _U64.unpack(key[8:])[0], value
 
     def drop_staged(self, txn: lmdb.Transaction, capture: int) -> None:
         """Delete a capture's staging entries and its record."""
-        prefix = u64(capture)
-        with txn.cursor(db=self.db["staging"]) as cur:
-            if cur.set_range(prefix):
-                while cur.key()[:8] == prefix:
-                    if not cur.delete():
-                        break
-        txn.delete(prefix, db=self.db["captures"])
+        self._delete_prefix(txn, "staging", u64(capture))
+        txn.delete(u64(capture), db=self.db["captures"])
 
     def put_capture(self, txn: lmdb.Transaction, capture: int, info: dict) -> None:
         txn.put(u64(capture), json.dumps(info).encode(), db=self.db["captures"])
@@ -306,14 +306,9 @@ class Index:
 
     def delete_lineage(self, txn: lmdb.Transaction, lineage: int) -> None:
         """Drop a lineage's record and extents, releasing their chunk references."""
-        with txn.cursor(db=self.db["extents"]) as cur:
-            prefix = u64(lineage)
-            if cur.set_range(prefix):
-                while cur.key()[:8] == prefix:
-                    if cur.value() != ZERO:
-                        self.incref(txn, cur.value(), -1)
-                    if not cur.delete():
-                        break
+        for value in self._delete_prefix(txn, "extents", u64(lineage)):
+            if value != ZERO:
+                self.incref(txn, value, -1)
         txn.delete(u64(lineage), db=self.db["lineages"])
 
     def list_disks(self, txn: lmdb.Transaction) -> list[DiskRecord]:
@@ -328,13 +323,7 @@ class Index:
     def list_points(self, txn: lmdb.Transaction, disk: str | None = None) -> list[PointRecord]:
         """Points of one disk (or all), oldest first within each disk."""
         prefix = b"" if disk is None else disk.encode() + b"\0"
-        out = []
-        with txn.cursor(db=self.db["points"]) as cur:
-            if cur.set_range(prefix):
-                for key, value in cur:
-                    if not key.startswith(prefix):
-                        break
-                    out.append(PointRecord(**json.loads(value)))
+        out = [PointRecord(**json.loads(v)) for _, v in self._scan(txn, "points", prefix)]
         out.sort(key=lambda p: (p.disk, p.lineage, p.gen))
         return out
 
@@ -346,6 +335,19 @@ class Index:
                 if point.lineage == lineage and point.gen == gen:
                     return point
         return None
+
+    # -- block maps of writable disks ------------------------------------------------------
+
+    def map_pages(self, txn: lmdb.Transaction, file_id: int) -> Iterator[tuple[int, bytes]]:
+        """(page number, state bytes) of a local file's persisted block map."""
+        for key, value in self._scan(txn, "blockmap", u64(file_id)):
+            yield _U64.unpack(key[8:])[0], value
+
+    def put_map_page(self, txn: lmdb.Transaction, file_id: int, page: int, value: bytes) -> None:
+        txn.put(u64(file_id) + u64(page), value, db=self.db["blockmap"])
+
+    def drop_map(self, txn: lmdb.Transaction, file_id: int) -> None:
+        self._delete_prefix(txn, "blockmap", u64(file_id))
 
     def get_lineage(self, txn: lmdb.Transaction, lineage: int) -> LineageRecord | None:
         return _record(LineageRecord, txn.get(u64(lineage), db=self.db["lineages"]))

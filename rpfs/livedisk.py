@@ -41,7 +41,7 @@ from pathlib import Path
 
 from .errors import CorruptChunk, RpfsError
 from .image import ChunkCache, Readahead
-from .index import MAX_GEN, ZERO, DiskRecord, Index, LineageRecord, PointRecord, u64
+from .index import MAX_GEN, ZERO, DiskRecord, Index, LineageRecord, PointRecord
 from .ingest import Ingest, examine
 from .repo import Repository
 
@@ -69,33 +69,15 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def _page_key(file_id: int, page: int) -> bytes:
-    return u64(file_id) + u64(page)
-
-
 def load_states(index: Index, txn, file_id: int, nblocks: int) -> bytearray:
     """The persisted block states of a disk's local file (ABSENT where none stored)."""
     states = bytearray(nblocks)
-    prefix = u64(file_id)
-    with txn.cursor(db=index.db["blockmap"]) as cur:
-        if cur.set_range(prefix):
-            for key, value in cur:
-                if key[:8] != prefix:
-                    break
-                start = int.from_bytes(key[8:], "big") * PAGE_BLOCKS
-                n = min(len(value), nblocks - start)
-                if n > 0:
-                    states[start : start + n] = value[:n]
+    for page, value in index.map_pages(txn, file_id):
+        start = page * PAGE_BLOCKS
+        n = min(len(value), nblocks - start)
+        if n > 0:
+            states[start : start + n] = value[:n]
     return states
-
-
-def drop_states(index: Index, txn, file_id: int) -> None:
-    prefix = u64(file_id)
-    with txn.cursor(db=index.db["blockmap"]) as cur:
-        if cur.set_range(prefix):
-            while cur.key()[:8] == prefix:
-                if not cur.delete():
-                    break
 
 
 class LiveDisk:
@@ -280,9 +262,8 @@ class LiveDisk:
         return [(p, bytes(self.states[p * PAGE_BLOCKS : (p + 1) * PAGE_BLOCKS])) for p in pages]
 
     def _put_pages(self, txn, values: list[tuple[int, bytes]]) -> None:
-        db = self.index.db["blockmap"]
         for page, value in values:
-            txn.put(_page_key(self.record.file_id, page), value, db=db)
+            self.index.put_map_page(txn, self.record.file_id, page, value)
 
     # -- snapshots ------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from .errors import RpfsError
 from .image import ChunkCache
 from .index import ZERO, DiskRecord, LineageRecord
-from .livedisk import ABSENT, LiveDisk, create_local_file, drop_states, load_states
+from .livedisk import ABSENT, LiveDisk, create_local_file, load_states
 from .names import check_name, default_point_name, parse_point_ref
 from .pipeline import ordered_map
 from .progress import ProgressFn
@@ -407,7 +407,7 @@ class DiskService:
                 for lineage in mine:
                     self.index.delete_lineage(txn, lineage)
                 if record.writable:
-                    drop_states(self.index, txn, record.file_id)
+                    self.index.drop_map(txn, record.file_id)
                 self.index.delete_disk(txn, name)
             if record.writable:
                 Path(self.repo.root / record.file).unlink(missing_ok=True)
