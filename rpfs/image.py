@@ -163,18 +163,29 @@ class PointImage:
             return b""
         bs = self.bs
         first, last = offset // bs, (end - 1) // bs
-        parts = []
-        with self.repo.index.read() as txn:
-            for block in range(first, last + 1):
-                data = self.overlay.frozen_block(block, self.point.gen) if self.overlay else None
-                if data is None:
-                    value = self.repo.index.resolve(txn, self.chain, block)
-                    data = self._zero if value == ZERO else self._fetch(txn, value, block)
-                parts.append(data)
+        if self.overlay is None:
+            with self.repo.index.read() as txn:
+                parts = [self._block(txn, block) for block in range(first, last + 1)]
+        else:
+            parts = [self._archiving_block(block) for block in range(first, last + 1)]
         self.readahead.after_read(offset, end, last, self.chain)
         data = b"".join(parts) if len(parts) > 1 else parts[0]
         start = offset - first * bs
         return data[start : start + (end - offset)]
+
+    def _block(self, txn, block: int) -> bytes:
+        value = self.repo.index.resolve(txn, self.chain, block)
+        return self._zero if value == ZERO else self._fetch(txn, value, block)
+
+    def _archiving_block(self, block: int) -> bytes:
+        """A block of a point still being archived: from the local file while frozen,
+        else through a read transaction begun after that check (so it sees the extent
+        the archiver committed before it unfroze the block)."""
+        data = self.overlay.frozen_block(block, self.point.gen)
+        if data is not None:
+            return data
+        with self.repo.index.read() as txn:
+            return self._block(txn, block)
 
     def _fetch(self, txn, digest: bytes, block: int) -> bytes:
         try:

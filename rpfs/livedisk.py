@@ -269,8 +269,12 @@ class LiveDisk:
 
     @contextmanager
     def barrier(self) -> Iterator[None]:
-        """No write or copy-on-read in flight while held; then make the file durable."""
-        with self._locked(0, STRIPES):
+        """No write, copy-on-read or sync in flight while held; the file is made durable.
+
+        Holds the sync lock too, so the caller may open the index write transaction:
+        the lock order is stripes -> archive lock -> sync lock -> LMDB write transaction.
+        """
+        with self._locked(0, STRIPES), self._sync_lock:
             os.fdatasync(self.fd)
             yield
 
@@ -288,15 +292,14 @@ class LiveDisk:
         )
         lineage.head_gen += 1
         index.put_lineage(txn, lineage)
-        old = bytes(self.states)
+        old = self._before_freeze = bytes(self.states)
         self.states[:] = self.states.translate(_FREEZE_DIRTY if self.tracked else _FREEZE_ALL)
         frozen = self.states.count(FROZEN)
         for p in range(-(-self.nblocks // PAGE_BLOCKS)):
             window = slice(p * PAGE_BLOCKS, (p + 1) * PAGE_BLOCKS)
             if old[window] != self.states[window]:
                 self._pages.add(p)
-        with self._sync_lock:
-            self._put_pages(txn, self._take_pages())  # the barrier made the data durable
+        self._put_pages(txn, self._take_pages())  # the barrier made the data durable
         point = PointRecord(
             disk=self.name, name=name, lineage=lineage.id, gen=lineage.head_gen, created=now,
             size=self.size, allocated_blocks=base.allocated_blocks if base else 0,
@@ -306,6 +309,11 @@ class LiveDisk:
         index.put_point(txn, point)
         self._prev_chain = index.chain(txn, lineage.id, lineage.head_gen - 1)
         return point
+
+    def unfreeze(self) -> None:
+        """The freeze's transaction did not commit: take back its state changes."""
+        self.states[:] = self._before_freeze
+        self._pages.update(range(-(-self.nblocks // PAGE_BLOCKS)))
 
     def frozen(self, point: PointRecord) -> None:
         """The freeze committed: start tracking writes anew and archive `point`."""
@@ -336,8 +344,10 @@ class LiveDisk:
     def frozen_block(self, block: int, gen: int) -> bytes | None:
         """For readers of the archiving point: its block still in the local file, if so."""
         point = self.archiving
-        if point is None or point.gen != gen or self.states[block] != FROZEN:
+        if point is None or point.gen != gen:
             return None
+        # Under the stripe lock: an archiver holds it from unfreezing the block until its
+        # extent is committed, so "not frozen" here means "readable through the index".
         with self._locked(block, block + 1):
             if self.states[block] == FROZEN:
                 return self._pread_block(block)
@@ -409,14 +419,15 @@ class LiveDisk:
             with self.index.read() as txn:
                 target = self.index.chain(txn, point.lineage, point.gen)
                 local = (m.start() for m in _LOCAL_BLOCK.finditer(self.states))
+                # After a crash a PRESENT block may hold an unrecorded write: drop them all.
                 drop = [
                     b for b in local
-                    if self.states[b] != PRESENT
+                    if self.states[b] != PRESENT or not self.tracked
                     or self.index.resolve(txn, self.chain, b) != self.index.resolve(txn, target, b)
                 ]
             for b in drop:
                 self._set(b, b + 1, ABSENT)
-            with self._sync_lock, self.index.write() as txn:
+            with self.index.write() as txn:  # the barrier holds the sync lock
                 lineage = LineageRecord(
                     self.index.next_id(txn, "lineage"), parent=point.lineage,
                     parent_gen=point.gen, disks=[self.name],

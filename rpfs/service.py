@@ -264,8 +264,23 @@ class DiskService:
             with contextlib.ExitStack() as barriers:
                 for disk in opened:
                     barriers.enter_context(disk.barrier())
-                with self.index.write() as txn:
-                    points = [disk.freeze(txn, point_name, now) for disk in opened]
+                frozen: list[LiveDisk] = []
+                try:
+                    with self.index.write() as txn:
+                        for disk in opened:
+                            if self.index.get_point(txn, disk.name, point_name):
+                                raise RpfsError(
+                                    f"point {disk.name}@{point_name} already exists; choose "
+                                    "another --name"
+                                )
+                        points = []
+                        for disk in opened:
+                            points.append(disk.freeze(txn, point_name, now))
+                            frozen.append(disk)
+                except BaseException:
+                    for disk in frozen:
+                        disk.unfreeze()
+                    raise
                 for disk, point in zip(opened, points, strict=True):
                     disk.frozen(point)
             for disk in opened:

@@ -106,13 +106,6 @@ DISK_SIZE = 64 * MiB
 SNAPSHOT_BOUND = 5.0  # seconds: "returns quickly" (the benchmark measures real speed)
 SNAPSHOT_HANG = 10.0  # seconds: a snapshot this slow is stuck
 
-DEADLOCK = (
-    "BUG: `rpfs snapshot` deadlocks the daemon when an fsync of the disk runs at the same "
-    "time: LiveDisk.freeze holds the LMDB write transaction and waits for the disk's sync "
-    "lock, LiveDisk.sync holds the sync lock and waits for a write transaction"
-)
-
-
 # -- the writer's log and the prefix check -------------------------------------------------
 
 
@@ -346,7 +339,7 @@ class Live:
         self.rpfs("umount", self.mnt, check=True, timeout=90)
 
     def _stuck(self, what: str) -> None:
-        """A command hung: take the daemon's stacks, kill it, then xfail a known bug.
+        """A command hung: take the daemon's stacks, kill it, and fail with them.
 
         Every process this one forks closes its copies of our open image fds, which
         waits for the daemon: with fds open, the daemon must die before py-spy can run.
@@ -363,8 +356,6 @@ class Live:
         for writer in self.writers:
             writer.stop_file.touch()
         self.kill_daemon()
-        if "LiveDisk.freeze" in stacks and "Index.write" in stacks and "LiveDisk.sync" in stacks:
-            pytest.xfail(f"{DEADLOCK} ({what})")
         pytest.fail(f"{what}; daemon stacks:\n{stacks}")
 
     # disks
@@ -916,7 +907,6 @@ def test_bad_input_gives_one_line_errors(live, tmp_path):
 # -- known bugs: each test fails on the current rpfs ------------------------------------------
 
 
-@pytest.mark.xfail(reason=DEADLOCK, strict=True)
 @pytest.mark.timeout(240)
 def test_snapshot_during_fsyncs_does_not_deadlock(live):
     live.create("dl", 16 * MiB)
@@ -937,13 +927,6 @@ def test_snapshot_during_fsyncs_does_not_deadlock(live):
         writer.stop()
 
 
-@pytest.mark.xfail(
-    reason="BUG: a point read while it is still archiving returns other points' data: "
-    "PointImage.read resolves through an LMDB read transaction begun before the archiver "
-    "commits, but LiveDisk.frozen_block already sees the block's new state (set before that "
-    "commit too); keep_cache then keeps the wrong pages after archiving ends",
-    strict=True,
-)
 @pytest.mark.timeout(120)
 def test_point_reads_correctly_while_archiving(live):
     live.create("ar")
@@ -975,12 +958,6 @@ def test_point_reads_correctly_while_archiving(live):
             )
 
 
-@pytest.mark.xfail(
-    reason="BUG: rollback after an unclean stop keeps a local write that the crash left on "
-    "a block whose persisted state is PRESENT (LiveDisk.rollback trusts PRESENT blocks even "
-    "when the dirty map is doubtful)",
-    strict=True,
-)
 @pytest.mark.timeout(120)
 def test_rollback_after_sigkill_is_exact(live, tmp_path):
     live.create("k", 4 * MiB)
@@ -998,12 +975,6 @@ def test_rollback_after_sigkill_is_exact(live, tmp_path):
     assert read_image(live.disk("k")) == saved, "the disk after rollback is not k@k1"
 
 
-@pytest.mark.xfail(
-    reason="BUG: a group snapshot refused for its second disk (point name taken) leaves the "
-    "first disk's dirty blocks FROZEN in memory: the next write to one fails with EIO "
-    "(_archive_locked with no archiving point) and later points miss the data",
-    strict=True,
-)
 @pytest.mark.timeout(120)
 def test_refused_group_snapshot_leaves_the_disks_usable(live):
     live.create("a", 4 * MiB)
