@@ -53,6 +53,14 @@ class ChunkCache:
             fut = self._inflight[digest] = Future()
             return None, fut, True
 
+    def peek(self, digest: bytes) -> bytes | None:
+        """The block if it is decoded already; never blocks on a fetch."""
+        with self._lock:
+            block = self._blocks.get(digest)
+            if block is not None:
+                self._blocks.move_to_end(digest)
+            return block
+
     def get(self, txn, digest: bytes) -> bytes:
         block, fut, owner = self._claim(digest)
         if block is not None:
@@ -158,16 +166,40 @@ class PointImage:
 
     def read(self, offset: int, length: int) -> bytes:
         """Bytes [offset, offset+length) clipped to the image size; CorruptChunk on bad data."""
+        return self._read(offset, length, cached_only=False)
+
+    def read_cached(self, offset: int, length: int) -> bytes | None:
+        """The same bytes if every block is zero or decoded in the cache, else None.
+
+        Cheap enough to run on the trio thread: a sequential reader whose next blocks the
+        prefetcher has decoded is answered without a thread hand-off.
+        """
+        if self.overlay is not None:
+            return None
+        return self._read(offset, length, cached_only=True)
+
+    def _read(self, offset: int, length: int, cached_only: bool) -> bytes | None:
         end = min(offset + length, self.size)
         if offset >= end:
             return b""
         bs = self.bs
         first, last = offset // bs, (end - 1) // bs
-        if self.overlay is None:
-            with self.repo.index.read() as txn:
-                parts = [self._block(txn, block) for block in range(first, last + 1)]
-        else:
+        if self.overlay is not None:
             parts = [self._archiving_block(block) for block in range(first, last + 1)]
+        else:
+            with self.repo.index.read() as txn:
+                parts = []
+                for block in range(first, last + 1):
+                    value = self.repo.index.resolve(txn, self.chain, block)
+                    if value == ZERO:
+                        parts.append(self._zero)
+                    elif cached_only:
+                        data = self.cache.peek(value)
+                        if data is None:
+                            return None
+                        parts.append(data)
+                    else:
+                        parts.append(self._fetch(txn, value, block))
         self.readahead.after_read(offset, end, last, self.chain)
         data = b"".join(parts) if len(parts) > 1 else parts[0]
         start = offset - first * bs

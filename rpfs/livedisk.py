@@ -169,6 +169,16 @@ class LiveDisk:
 
     # -- reads ----------------------------------------------------------------------------
 
+    def read_cached(self, offset: int, length: int) -> bytes | None:
+        """The bytes if every block is local (one pread, on the caller's thread), else None."""
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return b""
+        first, last = offset // self.bs, (end - 1) // self.bs
+        if ABSENT in self.states[first : last + 1]:
+            return None
+        return os.pread(self.fd, end - offset, offset)
+
     def read(self, offset: int, length: int) -> bytes:
         end = min(offset + length, self.size)
         if offset >= end:

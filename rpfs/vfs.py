@@ -216,6 +216,7 @@ class PointHandle:
 
     def __init__(self, image: PointImage, release: Callable[[], None]) -> None:
         self.read = image.read
+        self.read_cached = image.read_cached
         self.writable = False
         self._release = release
 
@@ -241,6 +242,7 @@ class DiskHandle:
             log.warning("open of disk %s refused: %s", name, exc)
             raise OSError(errno.EBUSY, str(exc)) from None
         self.read = self.disk.read
+        self.read_cached = self.disk.read_cached
         self.write = self.disk.write
         self.sync = self.disk.sync
         self.writable = True
