@@ -146,6 +146,9 @@ class LiveDisk:
         for page in range(first // PAGE_BLOCKS, (end - 1) // PAGE_BLOCKS + 1):
             self._pages.add(page)  # after the state: a concurrent sync sees both or redoes
 
+    def absent_blocks(self) -> int:
+        return self.states.count(ABSENT)
+
     @property
     def needs_sync(self) -> bool:
         """Block states changed since the last sync."""

@@ -372,10 +372,24 @@ class DiskService:
                 if i % SYNC_EVERY == SYNC_EVERY - 1:
                     disk.sync()
             disk.sync()
+            if not disk.absent_blocks():
+                self._cut_origin(disk)
         finally:
             self.release(name)
         log.info("disk %s: hydrated, %d blocks fetched", name, fetched)
         return {"name": name, "blocks_fetched": fetched, "bytes_fetched": fetched * bs}
+
+    def _cut_origin(self, disk: LiveDisk) -> None:
+        """A fully hydrated disk (its map synced) no longer needs its origin: its lineage
+        takes its own references to what it read through it, so the origin can go."""
+        with self.index.write() as txn:
+            lineage = self.index.get_lineage(txn, disk.record.lineage)
+            if lineage.parent is None:
+                return
+            self._detach(txn, lineage, disk.size)
+        disk.reload_chain()
+        log.info("disk %s: fully hydrated, no longer depends on %s", disk.name,
+                 disk.record.origin)
 
     def start_background_hydration(self) -> None:
         """Hydrate every clone that still reads through its origin, one worker, in a thread."""

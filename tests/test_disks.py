@@ -841,6 +841,24 @@ def test_delete_of_an_origin_needs_force_and_keeps_dependants(rpfs, repo, mount,
     disks.assert_is("a", expected_a)
 
 
+def test_a_hydrated_clone_no_longer_needs_its_origin(rpfs, repo, mount, tmp_path):
+    mnt, _ = mount()
+    disks = make_disks(repo, mnt)
+    _, ref = captured_source(rpfs, tmp_path, "vm", 3 * MiB + 7, seed=23)
+    rpfs("clone", "vm@p1", "c", check=True)
+    expected = bytearray(ref)
+    disks.write("c", 5, b"written")
+    expected[5:12] = b"written"
+    rpfs("snapshot", "c", "--name", "s1", check=True)  # a point of c reads through vm too
+    rpfs("hydrate", "c", check=True)
+    rpfs("disk", "delete", "vm", check=True)  # no --force needed any more
+    assert set(disks_by_name(rpfs)) == {"c"}
+    disks.assert_is("c", expected)
+    assert read_file(point_image(mnt, "c", "s1")) == expected
+    remount(rpfs, mount, mnt)
+    disks.assert_is("c", expected)
+
+
 def test_delete_while_a_point_image_is_open_is_refused(rpfs, repo, mounted, tmp_path):
     src, ref = captured_source(rpfs, tmp_path, "vm", MiB, seed=22)
     rpfs("clone", "vm@p1", "c", check=True)
