@@ -424,8 +424,8 @@ class LiveDisk:
         """Make the disk read as `point` (caller checked nobody has it open).
 
         A new lineage with origin `point` becomes the disk's; local blocks that differ
-        from the point become ABSENT (committed first, then hole-punched), so they are
-        fetched from the point on read or by hydration. Returns how many were dropped.
+        from the point become ABSENT in the same commit, so they are fetched from the point
+        on read or by hydration. Returns how many were dropped.
         """
         self.finish_archiving()
         with self.barrier():
@@ -438,8 +438,9 @@ class LiveDisk:
                     if self.states[b] != PRESENT or not self.tracked
                     or self.index.resolve(txn, self.chain, b) != self.index.resolve(txn, target, b)
                 ]
-            for b in drop:
-                self._set(b, b + 1, ABSENT)
+            runs = _runs(drop)
+            for first, end in runs:
+                self._set(first, end, ABSENT)
             with self.index.write() as txn:  # the barrier holds the sync lock
                 lineage = LineageRecord(
                     self.index.next_id(txn, "lineage"), parent=point.lineage,
@@ -452,8 +453,8 @@ class LiveDisk:
                 self._put_pages(txn, self._take_pages())
             self.record = record
             self.reload_chain()
-            for b in drop:
-                punch_hole(self.fd, b * self.bs, min(self.bs, self.size - b * self.bs))
+            # No hole punching here: fallocate took ~4 ms a call (26 s for a 2 GiB disk of
+            # random writes). ABSENT bytes are never read; a fetch rewrites or punches them.
         log.info("disk %s: rolled back to %s, %d blocks to fetch again",
                  self.name, point.ref, len(drop))
         return len(drop)
@@ -470,6 +471,17 @@ class LiveDisk:
                         self._fetch(b)
                         fetched += 1
         return fetched
+
+
+def _runs(blocks: list[int]) -> list[tuple[int, int]]:
+    """Sorted block numbers as (first, end) runs of consecutive blocks."""
+    runs: list[tuple[int, int]] = []
+    for b in blocks:
+        if runs and runs[-1][1] == b:
+            runs[-1] = (runs[-1][0], b + 1)
+        else:
+            runs.append((b, b + 1))
+    return runs
 
 
 def create_local_file(path: Path, size: int) -> None:
