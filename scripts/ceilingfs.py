@@ -30,47 +30,16 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+# The very values and code rpfs uses (the bench runs in rpfs's virtualenv).
+from rpfs.daemon import tune_readahead
+from rpfs.fsops import BLKSIZE
+from rpfs.fsops import ENTRY_TIMEOUT as TIMEOUT
+from rpfs.names import parse_size
+
 log = logging.getLogger("ceilingfs")
 
 FILE_NAME = b"image.img"
 FILE_INO = pyfuse3.ROOT_INODE + 1
-BLKSIZE = 1 << 20  # as rpfs.fsops.BLKSIZE
-TIMEOUT = 1.0  # as rpfs.fsops.ENTRY_TIMEOUT
-
-try:  # the very value and code rpfs uses, when rpfs is importable
-    from rpfs.daemon import READ_AHEAD_KB, tune_readahead
-except ImportError:  # pragma: no cover - rpfs is installed wherever the bench runs
-    READ_AHEAD_KB = 1024
-
-    def tune_readahead(mountpoint: Path) -> None:
-        dev = None
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                if fields[4] == str(mountpoint):
-                    dev = fields[2]
-        path = Path(f"/sys/class/bdi/{dev}/read_ahead_kb")
-        try:
-            path.write_text(f"{READ_AHEAD_KB}\n")
-        except OSError as exc:
-            log.warning("cannot set %s to %d KiB: %s", path, READ_AHEAD_KB, exc)
-
-
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """`4096`, `64K`, `256M`, `2G` (binary units; a trailing `iB`/`B` is allowed)."""
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    unit = t[-1:] if t[-1:] in _UNITS else ""
-    number = t[: len(t) - len(unit)]
-    try:
-        value = float(number) * _UNITS[unit]
-    except ValueError:
-        raise ValueError(f"invalid size {text!r}: use e.g. 4096, 64K, 256M, 2G") from None
-    if value < 0:
-        raise ValueError(f"invalid size {text!r}: negative")
-    return int(value)
 
 
 def pattern_bytes(size: int) -> bytes:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from rpfs.errors import RpfsError
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
 CEILINGFS = SCRIPTS / "ceilingfs.py"
@@ -246,7 +248,7 @@ def test_ceilingfs_sizes_and_pattern():
     assert ceilingfs.parse_size("64K") == 64 << 10
     assert ceilingfs.parse_size("256MiB") == 256 << 20
     assert ceilingfs.parse_size("2G") == 2 << 30
-    with pytest.raises(ValueError):
+    with pytest.raises(RpfsError):
         ceilingfs.parse_size("lots")
     data = ceilingfs.pattern_bytes(1 << 16)
     assert len(data) == 1 << 16
