@@ -243,3 +243,16 @@ def have_tool(name: str) -> bool:
 def point_image(mnt: Path, disk: str, point: str) -> Path:
     """The path of a point's image in the mount."""
     return mnt / "points" / disk / f"{point}.img"
+
+
+def assert_one_line_error(res: subprocess.CompletedProcess, *needles: str) -> str:
+    """A refused command: non-zero exit, exactly one line `rpfs: error: ...` on stderr,
+    containing every needle; returns that line."""
+    assert res.returncode != 0, f"expected failure, got rc 0: {res.stdout}"
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{res.stderr}"
+    line = lines[0]
+    assert line.startswith("rpfs: error: "), line
+    for needle in needles:
+        assert needle in line, f"{needle!r} not in {line!r}"
+    return line

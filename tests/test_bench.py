@@ -151,8 +151,7 @@ def test_json_shape(tmp_path: Path):
     statuses = {t["target"]: t["status"] for t in data["targets"]}
     assert statuses["point cold read ≥ 0.6 × ceiling"] == "PASS"
     assert statuses["point cold read ≥ 3 × restic"] == "n/a"
-    assert all({"target", "rule", "status", "ratio", "required"} <= set(t)
-               for t in data["targets"])
+    assert all({"target", "rule", "status", "ratio", "required"} <= set(t) for t in data["targets"])
     # a second run in the same second gets its own file
     again = br.write_json(r, tmp_path / "bench-results", when)
     assert again != path and again.exists() and path.exists()
@@ -178,10 +177,17 @@ def test_commands_not_there_yet_give_null_metrics_with_a_note(tmp_path: Path):
     bench = runner.Bench(runner.Options(size=256 * MiB, log=lambda _: None), r, tmp_path)
     bench.commands = {"clone": False, "hydrate": False, "snapshot": False, "rollback": False}
     runner.bench_clones(bench, tmp_path / "repo", tmp_path / "mnt", "bench@p2", "", 3)
-    runner.bench_clones(bench, tmp_path / "repo", tmp_path / "mnt", "big@p1", "_64G", 3,
-                        reads=False)
-    for metric in [*runner.CLONE_METRICS, "snapshot_s", "rollback_s", "clone_create_s_64G",
-                   "snapshot_s_64G", "rollback_s_64G"]:
+    runner.bench_clones(
+        bench, tmp_path / "repo", tmp_path / "mnt", "big@p1", "_64G", 3, reads=False
+    )
+    for metric in [
+        *runner.CLONE_METRICS,
+        "snapshot_s",
+        "rollback_s",
+        "clone_create_s_64G",
+        "snapshot_s_64G",
+        "rollback_s_64G",
+    ]:
         entry = r.entries[("rpfs", metric)]
         assert entry.value is None, metric
         assert "no 'clone' command" in entry.note
@@ -228,8 +234,9 @@ def test_sample_disk_is_deterministic_and_churn_is_listed(tmp_path: Path):
     assert all(e["length"] == sample_mod.CHURN_REGION for e in changed)
     base, churned = a.base.read_bytes(), a.churned.read_bytes()
     step = sample_mod.CHURN_REGION
-    differing = {off for off in range(0, size, step)
-                 if base[off : off + step] != churned[off : off + step]}
+    differing = {
+        off for off in range(0, size, step) if base[off : off + step] != churned[off : off + step]
+    }
     assert differing == listed
     other = sample_mod.build_sample(_mk(tmp_path / "c"), size, seed=8)
     assert _sha(other.base) != _sha(a.base)
@@ -276,7 +283,9 @@ def _ceiling(source: str | Path, mnt: Path) -> Iterator[subprocess.Popen]:
     mnt.mkdir()
     proc = subprocess.Popen(
         [sys.executable, str(CEILINGFS), str(source), str(mnt)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         start_new_session=True,
     )
     try:
@@ -323,8 +332,9 @@ def test_ceiling_serves_the_source_bytes(ceiling):
     assert st.st_blksize == 1 << 20
     assert oct(st.st_mode & 0o777) == oct(0o444)
     subprocess.run(["cmp", str(image), str(source)], check=True)
-    out = subprocess.run(["dd", f"if={image}", "bs=1M", "status=none"], capture_output=True,
-                         check=True).stdout
+    out = subprocess.run(
+        ["dd", f"if={image}", "bs=1M", "status=none"], capture_output=True, check=True
+    ).stdout
     assert out == source.read_bytes()
     # an unaligned read in the middle
     with open(image, "rb") as f:
@@ -373,8 +383,12 @@ def test_ceiling_pattern_source_and_unmount_ends_it(tmp_path: Path):
 def test_ceiling_refuses_a_missing_source(tmp_path: Path):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    res = subprocess.run([sys.executable, str(CEILINGFS), str(tmp_path / "nope"), str(mnt)],
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, str(CEILINGFS), str(tmp_path / "nope"), str(mnt)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 1
     assert "cannot load" in res.stderr
     assert not _mounted(mnt)

@@ -25,6 +25,7 @@ import pytest
 from helpers import (
     BS,
     MiB,
+    assert_one_line_error,
     assert_same_bytes,
     e2fsck_clean,
     is_fuse_mounted,
@@ -90,17 +91,6 @@ def first_difference(a: bytes, b: bytes) -> str:
                 if a[i] != b[i]:
                     return f"first difference at byte {i} (block {i // BS})"
     return "identical"
-
-
-def assert_one_line_error(res: subprocess.CompletedProcess, *needles: str) -> str:
-    """A refused command: non-zero exit, exactly one line `rpfs: error: ...` on stderr."""
-    assert res.returncode != 0, f"expected failure, got rc 0: {res.stdout}"
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1, f"expected one error line, got:\n{res.stderr}"
-    assert lines[0].startswith("rpfs: error: "), lines[0]
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
-    return lines[0]
 
 
 def disks_by_name(rpfs) -> dict[str, dict]:

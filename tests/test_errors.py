@@ -12,21 +12,16 @@ from pathlib import Path
 
 import pytest
 from conftest import Rpfs
-from helpers import MiB, assert_same_bytes, is_fuse_mounted, point_image, write_random
+from helpers import (
+    MiB,
+    assert_one_line_error,
+    assert_same_bytes,
+    is_fuse_mounted,
+    point_image,
+    write_random,
+)
 
 from rpfs.repo import Repository
-
-
-def assert_one_line_error(res: subprocess.CompletedProcess, *needles: str) -> str:
-    assert res.returncode != 0, f"expected failure, got rc 0: {res.stdout}"
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{res.stderr}"
-    line = lines[0]
-    assert line.startswith("rpfs: error: "), line
-    assert "Traceback" not in res.stderr
-    for needle in needles:
-        assert needle in line, f"{needle!r} not in {line!r}"
-    return line
 
 
 @pytest.fixture

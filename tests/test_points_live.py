@@ -95,6 +95,7 @@ import pytest  # noqa: E402  (the writer process above needs none of this)
 from helpers import (  # noqa: E402
     BS,
     MiB,
+    assert_one_line_error,
     assert_same_bytes,
     is_fuse_mounted,
     point_image,
@@ -215,16 +216,6 @@ def differing_blocks(a: bytes, b: bytes) -> set[int]:
 def nonzero_blocks(a: bytes) -> set[int]:
     zero = bytes(BS)
     return {i for i in range(len(a) // BS) if a[i * BS : (i + 1) * BS] != zero}
-
-
-def assert_one_line_error(res: subprocess.CompletedProcess, *needles: str) -> str:
-    assert res.returncode != 0, f"expected a failure, got rc 0: {res.stdout}"
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{res.stderr}"
-    assert lines[0].startswith("rpfs: error: "), lines[0]
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
-    return lines[0]
 
 
 @dataclass
