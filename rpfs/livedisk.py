@@ -35,7 +35,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -430,13 +430,12 @@ class LiveDisk:
         self.finish_archiving()
         with self.barrier():
             with self.index.read() as txn:
-                target = self.index.chain(txn, point.lineage, point.gen)
+                changed = self._changed_since(txn, point)
                 local = (m.start() for m in _LOCAL_BLOCK.finditer(self.states))
                 # After a crash a PRESENT block may hold an unrecorded write: drop them all.
                 drop = [
                     b for b in local
-                    if self.states[b] != PRESENT or not self.tracked
-                    or self.index.resolve(txn, self.chain, b) != self.index.resolve(txn, target, b)
+                    if self.states[b] != PRESENT or not self.tracked or changed(b)
                 ]
             runs = _runs(drop)
             for first, end in runs:
@@ -458,6 +457,23 @@ class LiveDisk:
         log.info("disk %s: rolled back to %s, %d blocks to fetch again",
                  self.name, point.ref, len(drop))
         return len(drop)
+
+    def _changed_since(self, txn, point: PointRecord) -> Callable[[int], bool]:
+        """A test: does block b read differently at the disk's head than at `point`?
+
+        For a point of the disk's own lineage only blocks with extents newer than it can
+        differ (one scan of the lineage's extents); otherwise compare both resolutions.
+        """
+        if point.lineage == self.record.lineage:
+            newer = {
+                block for block, gen, _ in self.index.iter_extents(txn, point.lineage)
+                if gen > point.gen
+            }
+            return newer.__contains__
+        target = self.index.chain(txn, point.lineage, point.gen)
+        return lambda b: (
+            self.index.resolve(txn, self.chain, b) != self.index.resolve(txn, target, b)
+        )
 
     # -- hydration ------------------------------------------------------------------------
 
