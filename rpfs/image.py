@@ -128,13 +128,12 @@ class Readahead:
         if start >= stop:
             return
         self._ahead = stop
+        blocks = [b for b in range(start, stop) if wanted is None or wanted(b)]
+        if not blocks:  # e.g. a live disk whose next blocks are local
+            return
         index = self.cache.repo.index
         with index.read() as txn:
-            values = [
-                index.resolve(txn, chain, b)
-                for b in range(start, stop)
-                if wanted is None or wanted(b)
-            ]
+            values = [index.resolve(txn, chain, b) for b in blocks]
         self.cache.prefetch([v for v in values if v != ZERO])
 
 

@@ -180,29 +180,30 @@ class LiveDisk:
         first, last = offset // self.bs, (end - 1) // self.bs
         if ABSENT in self.states[first : last + 1]:
             return None
+        self.readahead.after_read(offset, end, last, self.chain, self._absent)
         return os.pread(self.fd, end - offset, offset)
 
     def read(self, offset: int, length: int) -> bytes:
+        data = self.read_cached(offset, length)
+        if data is not None:
+            return data
         end = min(offset + length, self.size)
-        if offset >= end:
-            return b""
         first, last = offset // self.bs, (end - 1) // self.bs
         self.readahead.after_read(offset, end, last, self.chain, self._absent)
-        if ABSENT not in self.states[first : last + 1]:
-            return os.pread(self.fd, end - offset, offset)
-        parts = [self._block(b) for b in range(first, last + 1)]
+        parts = [self._fetch_if_absent(b) or self._pread_block(b) for b in range(first, last + 1)]
         start = offset - first * self.bs
         return b"".join(parts)[start : start + end - offset]
 
     def _absent(self, block: int) -> bool:
         return self.states[block] == ABSENT
 
-    def _block(self, block: int) -> bytes:
+    def _fetch_if_absent(self, block: int) -> bytes | None:
+        """Copy-on-read of `block` if it is ABSENT (its data), else None."""
         if self.states[block] == ABSENT:
             with self._locked(block, block + 1):
                 if self.states[block] == ABSENT:
                     return self._fetch(block)
-        return self._pread_block(block)
+        return None
 
     def _pread_block(self, block: int) -> bytes:
         data = os.pread(self.fd, self.bs, block * self.bs)
@@ -437,9 +438,8 @@ class LiveDisk:
                     b for b in local
                     if self.states[b] != PRESENT or not self.tracked or changed(b)
                 ]
-            runs = _runs(drop)
-            for first, end in runs:
-                self._set(first, end, ABSENT)
+            for b in drop:
+                self._set(b, b + 1, ABSENT)
             with self.index.write() as txn:  # the barrier holds the sync lock
                 lineage = LineageRecord(
                     self.index.next_id(txn, "lineage"), parent=point.lineage,
@@ -479,25 +479,7 @@ class LiveDisk:
 
     def hydrate_range(self, first: int, end: int) -> int:
         """Fetch every ABSENT block in [first, end); returns how many were fetched."""
-        fetched = 0
-        for b in range(first, end):
-            if self.states[b] == ABSENT:
-                with self._locked(b, b + 1):
-                    if self.states[b] == ABSENT:
-                        self._fetch(b)
-                        fetched += 1
-        return fetched
-
-
-def _runs(blocks: list[int]) -> list[tuple[int, int]]:
-    """Sorted block numbers as (first, end) runs of consecutive blocks."""
-    runs: list[tuple[int, int]] = []
-    for b in blocks:
-        if runs and runs[-1][1] == b:
-            runs[-1] = (runs[-1][0], b + 1)
-        else:
-            runs.append((b, b + 1))
-    return runs
+        return sum(self._fetch_if_absent(b) is not None for b in range(first, end))
 
 
 def create_local_file(path: Path, size: int) -> None:
