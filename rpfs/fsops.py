@@ -1,8 +1,11 @@
 """pyfuse3 Operations: translate kernel requests to the Tree and images, nothing more.
 
-Every call that can block (LMDB, pread, zstd) runs in a worker thread behind one
-CapacityLimiter, so the trio thread that pyfuse3 runs all requests on never stalls.
-Only FUSEError may leave a handler: anything else would end the mount.
+Every call that can block for long (locks, fetches that other requests could overlap)
+runs in a worker thread behind one CapacityLimiter, so the trio thread that pyfuse3 runs
+all requests on never waits on them. Reads are the measured exception: one whose blocks
+are at hand, or a small one alone in flight, is answered on the trio thread, because the
+hand-off to a thread and back costs more than such a read. Only FUSEError may leave a
+handler: anything else would end the mount.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import errno
 import itertools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import pyfuse3
@@ -26,6 +29,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 ENTRY_TIMEOUT = 1.0  # seconds the kernel may trust a name or attribute
 BLKSIZE = 1 << 20  # advertised I/O size: tools read in 1 MiB pieces
+INLINE_READ_MAX = 64 << 10  # a read this small, alone in flight, may fetch on the trio thread
 
 
 class Operations(pyfuse3.Operations):
@@ -36,6 +40,7 @@ class Operations(pyfuse3.Operations):
         self._handles: dict[int, Handle] = {}
         self._dirs: dict[int, list[tuple[str, Attr]]] = {}
         self._fh = itertools.count(1)
+        self._reads = 0  # read requests in flight
 
     def forget_disk(self, name: str) -> None:
         """Drop the kernel's cached entries of a deleted disk, before the command that
@@ -46,8 +51,14 @@ class Operations(pyfuse3.Operations):
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         """Run blocking `fn` in a worker thread; map errors to FUSEError."""
-        try:
+        with self._errors(fn):
             return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+
+    @contextlib.contextmanager
+    def _errors(self, fn: Callable) -> Iterator[None]:
+        """Map what `fn` raised to a FUSEError: EIO for bad data and internal errors."""
+        try:
+            yield
         except CorruptChunk:
             raise pyfuse3.FUSEError(errno.EIO) from None
         except OSError as exc:
@@ -142,13 +153,19 @@ class Operations(pyfuse3.Operations):
 
     async def read(self, fh, off, size):
         handle = self._handle(fh)
-        try:  # answered inline when nothing needs fetching (measured: +26% cold sequential)
-            data = handle.read_cached(off, size)
-        except OSError as exc:
-            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
-        if data is not None:
-            return data
-        return await self._run(handle.read, off, size)
+        self._reads += 1
+        try:
+            # Answered on this thread when nothing needs fetching (measured: +26 % cold
+            # sequential), or when a small read is the only one in flight: the thread
+            # hand-off then costs more than the fetch (4 KiB qd1: 245 -> 157 us).
+            lone_small = self._reads == 1 and size <= INLINE_READ_MAX
+            with self._errors(handle.read_cached):
+                data = handle.read_cached(off, size, lone_small)
+            if data is not None:
+                return data
+            return await self._run(handle.read, off, size)
+        finally:
+            self._reads -= 1
 
     async def write(self, fh, off, buf):
         return await self._run(self._handle(fh).write, off, buf)

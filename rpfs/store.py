@@ -33,6 +33,7 @@ CODEC_RAW = 0
 CODEC_ZSTD = 1
 PACK_TARGET = 64 << 20  # start a new pack past this size
 ZSTD_LEVEL = 3
+READ_SPAN = 1 << 20  # the most one pread of adjacent records asks for
 
 _local = threading.local()
 
@@ -54,16 +55,18 @@ def encode_chunk(block: bytes, block_digest: bytes) -> bytes:
     return HEADER.pack(MAGIC, codec, block_digest, len(payload)) + payload
 
 
-def decode_chunk(record: bytes, expected: bytes, block_size: int, where: tuple[str, int]) -> bytes:
+def decode_chunk(
+    record: bytes | memoryview, expected: bytes, block_size: int, where: tuple[str, int]
+) -> bytes:
     """Check and decode one pack record; raise CorruptChunk naming `where` (pack, offset)."""
     if len(record) < HEADER.size:
         raise CorruptChunk(*where, "record is truncated")
     magic, codec, stored_digest, length = HEADER.unpack_from(record)
-    payload = record[HEADER.size :]
+    payload = memoryview(record)[HEADER.size :]
     if magic != MAGIC or stored_digest != expected or length != len(payload):
         raise CorruptChunk(*where, "record header does not match the index")
     if codec == CODEC_RAW:
-        block = payload
+        block = bytes(payload)
     elif codec == CODEC_ZSTD:
         decompressor = getattr(_local, "decompressor", None)
         if decompressor is None:
@@ -102,12 +105,61 @@ class PackStore:
 
     def get(self, loc: ChunkLoc, expected: bytes) -> bytes:
         """The verified block stored at `loc` (a blocking call: run it off the trio thread)."""
-        where = (f"{loc.pack:08d}.pack", loc.offset)
+        result = self.get_many([(loc, expected)])[0]
+        if isinstance(result, CorruptChunk):
+            raise result
+        return result
+
+    def get_many(self, wanted: list[tuple[ChunkLoc, bytes]]) -> list[bytes | CorruptChunk]:
+        """The verified blocks at these locations, in order; a bad one is its CorruptChunk.
+
+        Records that lie end to end in a pack (a capture writes a disk's blocks in order)
+        are read with one pread of up to READ_SPAN bytes: measured on a 1 GiB point, one
+        pread per 64 KiB record cost as much as decoding a third of them.
+        """
+        results: list[bytes | CorruptChunk | None] = [None] * len(wanted)
+        order = sorted(range(len(wanted)), key=lambda i: (wanted[i][0].pack, wanted[i][0].offset))
+        run: list[int] = []
+        for i in order:
+            if run:
+                last = wanted[run[-1]][0]
+                loc = wanted[i][0]
+                span = loc.offset + loc.length - wanted[run[0]][0].offset
+                if loc.pack != last.pack or loc.offset != last.offset + last.length or (
+                    span > READ_SPAN
+                ):
+                    self._read_run(wanted, run, results)
+                    run = []
+            run.append(i)
+        if run:
+            self._read_run(wanted, run, results)
+        return results  # type: ignore[return-value]
+
+    def _read_run(
+        self, wanted: list[tuple[ChunkLoc, bytes]], run: list[int],
+        results: list[bytes | CorruptChunk | None],
+    ) -> None:
+        """Read records lying end to end with one pread and decode each into `results`."""
+        first = wanted[run[0]][0]
+        last = wanted[run[-1]][0]
         try:
-            record = os.pread(self._fd(loc.pack), loc.length, loc.offset)
+            buf = os.pread(self._fd(first.pack), last.offset + last.length - first.offset,
+                           first.offset)
         except OSError as exc:
-            raise CorruptChunk(*where, f"read failed: {exc.strerror}") from None
-        return decode_chunk(record, expected, self.block_size, where)
+            for i in run:
+                loc = wanted[i][0]
+                results[i] = CorruptChunk(f"{loc.pack:08d}.pack", loc.offset,
+                                          f"read failed: {exc.strerror}")
+            return
+        view = memoryview(buf)
+        for i in run:
+            loc, expected = wanted[i]
+            start = loc.offset - first.offset
+            try:
+                results[i] = decode_chunk(view[start : start + loc.length], expected,
+                                          self.block_size, (f"{loc.pack:08d}.pack", loc.offset))
+            except CorruptChunk as exc:
+                results[i] = exc
 
     def close(self) -> None:
         with self._lock:

@@ -5,6 +5,8 @@ disk, point, block and pack."""
 from __future__ import annotations
 
 import errno
+import mmap
+import os
 import random
 import re
 import subprocess
@@ -39,6 +41,17 @@ def pack_records(path: Path):
         assert magic == b"RPC1", f"no record at {path.name}:{pos}"
         yield pos, codec, dig, length
         pos += HEADER.size + length
+
+
+def direct_read(path: Path, offset: int, length: int) -> bytes:
+    """One O_DIRECT read: the kernel sends it to the daemon as it is, never cached."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, length)  # page-aligned, as O_DIRECT wants
+        n = os.preadv(fd, [buf], offset)
+        return bytes(buf[:n])
+    finally:
+        os.close(fd)
 
 
 def flip(path: Path, pos: int) -> None:
@@ -87,6 +100,15 @@ def test_flipped_bytes_read_as_eio_and_are_logged(rpfs, mounted, tmp_path):
             f.seek(bad_block * BS)
             f.read(BS)
         assert err.value.errno == errno.EIO, damaged[bad_block]
+        # A lone 4 KiB O_DIRECT read (answered on the daemon's trio thread) fails alike,
+        # and one of the next block reads right.
+        with pytest.raises(OSError) as err:
+            direct_read(img, bad_block * BS + 8192, 4096)
+        assert err.value.errno == errno.EIO, damaged[bad_block]
+        if bad_block + 1 not in damaged:
+            assert direct_read(img, (bad_block + 1) * BS, 4096) == read_at(
+                src, (bad_block + 1) * BS, 4096
+            )
         # dd over the damaged block fails too, and again on a second try (nothing cached).
         for _ in range(2):
             res = subprocess.run(

@@ -253,10 +253,41 @@ def test_chunk_corruption_is_detected(tmp_path: Path, which: str):
     assert err.value.pack == path.name
     assert err.value.offset == loc.offset
     assert isinstance(err.value, RpfsError)
-    # The other records are untouched and still read back.
+    # The other records are untouched and still read back, alone or read together with
+    # the bad one (one pread for adjacent records): only the bad one is an error.
     for j, (block, other) in enumerate(zip(blocks, locs, strict=True)):
         if j != i:
             assert store.get(other, digest(block)) == block
+    together = store.get_many([(loc, digest(b)) for loc, b in zip(locs, blocks, strict=True)])
+    assert isinstance(together[i], CorruptChunk) and together[i].offset == loc.offset
+    assert [b for j, b in enumerate(together) if j != i] == blocks[:i] + blocks[i + 1 :]
+    store.close()
+
+
+def test_get_many_reads_adjacent_records_with_one_pread(tmp_path: Path, monkeypatch):
+    packs = tmp_path / "packs"
+    packs.mkdir()
+    store = PackStore(packs, BS)
+    writer = store.writer(_Counter())
+    blocks = _blocks() * 2
+    locs = [writer.append(encode_chunk(b, digest(b))) for b in blocks]
+    writer.close()
+    preads: list[int] = []
+    real_pread = os.pread
+
+    def counting_pread(fd: int, n: int, offset: int) -> bytes:
+        preads.append(n)
+        return real_pread(fd, n, offset)
+
+    monkeypatch.setattr("rpfs.store.os.pread", counting_pread)
+    order = [5, 0, 7, 2, 1, 6, 3, 4]  # asked out of order, answered in the order asked
+    wanted = [(locs[i], digest(blocks[i])) for i in order]
+    assert store.get_many(wanted) == [blocks[i] for i in order]
+    assert preads == [sum(loc.length for loc in locs)]
+    preads.clear()
+    monkeypatch.setattr("rpfs.store.READ_SPAN", 2 * BS)  # a run stops at the span
+    assert store.get_many(wanted) == [blocks[i] for i in order]
+    assert len(preads) > 1 and max(preads) <= 2 * BS + 2 * HEADER.size
     store.close()
 
 
