@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .errors import RpfsError
 from .image import ChunkCache
-from .index import ZERO, DiskRecord, LineageRecord
+from .index import ZERO, DiskRecord, LineageRecord, PointRecord
 from .livedisk import ABSENT, LiveDisk, create_local_file, load_states
 from .names import check_name, default_point_name, parse_point_ref
 from .pipeline import ordered_map
@@ -257,44 +257,61 @@ class DiskService:
         try:
             for disk_name in names:
                 opened.append(self.acquire(disk_name))
-            for disk in opened:
-                self._join_archiver(disk.name)
-                disk.finish_archiving()  # one archiving point per disk at a time
-            now = time.time()
-            with contextlib.ExitStack() as barriers:
+            while True:
+                # One archiving point per disk at a time, but a disk with nothing written
+                # since its pending point needs no wait: the new point rides on that one.
                 for disk in opened:
-                    barriers.enter_context(disk.barrier())
-                frozen: list[LiveDisk] = []
-                try:
-                    with self.index.write() as txn:
-                        for disk in opened:
-                            if self.index.get_point(txn, disk.name, point_name):
-                                raise RpfsError(
-                                    f"point {disk.name}@{point_name} already exists; choose "
-                                    "another --name"
-                                )
-                        points = []
-                        for disk in opened:
-                            points.append(disk.freeze(txn, point_name, now))
-                            frozen.append(disk)
-                except BaseException:
-                    for disk in frozen:
-                        disk.unfreeze()
-                    raise
-                for disk, point in zip(opened, points, strict=True):
-                    disk.frozen(point)
-            for disk in opened:
-                log.info("disk %s: point %s taken (%s, %d blocks to archive)", disk.name,
-                         point_name, points[0].method, disk.archiving.frozen_blocks
-                         if disk.archiving else 0)
-                if self.background:
-                    self._start_archiver(disk.name)
+                    if disk.archiving is not None and not disk.can_ride:
+                        self._join_archiver(disk.name)
+                        disk.finish_archiving()
+                with contextlib.ExitStack() as barriers:
+                    for disk in opened:
+                        barriers.enter_context(disk.barrier())
+                    if any(d.archiving is not None and not d.can_ride for d in opened):
+                        continue  # a write landed before the barrier: archive, try again
+                    points = self._freeze_all(opened, point_name)
+                break
+            for disk, point in zip(opened, points, strict=True):
+                rider = point.state == "archiving" and not point.frozen_blocks
+                if rider:
+                    log.info("disk %s: point %s taken, nothing written since point %s: "
+                             "complete when that one is", disk.name, point_name,
+                             disk.archiving.name if disk.archiving else "-")
                 else:
+                    log.info("disk %s: point %s taken (%s, %d blocks to archive)", disk.name,
+                             point_name, point.method, point.frozen_blocks)
+                if not self.background:
                     disk.finish_archiving()
+                elif not rider:  # a rider completes with the pending point's archiver
+                    self._start_archiver(disk.name)
         finally:
             for disk in opened:
                 self.release(disk.name)
         return [vars(p) for p in points]
+
+    def _freeze_all(self, opened: list[LiveDisk], point_name: str) -> list[PointRecord]:
+        """Take the point of every disk in one transaction (caller holds their barriers)."""
+        now = time.time()
+        frozen: list[LiveDisk] = []
+        try:
+            with self.index.write() as txn:
+                for disk in opened:
+                    if self.index.get_point(txn, disk.name, point_name):
+                        raise RpfsError(
+                            f"point {disk.name}@{point_name} already exists; choose "
+                            "another --name"
+                        )
+                points = []
+                for disk in opened:
+                    points.append(disk.freeze(txn, point_name, now))
+                    frozen.append(disk)
+        except BaseException:
+            for disk in frozen:
+                disk.unfreeze()
+            raise
+        for disk, point in zip(opened, points, strict=True):
+            disk.frozen(point)
+        return points
 
     def _start_archiver(self, name: str) -> None:
         """Archive `name`'s point in a thread that holds the disk open until done."""
@@ -308,7 +325,8 @@ class DiskService:
                 log.exception("disk %s: archiving failed; it resumes at the next open", name)
             finally:
                 with self._lock:
-                    self._archivers.pop(name, None)
+                    if self._archivers.get(name) is threading.current_thread():
+                        del self._archivers[name]  # not a newer archiver's entry
                 self.release(name)
 
         thread = threading.Thread(target=run, name=f"rpfs-archive-{name}", daemon=True)

@@ -778,6 +778,15 @@ def test_rollback(live, tmp_path):
     assert sum("[branch" in ln for ln in lines) == 2 and sum("[current" in ln for ln in lines) == 1
     assert indent_of(lines, "p4 ") > indent_of(lines, "p2 "), lines
 
+    # Back to a point of the other abandoned branch: the head reads lineage 1 up to p2,
+    # p3 reads it up to p1, and each reads a lineage the other does not.
+    live.close("vm")
+    live.wait_state("vm", 0)
+    live.rpfs("rollback", "vm@p3", check=True)
+    live.open("vm", os.O_RDONLY)
+    assert_same_bytes(live.disk("vm"), saved["p3"])
+    assert_same_bytes(live.point("vm", "p4"), saved["p4"])
+
 
 @pytest.mark.timeout(180)
 def test_changed_and_allocated_against_the_writes(live, tmp_path):
@@ -916,6 +925,43 @@ def test_snapshot_during_fsyncs_does_not_deadlock(live):
         assert time.monotonic() - t0 < SNAPSHOT_BOUND
     for writer in writers:
         writer.stop()
+
+
+@pytest.mark.timeout(180)
+def test_unchanged_points_ride_on_the_archiving_one(live):
+    """Snapshots with nothing written since a point still archiving do not wait for it:
+    they read as it does and complete with it, also after a SIGKILL."""
+    size = 512 * MiB  # archived in ~2 s here; a snapshot takes ~0.2 s
+    live.create("rd", size)
+    fd = live.open("rd")
+    for off in range(0, size, MiB):
+        os.pwrite(fd, os.urandom(MiB), off)
+    os.fsync(fd)
+    live.close("rd")
+    expected = read_image(live.disk("rd"))
+    for name in ("a", "b", "c"):
+        live.snapshot("rd", name=name)
+    points = {p["name"]: p for p in live.rpfs.points("rd")}
+    # 512 MiB take longer to archive than two snapshots take: a is still pending, so b
+    # and c are riders (a daemon without riders waited for a's archive in b's snapshot).
+    assert points["a"]["state"] == "archiving", points["a"]
+    for n in "bc":
+        assert points[n]["state"] == "archiving" and points[n]["frozen_blocks"] == 0, points[n]
+        assert read_image(live.point("rd", n)) == expected, f"rd@{n} while a archives"
+    live.kill_daemon()
+    live.start()
+    done = {p["name"]: p for p in live.wait_complete("rd")}
+    assert [done[n]["state"] for n in "abc"] == ["complete"] * 3, done
+    assert done["b"]["allocated_blocks"] == done["c"]["allocated_blocks"] == size // BS
+    assert done["b"]["blocks_written"] == done["c"]["blocks_written"] == 0
+    for n in "abc":
+        assert read_image(live.point("rd", n)) == expected, f"rd@{n} after the restart"
+    # A write makes the next point wait for nothing pending: a normal point again.
+    fd = live.open("rd")
+    os.pwrite(fd, b"x" * 4096, 0)
+    os.fsync(fd)
+    live.snapshot("rd", name="d")
+    assert live.rpfs.point("rd", "d")["frozen_blocks"] == 1
 
 
 @pytest.mark.timeout(120)
