@@ -18,8 +18,8 @@ from .repo import Repository
 
 log = logging.getLogger(__name__)
 
-PREFETCH_BLOCKS = 64  # blocks a sequential reader's chunks are fetched ahead of it
-PREFETCH_BATCH = 16  # blocks one prefetch task resolves, reads and decodes together
+PREFETCH_BLOCKS = 128  # blocks (8 MiB) a sequential reader's chunks are fetched ahead of it
+PREFETCH_BATCH = 32  # blocks one prefetch task resolves, reads and decodes together
 
 
 class ChunkCache:
