@@ -195,13 +195,25 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     with disk_service(repo_path(args.repo)) as service:
         points = service.snapshot(disks=args.disks, name=args.name)
     for p in points:
-        print(f"{p['disk']}@{p['name']}: taken ({p['method']}, {p['frozen_blocks']} blocks "
-              f"to archive)")
+        if p["state"] == "archiving" and not p["frozen_blocks"]:
+            print(f"{p['disk']}@{p['name']}: taken ({p['method']}; nothing written since the "
+                  "point still archiving, complete with it)")
+        else:
+            print(f"{p['disk']}@{p['name']}: taken ({p['method']}, {p['frozen_blocks']} "
+                  "blocks to archive)")
     return 0
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    with disk_service(repo_path(args.repo)) as service:
+    root = repo_path(args.repo)
+    disk = parse_point_ref(args.point)[0]
+    with Repository(root) as repo, repo.index.read() as txn:
+        pending = [p for p in repo.index.list_points(txn, disk)
+                   if p.state == "archiving" and p.frozen_blocks]  # not its riders
+    for p in pending:  # the rollback waits for them: say why it takes a while
+        print(f"rpfs: {p.disk}@{p.name} is still being archived ({p.archived_blocks} of "
+              f"{p.frozen_blocks} blocks); the rollback waits for it", file=sys.stderr)
+    with disk_service(root) as service:
         result = service.rollback(point=args.point)
     print(f"disk {result['disk']}: rolled back to {args.point} "
           f"({result['blocks_to_fetch']} blocks will be fetched again)")

@@ -99,6 +99,7 @@ from helpers import (  # noqa: E402
     assert_same_bytes,
     is_fuse_mounted,
     point_image,
+    read_at,
     wait_pid_exit,
     write_random,
 )
@@ -939,29 +940,44 @@ def test_unchanged_points_ride_on_the_archiving_one(live):
     os.fsync(fd)
     live.close("rd")
     expected = read_image(live.disk("rd"))
-    for name in ("a", "b", "c"):
-        live.snapshot("rd", name=name)
+    live.snapshot("rd", name="a")
+    live.snapshot("rd", name="b")
+    res = live.rpfs("snapshot", "rd", "--name", "c", check=True)
+    assert "complete with it" in res.stdout, res.stdout
     points = {p["name"]: p for p in live.rpfs.points("rd")}
     # 512 MiB take longer to archive than two snapshots take: a is still pending, so b
     # and c are riders (a daemon without riders waited for a's archive in b's snapshot).
     assert points["a"]["state"] == "archiving", points["a"]
     for n in "bc":
         assert points[n]["state"] == "archiving" and points[n]["frozen_blocks"] == 0, points[n]
-        assert read_image(live.point("rd", n)) == expected, f"rd@{n} while a archives"
+        head = read_at(live.point("rd", n), 0, 16 * MiB)  # quick: a must still be pending
+        assert head == expected[: 16 * MiB], f"rd@{n} while a archives"
+    # Killed with all three pending; a rollback without the daemon says what it waits for,
+    # finishes the archive (a's riders with it) and rolls back.
     live.kill_daemon()
+    res = live.rpfs("rollback", "rd@b", check=True)
+    assert "rd@a is still being archived" in res.stderr, res.stderr
     live.start()
-    done = {p["name"]: p for p in live.wait_complete("rd")}
+    done = {p["name"]: p for p in live.rpfs.points("rd")}
     assert [done[n]["state"] for n in "abc"] == ["complete"] * 3, done
     assert done["b"]["allocated_blocks"] == done["c"]["allocated_blocks"] == size // BS
     assert done["b"]["blocks_written"] == done["c"]["blocks_written"] == 0
     for n in "abc":
         assert read_image(live.point("rd", n)) == expected, f"rd@{n} after the restart"
-    # A write makes the next point wait for nothing pending: a normal point again.
+    assert read_image(live.disk("rd")) == expected
+    # After the kill the map is not trusted: d compares every block. A write while d is
+    # archiving makes e a point of its own (it waits for d), with just that block.
     fd = live.open("rd")
+    live.snapshot("rd", name="d")
+    assert live.rpfs.point("rd", "d")["method"] == "full-compare"
     os.pwrite(fd, b"x" * 4096, 0)
     os.fsync(fd)
-    live.snapshot("rd", name="d")
-    assert live.rpfs.point("rd", "d")["frozen_blocks"] == 1
+    live.snapshot("rd", name="e")
+    e = live.rpfs.point("rd", "e")
+    assert e["method"] == "tracked" and e["frozen_blocks"] == 1, e
+    live.wait_complete("rd")
+    assert read_image(live.point("rd", "d")) == expected
+    assert read_image(live.point("rd", "e")) == b"x" * 4096 + expected[4096:]
 
 
 @pytest.mark.timeout(120)
