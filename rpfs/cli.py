@@ -461,6 +461,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rpfs: interrupted; nothing was committed by the interrupted step", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of our output went away (`rpfs points --json | grep -q ...`): not an
+        # error to report. Point stdout at /dev/null so the exit flush does not fail too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # what a shell reports for a process ended by SIGPIPE
 
 
 if __name__ == "__main__":

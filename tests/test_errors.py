@@ -273,3 +273,17 @@ def test_namespace_changes_fail_with_erofs(rpfs, populated, mount, tmp_path):
             got[name] = errno.errorcode.get(exc.errno, exc.errno)
     assert_same_bytes(img, populated)
     assert got == dict.fromkeys(attempts, "EROFS")
+
+
+def test_output_to_a_closed_pipe_is_no_traceback(rpfs, populated):
+    """`rpfs points --json | grep -q ...`: the reader may go before rpfs has written."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write to the pipe now fails with EPIPE
+    try:
+        proc = rpfs.popen("points", "--json", stdout=write_end, stderr=subprocess.PIPE,
+                          text=True)
+    finally:
+        os.close(write_end)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 141, err
+    assert "Traceback" not in err, err
