@@ -119,14 +119,13 @@ class ChunkCache:
         results: list[bytes | BaseException]
         try:
             locs = [self.repo.index.get_chunk(txn, digest) for digest, _ in owned]
-            results = [
-                CorruptChunk("-", 0, f"chunk {digest.hex()[:16]} is not in the index")
-                for digest, _ in owned
-            ]
             found = [i for i, loc in enumerate(locs) if loc is not None]
-            decoded = self.repo.store.get_many([(locs[i], owned[i][0]) for i in found])
-            for i, result in zip(found, decoded, strict=True):
-                results[i] = result
+            decoded = iter(self.repo.store.get_many([(locs[i], owned[i][0]) for i in found]))
+            results = [
+                next(decoded) if loc is not None
+                else CorruptChunk("-", 0, f"chunk {digest.hex()[:16]} is not in the index")
+                for loc, (digest, _) in zip(locs, owned, strict=True)
+            ]
         except BaseException as exc:  # e.g. an index error: every waiter must see it
             results = [exc] * len(owned)
         with self._lock:

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from rpfs.capture import capture
 from rpfs.errors import CorruptChunk, RpfsError
+from rpfs.image import ChunkCache
 from rpfs.index import (
     MAX_GEN,
     ZERO,
@@ -21,6 +23,7 @@ from rpfs.index import (
     extent_key,
 )
 from rpfs.names import check_name, parse_point_ref, parse_size
+from rpfs.repo import Repository
 from rpfs.source import block_runs, load_changed
 from rpfs.store import (
     CODEC_RAW,
@@ -439,3 +442,39 @@ def test_block_runs_cover_and_merge():
 def test_load_changed_rejects_booleans(tmp_path: Path, content):
     with pytest.raises(RpfsError, match="changed-extent list"):
         load_changed(_changed(tmp_path, content), 10 * BS)
+
+
+# -- the chunk cache -----------------------------------------------------------------------
+
+
+def test_chunk_cache_loads_once_and_reports_each_bad_chunk(tmp_path: Path):
+    repo = Repository.init(tmp_path / "repo", BS)
+    src = tmp_path / "src.img"
+    blocks = _blocks()
+    src.write_bytes(b"".join(blocks))
+    capture(repo, "vm", src, "p1")
+    cache = ChunkCache(repo)
+    try:
+        digests = [digest(b) for b in blocks]
+        unknown = digest(b"no such block")
+        with repo.index.read() as txn:
+            got = cache.get_many(txn, [digests[0], unknown, digests[1], digests[0]])
+        assert got[0] == got[3] == blocks[0] and got[2] == blocks[1]
+        assert isinstance(got[1], CorruptChunk) and "not in the index" in str(got[1])
+        assert cache.peek(digests[1]) == blocks[1] and cache.peek(unknown) is None
+        # A chunk whose record went bad is reported for that chunk only, and not cached.
+        with repo.index.read() as txn:
+            loc = repo.index.get_chunk(txn, digests[3])
+        assert loc.length > HEADER.size + 200
+        with open(repo.store.path(loc.pack), "r+b") as f:
+            f.seek(loc.offset + HEADER.size + 100)
+            f.write(b"\xff" * 8)
+        with repo.index.read() as txn:
+            got = cache.get_many(txn, [digests[3], digests[2]])  # adjacent: one pread
+            assert isinstance(got[0], CorruptChunk) and got[1] == blocks[2]
+            with pytest.raises(CorruptChunk):
+                cache.get(txn, digests[3])
+        assert cache.peek(digests[3]) is None
+    finally:
+        cache.close()
+        repo.close()
