@@ -76,9 +76,14 @@ def cmd_capture(args: argparse.Namespace) -> int:
     return 0
 
 
-def _state(p: PointRecord) -> str:
+def _state(p: PointRecord, points: list[PointRecord]) -> str:
     if p.state == "complete":
         return "complete"
+    if not p.frozen_blocks:  # a rider: it completes with the point being archived
+        pending = [q for q in points if q.disk == p.disk and q.lineage == p.lineage
+                   and q.state == "archiving" and q.frozen_blocks and q.gen < p.gen]
+        if pending:
+            return f"archiving with {pending[0].name}"
     return f"archiving {100 * p.archived_blocks // max(1, p.frozen_blocks)}%"
 
 
@@ -106,7 +111,8 @@ def cmd_points(args: argparse.Namespace) -> int:
     rows = [
         [
             p.disk, p.name, fmt_time(p.created), fmt_bytes(p.size), str(p.blocks_written),
-            fmt_bytes(p.allocated_blocks * bs), fmt_bytes(p.bytes_stored), p.method, _state(p),
+            fmt_bytes(p.allocated_blocks * bs), fmt_bytes(p.bytes_stored), p.method,
+            _state(p, points),
         ]
         for p in points
     ]
@@ -116,7 +122,9 @@ def cmd_points(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_tree(disk: DiskRecord, lineages: list[LineageRecord], points: list) -> None:
+def _print_tree(
+    disk: DiskRecord, lineages: list[LineageRecord], points: list[PointRecord]
+) -> None:
     """A disk's points by lineage; a rollback's or clone's lineage under its origin."""
     mine = {lin.id: lin for lin in lineages if disk.name in lin.disks}
     children: dict[tuple[int, int], list[LineageRecord]] = {}
@@ -130,7 +138,7 @@ def _print_tree(disk: DiskRecord, lineages: list[LineageRecord], points: list) -
         label = "current" if lin.id == disk.lineage else "branch"
         print(f"{indent}[{label}: lineage {lin.id}]")
         for p in (p for p in points if p.disk == disk.name and p.lineage == lin.id):
-            print(f"{indent}  {p.name}  {fmt_time(p.created)}  {p.method}  {_state(p)}")
+            print(f"{indent}  {p.name}  {fmt_time(p.created)}  {p.method}  {_state(p, points)}")
             for child in children.pop((lin.id, p.gen), []):
                 show(child, indent + "    ")
         for key in [k for k in children if k[0] == lin.id]:

@@ -932,7 +932,7 @@ def test_snapshot_during_fsyncs_does_not_deadlock(live):
 def test_unchanged_points_ride_on_the_archiving_one(live):
     """Snapshots with nothing written since a point still archiving do not wait for it:
     they read as it does and complete with it, also after a SIGKILL."""
-    size = 512 * MiB  # archived in ~2 s here; a snapshot takes ~0.2 s
+    size = 768 * MiB  # archived in ~3 s here; a snapshot takes ~0.2 s
     live.create("rd", size)
     fd = live.open("rd")
     for off in range(0, size, MiB):
@@ -944,17 +944,22 @@ def test_unchanged_points_ride_on_the_archiving_one(live):
     live.snapshot("rd", name="b")
     res = live.rpfs("snapshot", "rd", "--name", "c", check=True)
     assert "complete with it" in res.stdout, res.stdout
+    # The last blocks are archived last: read them from the riders first.
+    tail = size - 16 * MiB
+    for n in "bc":
+        assert read_at(live.point("rd", n), tail, 16 * MiB) == expected[tail:], f"rd@{n}"
     points = {p["name"]: p for p in live.rpfs.points("rd")}
-    # 512 MiB take longer to archive than two snapshots take: a is still pending, so b
-    # and c are riders (a daemon without riders waited for a's archive in b's snapshot).
+    live.kill_daemon()  # all three still pending (checked next), nothing archives now
+    # 768 MiB take longer to archive than two snapshots and those reads: a was pending
+    # all along, so b and c are riders (a daemon without riders waited for a's archive
+    # in b's snapshot).
     assert points["a"]["state"] == "archiving", points["a"]
     for n in "bc":
         assert points[n]["state"] == "archiving" and points[n]["frozen_blocks"] == 0, points[n]
-        head = read_at(live.point("rd", n), 0, 16 * MiB)  # quick: a must still be pending
-        assert head == expected[: 16 * MiB], f"rd@{n} while a archives"
-    # Killed with all three pending; a rollback without the daemon says what it waits for,
-    # finishes the archive (a's riders with it) and rolls back.
-    live.kill_daemon()
+    table = live.rpfs("points", "rd", check=True).stdout
+    assert table.count("archiving with a") == 2, table
+    # A rollback without the daemon says what it waits for, finishes the archive (a's
+    # riders with it) and rolls back.
     res = live.rpfs("rollback", "rd@b", check=True)
     assert "rd@a is still being archived" in res.stderr, res.stderr
     live.start()
