@@ -6,6 +6,7 @@ relays its error). SIGTERM, SIGINT and `fusermount3 -u` all end it with a clean 
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -26,6 +27,25 @@ log = logging.getLogger(__name__)
 
 SYNC_INTERVAL = 2.0  # seconds between block-map persists of open disks
 READ_AHEAD_KB = 1024  # the default 128 KiB caps sequential reads well below the ceiling
+
+
+M_ARENA_MAX = -8  # a mallopt parameter (glibc's malloc.h)
+
+
+def limit_malloc_arenas() -> None:
+    """Keep freed memory from piling up in per-thread malloc arenas (glibc).
+
+    glibc gives threads that contend for malloc arenas of their own (up to 8 per core)
+    and keeps what is freed in each; trio's worker threads come and go. Measured on a
+    1 GiB point and its clone (cold reads, fio, copy-on-read, hydrate): peak RSS 183 MiB
+    with the default, 98 MiB with two arenas, read speed the same within the noise. (A
+    fixed 128 KiB mmap threshold saved 3 MiB more but cost ~10 % of cold sequential reads:
+    every 1 MiB buffer became a fresh mmap.) Call before any thread starts.
+    """
+    try:
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, 2)
+    except (OSError, AttributeError):  # not glibc: its allocator has its own ways
+        log.debug("mallopt is not available; malloc keeps its defaults")
 
 
 def tune_readahead(mountpoint: Path) -> None:
@@ -87,6 +107,7 @@ def serve(root: Path, mountpoint: Path, on_ready, on_error, hydrate: bool = Fals
     `hydrate`: copy every clone's missing blocks locally in the background.
     """
     mountpoint = mountpoint.absolute()
+    limit_malloc_arenas()
     try:
         repo = Repository(root)
     except RpfsError as exc:
