@@ -103,16 +103,22 @@ class ChunkCache:
 
     def _prefetch(self, chain: list[tuple[int, int]], blocks: list[int]) -> None:
         index = self.repo.index
-        with index.read() as txn:
-            values = {index.resolve(txn, chain, b) for b in blocks}
-            values.discard(ZERO)
-            owned = []
-            for digest in values:
-                _, fut, owner = self._claim(digest)
-                if owner:
-                    owned.append((digest, fut))
-            if owned:
-                self._load(txn, owned)
+        try:
+            with index.read() as txn:
+                values = {index.resolve(txn, chain, b) for b in blocks}
+                values.discard(ZERO)
+                owned = []
+                for digest in values:
+                    _, fut, owner = self._claim(digest)
+                    if owner:
+                        owned.append((digest, fut))
+                if owned:
+                    self._load(txn, owned)  # settles its futures even when it fails
+        except Exception as exc:  # nobody waits on this task: say it, readers fetch anew
+            log.warning(
+                "lineage %d blocks %d-%d: prefetch failed (%s); readers fetch them themselves",
+                chain[0][0], blocks[0], blocks[-1], exc,
+            )
 
     def _load(self, txn, owned: list[tuple[bytes, Future]]) -> None:
         """Locate, read and decode the chunks this thread claimed; settle their futures."""

@@ -478,3 +478,28 @@ def test_chunk_cache_loads_once_and_reports_each_bad_chunk(tmp_path: Path):
     finally:
         cache.close()
         repo.close()
+
+
+def test_a_failed_prefetch_is_logged_and_reads_still_work(tmp_path: Path, caplog, monkeypatch):
+    repo = Repository.init(tmp_path / "repo", BS)
+    src = tmp_path / "src.img"
+    blocks = _blocks()
+    src.write_bytes(b"".join(blocks))
+    point = capture(repo, "vm", src, "p1")
+    cache = ChunkCache(repo)
+    try:
+        with repo.index.read() as txn:
+            chain = repo.index.chain(txn, point.lineage, point.gen)
+
+        def broken(*args):
+            raise RpfsError("index unreadable")
+
+        with monkeypatch.context() as m:
+            m.setattr(repo.index, "resolve", broken)
+            cache._prefetch(chain, [0, 1, 2])  # what a pool thread runs
+        assert "lineage 1 blocks 0-2: prefetch failed (index unreadable)" in caplog.text
+        with repo.index.read() as txn:
+            assert cache.get(txn, digest(blocks[1])) == blocks[1]
+    finally:
+        cache.close()
+        repo.close()
