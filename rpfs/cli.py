@@ -79,9 +79,9 @@ def cmd_capture(args: argparse.Namespace) -> int:
 def _state(p: PointRecord, points: list[PointRecord]) -> str:
     if p.state == "complete":
         return "complete"
-    if not p.frozen_blocks:  # a rider: it completes with the point being archived
+    if p.rides:
         pending = [q for q in points if q.disk == p.disk and q.lineage == p.lineage
-                   and q.state == "archiving" and q.frozen_blocks and q.gen < p.gen]
+                   and q.state == "archiving" and not q.rides and q.gen < p.gen]
         if pending:
             return f"archiving with {pending[0].name}"
     return f"archiving {100 * p.archived_blocks // max(1, p.frozen_blocks)}%"
@@ -203,7 +203,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     with disk_service(repo_path(args.repo)) as service:
         points = service.snapshot(disks=args.disks, name=args.name)
     for p in points:
-        if p["state"] == "archiving" and not p["frozen_blocks"]:
+        if PointRecord(**p).rides:
             print(f"{p['disk']}@{p['name']}: taken ({p['method']}; nothing written since the "
                   "point still archiving, complete with it)")
         else:
@@ -217,7 +217,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     disk = parse_point_ref(args.point)[0]
     with Repository(root) as repo, repo.index.read() as txn:
         pending = [p for p in repo.index.list_points(txn, disk)
-                   if p.state == "archiving" and p.frozen_blocks]  # not its riders
+                   if p.state == "archiving" and not p.rides]
     for p in pending:  # the rollback waits for them: say why it takes a while
         print(f"rpfs: {p.disk}@{p.name} is still being archived ({p.archived_blocks} of "
               f"{p.frozen_blocks} blocks); the rollback waits for it", file=sys.stderr)

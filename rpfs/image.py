@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
@@ -94,6 +95,23 @@ class ChunkCache:
             exc = fut.exception()
             results[i] = fut.result() if exc is None else exc
         return results  # type: ignore[return-value]
+
+    def load(
+        self, txn, blocks: Iterable[int], values: list[bytes], where: str
+    ) -> list[bytes | None]:
+        """The decoded blocks whose resolved values are `values` (None where ZERO). A bad
+        chunk is logged as "`where` block N" and raised: the read fails with EIO."""
+        loaded = iter(self.get_many(txn, [v for v in values if v != ZERO]))
+        out: list[bytes | None] = []
+        for block, value in zip(blocks, values, strict=True):
+            data = None if value == ZERO else next(loaded)
+            if isinstance(data, CorruptChunk):
+                log.error("%s block %d: %s (chunk %s); the read fails with EIO",
+                          where, block, data, value.hex()[:16])
+            if isinstance(data, BaseException):
+                raise data
+            out.append(data)
+        return out
 
     def prefetch(self, chain: list[tuple[int, int]], blocks: list[int]) -> None:
         """Start loading the chunks of `blocks` of the image read through `chain`, in
@@ -253,10 +271,6 @@ class PointImage:
         if ahead is not None:
             self.cache.prefetch(self.chain, list(ahead))
 
-    def _block(self, txn, block: int) -> bytes:
-        value = self.repo.index.resolve(txn, self.chain, block)
-        return self._zero if value == ZERO else self._fetch(txn, value, block)
-
     def _archiving_block(self, block: int) -> bytes:
         """A block of a point still being archived: from the local file while frozen,
         else through a read transaction begun after that check (so it sees the extent
@@ -265,26 +279,13 @@ class PointImage:
         if data is not None:
             return data
         with self.repo.index.read() as txn:
-            return self._block(txn, block)
-
-    def _fetch(self, txn, digest: bytes, block: int) -> bytes:
-        return self._decoded(txn, block, [digest])[0]
+            return self._decoded(txn, block, [self.repo.index.resolve(txn, self.chain, block)])[0]
 
     def _decoded(self, txn, first: int, values: list[bytes]) -> list[bytes]:
         """The blocks first, first+1, ... whose resolved values are `values`."""
-        loaded = iter(self.cache.get_many(txn, [v for v in values if v != ZERO]))
-        parts = []
-        for block, value in enumerate(values, first):
-            data = self._zero if value == ZERO else next(loaded)
-            if isinstance(data, CorruptChunk):
-                log.error(
-                    "disk %s point %s block %d: %s (chunk %s); the read fails with EIO",
-                    self.point.disk, self.point.name, block, data, value.hex()[:16],
-                )
-            if isinstance(data, BaseException):
-                raise data
-            parts.append(data)
-        return parts
+        where = f"disk {self.point.disk} point {self.point.name}"
+        blocks = self.cache.load(txn, range(first, first + len(values)), values, where)
+        return [self._zero if data is None else data for data in blocks]
 
 
 def open_point(repo: Repository, cache: ChunkCache, disk: str, name: str) -> PointImage:

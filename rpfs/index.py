@@ -118,6 +118,12 @@ class PointRecord:
     archived_blocks: int = 0
 
     @property
+    def rides(self) -> bool:
+        """Taken with nothing written since a point still archiving: it has no frozen
+        blocks of its own and completes with that point."""
+        return self.state == "archiving" and not self.frozen_blocks
+
+    @property
     def ref(self) -> str:
         return f"{self.disk}@{self.name}"
 

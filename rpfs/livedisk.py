@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import CorruptChunk, RpfsError
+from .errors import RpfsError
 from .image import ChunkCache, Readahead
 from .index import MAX_GEN, ZERO, DiskRecord, Index, LineageRecord, PointRecord
 from .ingest import Ingest, examine
@@ -51,7 +51,7 @@ ABSENT, PRESENT, DIRTY, FROZEN = 0, 1, 2, 3
 PAGE_BLOCKS = 4096  # block states per LMDB value of the `blockmap` table
 STRIPES = 64
 ARCHIVE_BATCH = 64  # frozen blocks archived per index transaction
-HYDRATE_BATCH = 16  # absent blocks hydration fetches (and writes) together
+FETCH_BATCH = 16  # absent blocks hydration fetches (and writes) at a time
 
 _FREEZE_DIRTY = bytes([ABSENT, PRESENT, FROZEN, FROZEN]) + bytes(range(4, 256))
 _FREEZE_ALL = bytes([ABSENT, FROZEN, FROZEN, FROZEN]) + bytes(range(4, 256))
@@ -212,10 +212,9 @@ class LiveDisk:
         return os.pread(self.fd, end - offset, offset)
 
     def read(self, offset: int, length: int) -> bytes:
-        data = self.read_cached(offset, length)
-        if data is not None:
-            return data
         end = min(offset + length, self.size)
+        if offset >= end:
+            return b""
         first, last = offset // self.bs, (end - 1) // self.bs
         self._read_ahead(offset, end, last)
         fetched = self._fetch_absent(first, last + 1)
@@ -268,18 +267,7 @@ class LiveDisk:
         blocks is written to the local file with one pwritev."""
         with self.index.read() as txn:
             values = [self.index.resolve(txn, self.chain, b) for b in blocks]
-            loaded = iter(self.cache.get_many(txn, [v for v in values if v != ZERO]))
-            datas: list[bytes | None] = []
-            for block, value in zip(blocks, values, strict=True):
-                data = None if value == ZERO else next(loaded)
-                if isinstance(data, CorruptChunk):
-                    log.error(
-                        "disk %s block %d: %s (chunk %s); the read fails with EIO",
-                        self.name, block, data, value.hex()[:16],
-                    )
-                if isinstance(data, BaseException):
-                    raise data
-                datas.append(data)
+            datas = self.cache.load(txn, blocks, values, f"disk {self.name}")
         i, data_from = 0, -1  # the local file was a hole from the last lseek's offset to here
         while i < len(blocks):
             j = i + 1
@@ -360,13 +348,12 @@ class LiveDisk:
             yield
 
     def freeze(self, txn, name: str, now: float) -> PointRecord:
-        """Create point `name` at a new generation (caller holds barrier(), commits txn).
+        """Create point `name` at a new generation (caller holds barrier(), checked that
+        the name is free, and commits txn).
 
         Call `frozen(point)` after the transaction commits.
         """
         index = self.index
-        if index.get_point(txn, self.name, name) is not None:
-            raise RpfsError(f"point {self.name}@{name} already exists; choose another --name")
         lineage = index.get_lineage(txn, self.record.lineage)
         base = index.point_at(txn, lineage.id, lineage.head_gen) if lineage.head_gen else (
             index.point_at(txn, lineage.parent, lineage.parent_gen) if lineage.parent else None
@@ -375,7 +362,7 @@ class LiveDisk:
         index.put_lineage(txn, lineage)
         old = self._before_freeze = bytes(self.states)
         if self.archiving is not None:
-            if not self.can_ride:
+            if self.must_finish_archive:
                 raise RuntimeError(f"disk {self.name}: freeze while archiving with writes")
             frozen = 0  # a rider: its blocks are the pending point's, nothing to freeze
         else:
@@ -400,10 +387,11 @@ class LiveDisk:
         return point
 
     @property
-    def can_ride(self) -> bool:
-        """A point may be taken now although one is still archiving: nothing was written
-        since that one (exact only under barrier())."""
-        return self.archiving is not None and self.tracked and DIRTY not in self.states
+    def must_finish_archive(self) -> bool:
+        """A point is still archiving and something was written since (or the map is not
+        trusted): the next point must wait for that archive. Otherwise the next point
+        rides on the pending one. Exact only under barrier()."""
+        return self.archiving is not None and (not self.tracked or DIRTY in self.states)
 
     def unfreeze(self) -> None:
         """The freeze's transaction did not commit: take back its state changes."""
@@ -586,8 +574,8 @@ class LiveDisk:
     def hydrate_range(self, first: int, end: int) -> int:
         """Fetch every ABSENT block in [first, end); returns how many were fetched."""
         return sum(
-            len(self._fetch_absent(b, min(b + HYDRATE_BATCH, end)))
-            for b in range(first, end, HYDRATE_BATCH)
+            len(self._fetch_absent(b, min(b + FETCH_BATCH, end)))
+            for b in range(first, end, FETCH_BATCH)
         )
 
 

@@ -261,19 +261,18 @@ class DiskService:
                 # One archiving point per disk at a time, but a disk with nothing written
                 # since its pending point needs no wait: the new point rides on that one.
                 for disk in opened:
-                    if disk.archiving is not None and not disk.can_ride:
+                    if disk.must_finish_archive:
                         self._join_archiver(disk.name)
                         disk.finish_archiving()
                 with contextlib.ExitStack() as barriers:
                     for disk in opened:
                         barriers.enter_context(disk.barrier())
-                    if any(d.archiving is not None and not d.can_ride for d in opened):
+                    if any(d.must_finish_archive for d in opened):
                         continue  # a write landed before the barrier: archive, try again
                     points = self._freeze_all(opened, point_name)
                 break
             for disk, point in zip(opened, points, strict=True):
-                rider = point.state == "archiving" and not point.frozen_blocks
-                if rider:
+                if point.rides:
                     log.info("disk %s: point %s taken, nothing written since point %s: "
                              "complete when that one is", disk.name, point_name,
                              disk.archiving.name if disk.archiving else "-")
@@ -282,7 +281,7 @@ class DiskService:
                              point_name, point.method, point.frozen_blocks)
                 if not self.background:
                     disk.finish_archiving()
-                elif not rider:  # a rider completes with the pending point's archiver
+                elif not point.rides:  # it completes with the pending point's archiver
                     self._start_archiver(disk.name)
         finally:
             for disk in opened:

@@ -673,21 +673,16 @@ def test_group_snapshot_is_one_instant_of_both_disks(live):
     for snap in snaps:
         assert snap.seconds < SNAPSHOT_BOUND, snap
         assert points["d1", snap.name]["created"] == points["d2", snap.name]["created"]
-        m1 = check_instant(
-            read_image(live.point("d1", snap.name)),
-            None,
-            [w for w in writes if w.disk == 0],
-            snap.t0,
-            snap.t1,
-            f"d1@{snap.name}",
-        )
-        m2 = check_instant(
-            read_image(live.point("d2", snap.name)),
-            None,
-            [w for w in writes if w.disk == 1],
-            snap.t0,
-            snap.t1,
-            f"d2@{snap.name}",
+        m1, m2 = (
+            check_instant(
+                read_image(live.point(disk, snap.name)),
+                None,
+                [w for w in writes if w.disk == i],
+                snap.t0,
+                snap.t1,
+                f"{disk}@{snap.name}",
+            )
+            for i, disk in enumerate(("d1", "d2"))
         )
         assert m2 <= m1 <= m2 + 1, f"{snap.name}: d1 at write {m1}, d2 at write {m2}"
 
