@@ -17,10 +17,11 @@ else using the repository:
   bad checkpoints still list, and says so when it cannot know;
 - writable disks: their local files hold writes newer than the restored block map. Each
   disk is marked unclean (its next point compares every block, a rollback drops every
-  local block), a point that was still archiving is dropped (its frozen blocks may have
-  been overwritten since: its content is not known) and its frozen blocks become DIRTY,
-  and an ABSENT block whose local bytes differ from what it resolves to is a write made
-  after the checkpoint: it becomes DIRTY, so no acknowledged write is lost. Only after a
+  local block), a snapshot that was still archiving is undone (its frozen blocks may have
+  been overwritten since: its content is not known; its points, riders and extents go,
+  its blocks become DIRTY again), and an ABSENT block whose local bytes differ from what
+  it resolves to is a write made after the checkpoint: it becomes DIRTY, so no
+  acknowledged write is lost. Only after a
   rollback before the checkpoint can such bytes also be stale ones the rollback dropped
   (it does not punch them); then the damaged index's block map decides when it can be
   read, else the block stays ABSENT (undoing a rollback silently is worse) and the report
@@ -91,10 +92,10 @@ def age(root: Path) -> float:
 
 
 @contextmanager
-def _taking(root: Path) -> Iterator[None]:
-    """One taker of checkpoints at a time per repository (a capture and the daemon)."""
-    fd = os.open(root / "locks" / "checkpoint.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                 0o600)
+def _taking(folder: Path) -> Iterator[None]:
+    """One taker of checkpoints at a time per repository (a capture and the daemon): a
+    flock of the checkpoint directory itself."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -110,7 +111,7 @@ def take(repo: Repository) -> Checkpoint:
     """
     folder = repo.root / CHECKPOINTS
     folder.mkdir(mode=0o700, exist_ok=True)
-    with _taking(repo.root):
+    with _taking(folder):
         for stale in folder.glob(".*.tmp"):  # left by a taker that died (we hold the lock)
             stale.unlink()
         created = time.time()
@@ -274,7 +275,7 @@ class DiskFix:
 @dataclass
 class RestoreReport:
     checkpoint: Checkpoint
-    points: int  # in the restored index
+    points: int  # in the restored index (without the dropped ones)
     damage: str  # what was wrong with the index it replaced
     kept_at: Path | None  # where that index now is
     skipped: list[tuple[Checkpoint, str]]  # newer checkpoints that were bad, and why
@@ -314,14 +315,14 @@ def restore(root: Path, force: bool = False, verify_data: bool = False) -> Resto
                 f"restoring {chosen[0].path.name} would lose what changed since it was "
                 "taken: pass --force to do it anyway"
             )
-        sources = [("the damaged index", live)] + [
+        sources = [("the index it replaces", live)] + [
             (f"newer checkpoint {c.path.name}", p) for c, p in skipped
         ]
         seen = [(where, p.points) for where, p in sources if p.points is not None]
         lost = sorted({ref for _, refs in seen for ref in refs} - set(chosen[1].points or ()))
         report = RestoreReport(
-            checkpoint=chosen[0], points=len(chosen[1].points or ()),
-            damage=live.problem or "none (restored with --force)", kept_at=None,
+            checkpoint=chosen[0], points=0,
+            damage=live.problem or "it was not damaged: --force", kept_at=None,
             skipped=[(c, p.problem) for c, p in skipped],
             lost=lost if seen else None, lost_from=[where for where, _ in seen],
             disks=[], orphans=[], chunks=0, bad_chunks=[],
@@ -369,15 +370,17 @@ def _build(
             ]
             index.raise_counter(txn, "pack", _highest(root / "packs", ".pack"))
             index.raise_counter(txn, "file", _highest(root / "disks", ".raw"))
+            report.points = len(index.list_points(txn))
         named = {d.file for d in disks}
         report.orphans = sorted(
             f"disks/{p.name}" for p in (root / "disks").glob("*.raw")
             if f"disks/{p.name}" not in named
         )
         report.chunks, report.bad_chunks = _check_packs(root, index, block_size, verify_data)
-        index.env.sync(True)
     finally:
         index.close()
+    with open(work / "data.mdb", "rb") as f:  # the copied pages, not only the fixes
+        os.fsync(f.fileno())
     _fsync_dir(work)
     if (root / "index").exists():
         report.kept_at = root / f"index.damaged-{datetime.now(UTC):%Y%m%dT%H%M%S}Z"
@@ -401,14 +404,23 @@ def _fix_disk(
     fix = DiskFix(disk.name)
     disk.clean = False
     index.put_disk(txn, disk)
-    for point in index.list_points(txn, disk.name):
-        if point.state != "complete":
-            index.delete_point(txn, point.disk, point.name)
-            fix.dropped_points.append(point.ref)
     nblocks = -(-disk.size // bs)
     states = load_states(index, txn, disk.file_id, nblocks)
     before = bytes(states)
-    if fix.dropped_points:
+    pending = [p for p in index.list_points(txn, disk.name)
+               if p.state != "complete" and p.lineage == disk.lineage]
+    if pending:
+        # Undo the snapshot: its points go, what it archived goes back to DIRTY.
+        oldest = min(p.gen for p in pending)
+        for point in pending:
+            index.delete_point(txn, point.disk, point.name)
+            fix.dropped_points.append(point.ref)
+        lineage = index.get_lineage(txn, disk.lineage)
+        for block in index.drop_extents_since(txn, lineage.id, oldest):
+            if states[block] == PRESENT:
+                states[block] = DIRTY
+        lineage.head_gen = oldest - 1
+        index.put_lineage(txn, lineage)
         states[:] = states.replace(bytes([FROZEN]), bytes([DIRTY]))
     try:
         src = Source.open(root / disk.file)

@@ -348,10 +348,10 @@ def cmd_index_restore(args: argparse.Namespace) -> int:
         return 0
     r = checkpoint.restore(root, force=args.force, verify_data=args.verify_data)
     taken = fmt_time(r.checkpoint.created)
-    print(f"restored the index from checkpoint {r.checkpoint.path.name} (taken {taken}, "
-          f"{r.points} points)")
+    print(f"restored the index from checkpoint {r.checkpoint.path.name} (taken {taken}; "
+          f"points: {r.points})")
     if r.kept_at is not None:
-        print(f"the index it replaced ({r.damage}) is kept at {r.kept_at}")
+        print(f"the index it replaced is kept at {r.kept_at} ({r.damage})")
     for c, problem in r.skipped:
         print(f"skipped newer checkpoint {c.path.name}: {problem}")
     if r.lost is None:
@@ -362,7 +362,7 @@ def cmd_index_restore(args: argparse.Namespace) -> int:
               f"{', '.join(r.lost) or 'none'}")
     for d in r.disks:
         line = (f"disk {d.name}: marked unclean (its next point compares every block); "
-                f"{d.kept_writes} blocks written after the checkpoint kept")
+                f"blocks written after the checkpoint, kept: {d.kept_writes}")
         if d.dropped_points:
             line += (f"; dropped {', '.join(d.dropped_points)} (still being archived at the "
                      "checkpoint: its content is not known; its blocks stay in the disk)")

@@ -20,6 +20,7 @@ generation makes the newest write at or before a generation the first key at or 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import struct
@@ -254,9 +255,17 @@ class Index:
 
     def copy_to(self, fd: int) -> None:
         """Write a compact, consistent copy of the index to `fd`, from one read
-        transaction: writers go on meanwhile (LMDB copies without the writer lock)."""
+        transaction: writers go on meanwhile (LMDB copies without the writer lock).
+        OSError if writing fails, IndexDamaged if a page cannot be followed."""
         with self.read() as txn:
-            self.env.copyfd(fd, compact=True, txn=txn)
+            try:
+                self.env.copyfd(fd, compact=True, txn=txn)
+            except _DAMAGE:
+                raise
+            except lmdb.DiskError:  # LMDB's name for ENOSPC
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from None
+            except lmdb.Error as exc:
+                raise OSError(errno.EIO, str(exc)) from None
 
     def walk(self) -> None:
         """Follow every page of every database (a compact copy to /dev/null, at C speed):
@@ -383,6 +392,16 @@ class Index:
 
     def put_extent(self, txn: lmdb.Transaction, lineage: int, block: int, gen: int, value: bytes):
         txn.put(extent_key(lineage, block, gen), value, db=self.db["extents"])
+
+    def drop_extents_since(self, txn: lmdb.Transaction, lineage: int, gen: int) -> set[int]:
+        """Delete a lineage's extents of generations >= `gen` (releasing their chunks);
+        returns the blocks they were of."""
+        dropped = [(b, g, v) for b, g, v in self.iter_extents(txn, lineage) if g >= gen]
+        for block, g, value in dropped:
+            txn.delete(extent_key(lineage, block, g), db=self.db["extents"])
+            if value != ZERO:
+                self.incref(txn, value, -1)
+        return {block for block, _, _ in dropped}
 
     def iter_extents(
         self, txn: lmdb.Transaction, lineage: int
