@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 SYNC_INTERVAL = 2.0  # seconds between block-map persists of open disks
 READ_AHEAD_KB = 1024  # the default 128 KiB caps sequential reads well below the ceiling
+RELAYED_CORRECTIONS = 20  # repository mode corrections shown by `rpfs mount` (all are logged)
 
 
 M_ARENA_MAX = -8  # a mallopt parameter (glibc's malloc.h)
@@ -176,8 +177,12 @@ def serve(
         on_error(str(exc))
         return 1
     repo.record_daemon(lock_fd, {"pid": os.getpid(), "mountpoint": str(mountpoint)})
-    for message in perms.enforce(root):
+    corrected = perms.enforce(root)  # each is logged; the operator sees the first few
+    for message in corrected[:RELAYED_CORRECTIONS]:
         on_warning(message)
+    if len(corrected) > RELAYED_CORRECTIONS:
+        on_warning(f"and {len(corrected) - RELAYED_CORRECTIONS} more mode corrections: see "
+                   f"{root / 'rpfs.log'}")
     cache = ChunkCache(repo)
     service = DiskService(repo, cache, background=True)
     ops = Operations(Tree(repo, cache, service, options.access))

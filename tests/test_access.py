@@ -279,3 +279,17 @@ def test_init_and_the_daemon_correct_modes_and_say_so(rpfs, repo_dir, mount, tmp
     _, res = mount()
     assert res.stderr == ""
     assert_same_bytes(point_image(mnt, "vm", "p"), src)
+
+
+def test_many_corrections_are_logged_and_summarised(rpfs, repo, mount):
+    extra = repo / "extra"
+    extra.mkdir(mode=0o700)
+    for i in range(30):
+        (extra / f"f{i:02d}").touch(mode=0o644)
+    _, res = mount()
+    lines = res.stderr.splitlines()
+    assert len(lines) == 21, res.stderr
+    assert all(line.startswith("rpfs: corrected the mode of ") for line in lines[:20])
+    assert lines[20] == f"rpfs: and 10 more mode corrections: see {repo / 'rpfs.log'}"
+    assert (repo / "rpfs.log").read_text().count("WARNING rpfs.perms: corrected") == 30
+    assert wrong_modes(repo) == []
