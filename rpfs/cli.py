@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import grp
 import json
 import logging
 import os
+import pwd
+import re
 import subprocess
 import sys
 import time
@@ -15,20 +18,23 @@ from pathlib import Path
 from . import __version__
 from .capture import capture
 from .control import disk_service
-from .daemon import serve
+from .daemon import MountOptions, serve
 from .errors import RpfsError
 from .extents import allocated, changed
 from .image import ChunkCache, open_point
 from .index import DiskRecord, LineageRecord, PointRecord
+from .mounts import unmount
 from .names import check_name, parse_point_ref, parse_size
+from .perms import open_log
 from .progress import progress_bar
-from .repo import Repository, read_daemon_info, repo_path
+from .repo import Repository, repo_path
 from .restore import restore
+from .vfs import Access
 
 log = logging.getLogger("rpfs")
 
 MOUNT_TIMEOUT = 60.0
-UMOUNT_TIMEOUT = 60.0
+WARNING = "warning: "  # a line the daemon reports before 'ready' (see _read_report)
 
 
 def fmt_bytes(n: float) -> str:
@@ -261,16 +267,65 @@ def cmd_hydrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mount_options(args: argparse.Namespace) -> MountOptions:
+    """--allow-other, --uid, --gid, --mode, --hydrate and --nonempty, checked."""
+    given = [f"--{name}" for name in ("uid", "gid", "mode") if getattr(args, name) is not None]
+    if given and not args.allow_other:
+        raise RpfsError(
+            f"{' and '.join(given)} {'needs' if len(given) == 1 else 'need'} --allow-other: "
+            "without it only the daemon's user can use the mount, whatever its modes"
+        )
+    access: dict[str, int] = {}
+    if args.uid is not None:
+        access["uid"] = _account_id(args.uid, "--uid")
+    if args.gid is not None:
+        access["gid"] = _account_id(args.gid, "--gid")
+    if args.mode is not None:
+        if not re.fullmatch(r"0?[0246]{3}", args.mode):  # octal read and write bits only
+            raise RpfsError(
+                f"invalid --mode {args.mode!r}: give octal read/write bits for disk images, "
+                "e.g. 0640 (point images get the same minus write)"
+            )
+        access["mode"] = int(args.mode, 8)
+    return MountOptions(
+        access=Access(allow_other=args.allow_other, **access), hydrate=args.hydrate,
+        nonempty=args.nonempty,
+    )
+
+
+def _account_id(value: str, option: str) -> int:
+    """The user (--uid) or group (--gid) named by `value`, a name or a number."""
+    if value.isdigit():
+        return int(value)
+    kind = "user" if option == "--uid" else "group"
+    try:
+        return pwd.getpwnam(value).pw_uid if kind == "user" else grp.getgrnam(value).gr_gid
+    except KeyError:
+        raise RpfsError(
+            f"no {kind} named {value!r} ({option} takes a {kind} name or number)"
+        ) from None
+
+
+def _mount_args(options: MountOptions) -> list[str]:
+    """`options` as arguments of `rpfs mount`, for the daemon process."""
+    access = options.access
+    args = ["--allow-other", "--uid", str(access.uid), "--gid", str(access.gid),
+            "--mode", f"{access.mode:o}"] if access.allow_other else []
+    return [*args, *(["--hydrate"] if options.hydrate else []),
+            *(["--nonempty"] if options.nonempty else [])]
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
     root = repo_path(args.repo)
     mountpoint = Path(args.mountpoint).absolute()
+    options = _mount_options(args)
     if args.foreground:
-        return _serve_foreground(root, mountpoint, args.ready_fd, args.hydrate)
+        return _serve_foreground(root, mountpoint, args.ready_fd, options)
     read_fd, write_fd = os.pipe()
     log_path = root / "rpfs.log"
-    stderr = open(log_path, "ab") if root.is_dir() else subprocess.DEVNULL  # noqa: SIM115
+    stderr = os.fdopen(open_log(root), "ab") if root.is_dir() else subprocess.DEVNULL
     cmd = [sys.executable, "-m", "rpfs.cli", "-r", str(root), "mount", "--foreground",
-           "--ready-fd", str(write_fd), str(mountpoint), *(["--hydrate"] if args.hydrate else [])]
+           "--ready-fd", str(write_fd), *_mount_args(options), "--", str(mountpoint)]
     proc = subprocess.Popen(
         cmd, pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
         stderr=stderr, start_new_session=True,
@@ -286,7 +341,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def _read_report(fd: int, proc: subprocess.Popen) -> str:
-    """The daemon's one-line report on the pipe: 'ready' or an error message."""
+    """The daemon's report on the pipe: 'ready' or an error message, the last line; the
+    lines 'warning: ...' before it are printed to stderr as they come."""
     deadline = time.monotonic() + MOUNT_TIMEOUT
     data = b""
     with os.fdopen(fd, "rb", buffering=0) as pipe:
@@ -298,8 +354,11 @@ def _read_report(fd: int, proc: subprocess.Popen) -> str:
                 chunk = None
             if chunk:
                 data += chunk
-                if data.endswith(b"\n"):
-                    return data.decode().strip()
+                *lines, data = data.split(b"\n")
+                for line in map(bytes.decode, lines):
+                    if not line.startswith(WARNING):
+                        return line.strip()
+                    print(f"rpfs: {line.removeprefix(WARNING)}", file=sys.stderr)
             elif chunk == b"":  # EOF: the daemon exited without a word
                 proc.wait()
                 return f"the rpfs daemon exited with status {proc.returncode}; see its log"
@@ -307,11 +366,13 @@ def _read_report(fd: int, proc: subprocess.Popen) -> str:
     return f"the rpfs daemon (pid {proc.pid}) did not report ready in {MOUNT_TIMEOUT:.0f}s"
 
 
-def _serve_foreground(root: Path, mountpoint: Path, ready_fd: int | None, hydrate: bool) -> int:
+def _serve_foreground(
+    root: Path, mountpoint: Path, ready_fd: int | None, options: MountOptions
+) -> int:
     # Spawned by `rpfs mount`, stderr already is the log file; in a terminal, log to both.
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if ready_fd is None and root.is_dir():
-        handlers.append(logging.FileHandler(root / "rpfs.log"))
+        handlers.append(logging.StreamHandler(os.fdopen(open_log(root), "a")))
     logging.basicConfig(
         level=logging.INFO, handlers=handlers, force=True,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -326,30 +387,18 @@ def _serve_foreground(root: Path, mountpoint: Path, ready_fd: int | None, hydrat
         log.error("%s", message)
         report(message)
 
+    def on_warning(message: str) -> None:  # already logged (to stderr, in a terminal)
+        if ready_fd is not None:
+            os.write(ready_fd, f"{WARNING}{message}\n".encode())
+
     def on_ready() -> None:
         report("ready")
 
-    return serve(root, mountpoint, on_ready, on_error, hydrate)
+    return serve(root, mountpoint, options, on_ready, on_warning, on_error)
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    mountpoint = Path(args.mountpoint).absolute()
-    if not os.path.ismount(mountpoint):
-        raise RpfsError(f"{mountpoint} is not mounted")
-    root = repo_path(args.repo)
-    info = read_daemon_info(root) or {}
-    res = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
-    if res.returncode != 0:
-        detail = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed"
-        if "busy" in detail.lower():
-            detail += "; close the files using it (see 'fuser -vm MOUNT') and try again"
-        raise RpfsError(f"cannot unmount {mountpoint}: {detail}")
-    if info.get("mountpoint") == str(mountpoint):
-        # The daemon releases its lock when it exits (even before anyone reaps it).
-        deadline = time.monotonic() + UMOUNT_TIMEOUT
-        while read_daemon_info(root) and time.monotonic() < deadline:
-            time.sleep(0.05)
-    print(f"unmounted {mountpoint}")
+    print(unmount(repo_path(args.repo), Path(args.mountpoint)))
     return 0
 
 
@@ -446,6 +495,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--foreground", action="store_true", help="serve in this process")
     p.add_argument("--hydrate", action="store_true",
                    help="copy clones' missing blocks locally in the background")
+    p.add_argument("--allow-other", action="store_true",
+                   help="let other users in, as the image modes say (default: root only)")
+    p.add_argument("--uid", help="owner of the images (name or number; default: root)")
+    p.add_argument("--gid", help="group of the images (name or number; default: root)")
+    p.add_argument("--mode", help="mode of disk images (default 0600; points: minus write)")
+    p.add_argument("--nonempty", action="store_true",
+                   help="mount over a directory that holds files (hiding them)")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_mount)
 

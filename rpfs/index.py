@@ -163,7 +163,8 @@ class Index:
 
     def __init__(self, path: Path, map_size: int = 1 << 40) -> None:
         self.env = lmdb.open(
-            str(path), map_size=map_size, max_dbs=len(_DBS), subdir=True, max_readers=512
+            str(path), map_size=map_size, max_dbs=len(_DBS), subdir=True, max_readers=512,
+            mode=0o600,  # data.mdb and lock.mdb are private (rpfs.perms)
         )
         self.db = {name: self.env.open_db(name.encode()) for name in _DBS}
 

@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from . import perms
 from .errors import RpfsError
 from .image import ChunkCache, Readahead
 from .index import MAX_GEN, ZERO, DiskRecord, Index, LineageRecord, PointRecord
@@ -592,7 +593,7 @@ def _pwrite_all(fd: int, parts: list[bytes], offset: int, length: int) -> None:
 
 def create_local_file(path: Path, size: int) -> None:
     """A new sparse local file of `size` bytes, durable with its directory entry."""
-    path.parent.mkdir(exist_ok=True)
+    path.parent.mkdir(mode=perms.DIR_MODE, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         os.ftruncate(fd, size)

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import perms
 from .errors import RpfsError
 from .index import Index
 from .store import PackStore
@@ -76,14 +77,17 @@ class Repository:
             raise RpfsError(
                 f"{root} exists and is not an empty directory; choose another path"
             )
+        root.mkdir(mode=perms.DIR_MODE, parents=True, exist_ok=True)
         for sub in ("index", "packs", "locks"):
-            (root / sub).mkdir(parents=True, exist_ok=True)
+            (root / sub).mkdir(mode=perms.DIR_MODE, exist_ok=True)
         Index(root / "index").close()
         tmp = root / "rpfs.json.tmp"
+        tmp.touch(mode=perms.FILE_MODE)
         tmp.write_text(json.dumps(Config(block_size=block_size).__dict__, indent=1) + "\n")
         with open(tmp) as f:
             os.fsync(f.fileno())
         tmp.rename(root / "rpfs.json")
+        perms.enforce(root)  # an existing directory, or a umask that took bits away
         return cls(root)
 
     def close(self) -> None:
@@ -135,8 +139,13 @@ class Repository:
         except RpfsError:
             return False
 
-    def daemon_lock(self, info: dict) -> int:
-        """Take the one-daemon-per-repository lock; returns the fd to keep open."""
+    def daemon_lock(self) -> int:
+        """Take the one-daemon-per-repository lock; returns the fd to keep open.
+
+        The lock keeps the record of the last daemon until `record_daemon`: a daemon that
+        fails to start leaves it alone, and with it what `rpfs umount` needs to clean up
+        the mount that daemon left behind.
+        """
         path = self._lock_path("daemon")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -149,9 +158,13 @@ class Repository:
                 f"{other.get('pid', '?')} at {other.get('mountpoint', '?')}; "
                 "run 'rpfs umount' there first"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
         return fd
+
+    @staticmethod
+    def record_daemon(lock_fd: int, info: dict) -> None:
+        """Write the running daemon's pid and mountpoint into its lock (see daemon_lock)."""
+        os.ftruncate(lock_fd, 0)
+        os.pwrite(lock_fd, json.dumps(info).encode(), 0)
 
 
 def read_daemon_info(root: Path) -> dict | None:
@@ -171,3 +184,12 @@ def read_daemon_info(root: Path) -> dict | None:
         return None
     finally:
         os.close(fd)
+
+
+def last_daemon_info(root: Path) -> dict:
+    """What the last daemon of `root` wrote in its lock (pid, mountpoint), running or not:
+    a daemon that was killed leaves it behind, and with it the mount it left dead."""
+    try:
+        return json.loads((root / "locks" / "daemon.lock").read_bytes() or b"{}")
+    except (OSError, ValueError):
+        return {}
