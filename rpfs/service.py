@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 HYDRATE_BATCH = 256  # blocks per hydration task
 SYNC_EVERY = 64  # hydration tasks between block-map syncs
+NAMES_SHOWN = 5  # point names a refusal lists before "and N more"
 
 
 class _Open:
@@ -63,9 +64,11 @@ class DiskService:
 
     # -- open disks -----------------------------------------------------------------------
 
-    def _record(self, name: str) -> DiskRecord:
-        with self.index.read() as txn:
-            disk = self.index.get_disk(txn, name)
+    def _record(self, name: str, txn=None) -> DiskRecord:
+        if txn is None:
+            with self.index.read() as txn:
+                return self._record(name, txn)
+        disk = self.index.get_disk(txn, name)
         if disk is None:
             raise RpfsError(f"no disk named {name!r}; 'rpfs disks' lists them")
         return disk
@@ -425,19 +428,44 @@ class DiskService:
         self._background.append(thread)
         thread.start()
 
-    def delete(self, name: str, force: bool = False) -> dict:
-        """Delete a writable disk and its local file.
+    def delete(self, name: str, force: bool = False, with_points: bool = False) -> dict:
+        """Delete a disk (and a writable one's local file) with its points.
 
-        Disks cloned from its points still read unhydrated blocks through it; with
-        `force`, those blocks are first copied into the dependants' own lineages (chunk
-        references, not data), so they no longer need it.
+        A disk with points is deleted only with `with_points`: they may be all that is
+        left of a VM (a captured disk is nothing but its points). Disks cloned from its
+        points still read unhydrated blocks through it; with `force`, those blocks are
+        first copied into the dependants' own lineages (chunk references, not data), so
+        they no longer need it.
         """
-        record = self._record(name)
+        self._record(name)  # a wrong name fails before any wait or lock
         self._check_closed(name, "delete it", points_too=True)
         self._join_archiver(name)
+        points, dependants = self._drop(name, force, with_points)
+        for open_disk in self.open_disks():  # dependants now resolve through themselves
+            open_disk.reload_chain()
+        self.on_removed(name)
+        detached = sorted({d for lin in dependants for d in lin.disks})
+        log.info("disk %s: deleted with %d point(s) (%d dependants detached)", name,
+                 len(points), len(detached))
+        return {"name": name, "detached": detached, "points": points}
+
+    def _drop(
+        self, name: str, force: bool, with_points: bool
+    ) -> tuple[list[str], list[LineageRecord]]:
+        """Delete's commit, then its local file; returns the points and dependants.
+
+        Everything is read in the write transaction, so what it checks is what it deletes.
+        """
         lock_fd = self.repo.lock_disk(name, "it is open in another rpfs process")
         try:
             with self.index.write() as txn:
+                record = self._record(name, txn)
+                points = [p.name for p in self.index.list_points(txn, name)]
+                if points and not with_points:
+                    raise RpfsError(
+                        f"disk {name} has {len(points)} point(s): {_some(points)}; pass "
+                        "--with-points to delete them too"
+                    )
                 mine = {lin.id for lin in self.index.list_lineages(txn) if name in lin.disks}
                 dependants = self._dependants(txn, mine)
                 if dependants and not force:
@@ -448,8 +476,8 @@ class DiskService:
                     )
                 for lin in dependants:
                     self._detach(txn, lin, record.size)
-                for point in self.index.list_points(txn, name):
-                    self.index.delete_point(txn, name, point.name)
+                for point in points:
+                    self.index.delete_point(txn, name, point)
                 for lineage in mine:
                     self.index.delete_lineage(txn, lineage)
                 if record.writable:
@@ -459,11 +487,7 @@ class DiskService:
                 Path(self.repo.root / record.file).unlink(missing_ok=True)
         finally:
             os.close(lock_fd)
-        for open_disk in self.open_disks():  # dependants now resolve through themselves
-            open_disk.reload_chain()
-        self.on_removed(name)
-        log.info("disk %s: deleted (%d dependants detached)", name, len(dependants))
-        return {"name": name, "detached": sorted({d for lin in dependants for d in lin.disks})}
+        return points, dependants
 
     def _dependants(self, txn, lineages: set[int]) -> list[LineageRecord]:
         """Lineages outside `lineages` whose reads fall through to one of them."""
@@ -496,3 +520,9 @@ class DiskService:
 def _hydrate_range(disk: LiveDisk, blocks: tuple[int, int]) -> int:
     return disk.hydrate_range(*blocks)
 
+
+def _some(names: list[str]) -> str:
+    """The first few of `names`, and how many more there are."""
+    shown = ", ".join(names[:NAMES_SHOWN])
+    more = len(names) - NAMES_SHOWN
+    return f"{shown} and {more} more" if more > 0 else shown
