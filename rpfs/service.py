@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import RpfsError
@@ -54,6 +54,10 @@ class DiskService:
         self.background = background
         self._open: dict[str, _Open] = {}
         self._lock = threading.Lock()
+        # Disks a rollback or delete holds closed from its check to its commit (see
+        # _claim); opens of their images wait on this condition of the registry lock.
+        self._claimed: set[str] = set()
+        self._unclaimed = threading.Condition(self._lock)
         self._archivers: dict[str, threading.Thread] = {}
         self._background: list[threading.Thread] = []
         self._point_readers: dict[str, int] = {}  # disk -> open point images of the mount
@@ -74,8 +78,14 @@ class DiskService:
         return disk
 
     def acquire(self, name: str, handle: bool = False) -> LiveDisk:
-        """Open (or share) the writable disk `name`; pair with release()."""
+        """Open (or share) the writable disk `name`; pair with release().
+
+        `handle`: for an open file of the mount; it waits while a command holds the disk
+        (see _claim), so it opens the disk as that command left it.
+        """
         with self._lock:
+            if handle:
+                self._wait_unclaimed(name)
             entry = self._open.get(name)
             if entry is None:
                 record = self._record(name)
@@ -128,25 +138,65 @@ class DiskService:
                 os.close(entry.lock_fd)
 
     def point_opened(self, disk: str, delta: int) -> None:
-        """Count the mount's open point images of `disk` (they block its deletion)."""
+        """Count the mount's open point images of `disk` (they block its deletion).
+
+        An open (+1) waits while a command holds the disk (see _claim): look the point
+        up after this call, so a point deleted meanwhile is not found.
+        """
         with self._lock:
+            if delta > 0:
+                self._wait_unclaimed(disk)
             self._point_readers[disk] = self._point_readers.get(disk, 0) + delta
+
+    def _wait_unclaimed(self, name: str) -> None:
+        """Wait until no command holds disk `name` (caller holds the registry lock).
+
+        Only opens of the mount wait here, in worker threads, never the trio thread; a
+        claim lasts from a command's check to its commit, not through its long waits.
+        """
+        while name in self._claimed:
+            self._unclaimed.wait()
 
     def _check_closed(self, name: str, action: str, points_too: bool = False) -> None:
         with self._lock:
-            entry = self._open.get(name)
-            busy = entry is not None and entry.handles > 0
-            readers = self._point_readers.get(name, 0) if points_too else 0
+            self._refuse_if_open(name, action, points_too)
+
+    def _refuse_if_open(self, name: str, action: str, points_too: bool) -> None:
+        """RpfsError if the mount has an image of `name` open (caller holds the lock)."""
+        entry = self._open.get(name)
+        handles = entry.handles if entry is not None else 0
+        readers = self._point_readers.get(name, 0) if points_too else 0
         if readers:
             raise RpfsError(
                 f"disk {name} has {readers} open point image(s) in the mount; close them "
                 f"(see 'fuser -v MOUNT/points/{name}/*') and {action} again"
             )
-        if busy:
+        if handles:
             raise RpfsError(
-                f"disk {name} is open ({entry.handles} open file(s) of its image); close it "
+                f"disk {name} is open ({handles} open file(s) of its image); close it "
                 f"(see 'fuser -v MOUNT/disks/{name}.img') and {action} again"
             )
+
+    @contextlib.contextmanager
+    def _claim(self, name: str, action: str, points_too: bool = False) -> Iterator[None]:
+        """Check that no image of `name` is open and hold it so until the block ends.
+
+        Check and claim are one step under the registry lock, and opens of the disk's
+        image and of its point images wait for the claim: an open between a check and
+        the commit would otherwise read the old bytes and then the new ones, or zeros
+        once a deleted point's extents are gone. `points_too`: open point images refuse
+        too. A second command on the same disk waits for the first, then checks afresh.
+        """
+        with self._lock:
+            self._wait_unclaimed(name)
+            self._refuse_if_open(name, action, points_too)
+            self._claimed.add(name)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._claimed.discard(name)
+                self._unclaimed.notify_all()
 
     # -- commands -------------------------------------------------------------------------
 
@@ -363,13 +413,14 @@ class DiskService:
         if target is None:
             raise RpfsError(f"disk {disk_name} has no point {point_name!r}; "
                             f"'rpfs points {disk_name}' lists them")
-        self._check_closed(disk_name, "roll it back")
+        self._check_closed(disk_name, "roll it back")  # before waiting for the archive
         self._join_archiver(disk_name)
-        disk = self.acquire(disk_name)
-        try:
-            dropped = disk.rollback(target)
-        finally:
-            self.release(disk_name)
+        with self._claim(disk_name, "roll it back"):
+            disk = self.acquire(disk_name)
+            try:
+                dropped = disk.rollback(target)
+            finally:
+                self.release(disk_name)
         return {"disk": disk_name, "point": point_name, "blocks_to_fetch": dropped}
 
     def hydrate(
@@ -440,7 +491,10 @@ class DiskService:
         self._record(name)  # a wrong name fails before any wait or lock
         self._check_closed(name, "delete it", points_too=True)
         self._join_archiver(name)
-        points, dependants = self._drop(name, force, with_points)
+        with self._claim(name, "delete it", points_too=True):
+            points, dependants = self._drop(name, force, with_points)
+        # After the claim: the kernel's invalidation may wait for requests of the mount,
+        # and those for the worker threads that opens waiting for the claim hold.
         for open_disk in self.open_disks():  # dependants now resolve through themselves
             open_disk.reload_chain()
         self.on_removed(name)
