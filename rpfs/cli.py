@@ -181,10 +181,12 @@ def cmd_disk_create(args: argparse.Namespace) -> int:
 
 def cmd_disk_delete(args: argparse.Namespace) -> int:
     with disk_service(repo_path(args.repo)) as service:
-        result = service.delete(name=args.name, force=args.force)
+        result = service.delete(name=args.name, force=args.force, with_points=args.with_points)
+    points = result["points"]
+    deleted = f"deleted with {len(points)} point(s): {', '.join(points)}" if points else "deleted"
     detached = f"; now independent of it: {', '.join(result['detached'])}" if result[
         "detached"] else ""
-    print(f"disk {args.name}: deleted{detached}")
+    print(f"disk {args.name}: {deleted}{detached}")
     return 0
 
 
@@ -459,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("name")
     q.add_argument("--force", action="store_true",
                    help="first copy what clones of it still read from it into them")
+    q.add_argument("--with-points", action="store_true",
+                   help="delete its points too (required when it has any)")
     q.set_defaults(func=cmd_disk_delete)
 
     p = sub.add_parser("disks", parents=[common], help="list disks")

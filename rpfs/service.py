@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import RpfsError
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 HYDRATE_BATCH = 256  # blocks per hydration task
 SYNC_EVERY = 64  # hydration tasks between block-map syncs
+NAMES_SHOWN = 5  # point names a refusal lists before "and N more"
 
 
 class _Open:
@@ -53,6 +54,10 @@ class DiskService:
         self.background = background
         self._open: dict[str, _Open] = {}
         self._lock = threading.Lock()
+        # Disks a rollback or delete holds closed from its check to its commit (see
+        # _claim); opens of their images wait on this condition of the registry lock.
+        self._claimed: set[str] = set()
+        self._unclaimed = threading.Condition(self._lock)
         self._archivers: dict[str, threading.Thread] = {}
         self._background: list[threading.Thread] = []
         self._point_readers: dict[str, int] = {}  # disk -> open point images of the mount
@@ -63,16 +68,24 @@ class DiskService:
 
     # -- open disks -----------------------------------------------------------------------
 
-    def _record(self, name: str) -> DiskRecord:
-        with self.index.read() as txn:
-            disk = self.index.get_disk(txn, name)
+    def _record(self, name: str, txn=None) -> DiskRecord:
+        if txn is None:
+            with self.index.read() as txn:
+                return self._record(name, txn)
+        disk = self.index.get_disk(txn, name)
         if disk is None:
             raise RpfsError(f"no disk named {name!r}; 'rpfs disks' lists them")
         return disk
 
     def acquire(self, name: str, handle: bool = False) -> LiveDisk:
-        """Open (or share) the writable disk `name`; pair with release()."""
+        """Open (or share) the writable disk `name`; pair with release().
+
+        `handle`: for an open file of the mount; it waits while a command holds the disk
+        (see _claim), so it opens the disk as that command left it.
+        """
         with self._lock:
+            if handle:
+                self._wait_unclaimed(name)
             entry = self._open.get(name)
             if entry is None:
                 record = self._record(name)
@@ -125,25 +138,65 @@ class DiskService:
                 os.close(entry.lock_fd)
 
     def point_opened(self, disk: str, delta: int) -> None:
-        """Count the mount's open point images of `disk` (they block its deletion)."""
+        """Count the mount's open point images of `disk` (they block its deletion).
+
+        An open (+1) waits while a command holds the disk (see _claim): look the point
+        up after this call, so a point deleted meanwhile is not found.
+        """
         with self._lock:
+            if delta > 0:
+                self._wait_unclaimed(disk)
             self._point_readers[disk] = self._point_readers.get(disk, 0) + delta
+
+    def _wait_unclaimed(self, name: str) -> None:
+        """Wait until no command holds disk `name` (caller holds the registry lock).
+
+        Only opens of the mount wait here, in worker threads, never the trio thread; a
+        claim lasts from a command's check to its commit, not through its long waits.
+        """
+        while name in self._claimed:
+            self._unclaimed.wait()
 
     def _check_closed(self, name: str, action: str, points_too: bool = False) -> None:
         with self._lock:
-            entry = self._open.get(name)
-            busy = entry is not None and entry.handles > 0
-            readers = self._point_readers.get(name, 0) if points_too else 0
+            self._refuse_if_open(name, action, points_too)
+
+    def _refuse_if_open(self, name: str, action: str, points_too: bool) -> None:
+        """RpfsError if the mount has an image of `name` open (caller holds the lock)."""
+        entry = self._open.get(name)
+        handles = entry.handles if entry is not None else 0
+        readers = self._point_readers.get(name, 0) if points_too else 0
         if readers:
             raise RpfsError(
                 f"disk {name} has {readers} open point image(s) in the mount; close them "
                 f"(see 'fuser -v MOUNT/points/{name}/*') and {action} again"
             )
-        if busy:
+        if handles:
             raise RpfsError(
-                f"disk {name} is open ({entry.handles} open file(s) of its image); close it "
+                f"disk {name} is open ({handles} open file(s) of its image); close it "
                 f"(see 'fuser -v MOUNT/disks/{name}.img') and {action} again"
             )
+
+    @contextlib.contextmanager
+    def _claim(self, name: str, action: str, points_too: bool = False) -> Iterator[None]:
+        """Check that no image of `name` is open and hold it so until the block ends.
+
+        Check and claim are one step under the registry lock, and opens of the disk's
+        image and of its point images wait for the claim: an open between a check and
+        the commit would otherwise read the old bytes and then the new ones, or zeros
+        once a deleted point's extents are gone. `points_too`: open point images refuse
+        too. A second command on the same disk waits for the first, then checks afresh.
+        """
+        with self._lock:
+            self._wait_unclaimed(name)
+            self._refuse_if_open(name, action, points_too)
+            self._claimed.add(name)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._claimed.discard(name)
+                self._unclaimed.notify_all()
 
     # -- commands -------------------------------------------------------------------------
 
@@ -360,13 +413,14 @@ class DiskService:
         if target is None:
             raise RpfsError(f"disk {disk_name} has no point {point_name!r}; "
                             f"'rpfs points {disk_name}' lists them")
-        self._check_closed(disk_name, "roll it back")
+        self._check_closed(disk_name, "roll it back")  # before waiting for the archive
         self._join_archiver(disk_name)
-        disk = self.acquire(disk_name)
-        try:
-            dropped = disk.rollback(target)
-        finally:
-            self.release(disk_name)
+        with self._claim(disk_name, "roll it back"):
+            disk = self.acquire(disk_name)
+            try:
+                dropped = disk.rollback(target)
+            finally:
+                self.release(disk_name)
         return {"disk": disk_name, "point": point_name, "blocks_to_fetch": dropped}
 
     def hydrate(
@@ -425,19 +479,47 @@ class DiskService:
         self._background.append(thread)
         thread.start()
 
-    def delete(self, name: str, force: bool = False) -> dict:
-        """Delete a writable disk and its local file.
+    def delete(self, name: str, force: bool = False, with_points: bool = False) -> dict:
+        """Delete a disk (and a writable one's local file) with its points.
 
-        Disks cloned from its points still read unhydrated blocks through it; with
-        `force`, those blocks are first copied into the dependants' own lineages (chunk
-        references, not data), so they no longer need it.
+        A disk with points is deleted only with `with_points`: they may be all that is
+        left of a VM (a captured disk is nothing but its points). Disks cloned from its
+        points still read unhydrated blocks through it; with `force`, those blocks are
+        first copied into the dependants' own lineages (chunk references, not data), so
+        they no longer need it.
         """
-        record = self._record(name)
+        self._record(name)  # a wrong name fails before any wait or lock
         self._check_closed(name, "delete it", points_too=True)
         self._join_archiver(name)
+        with self._claim(name, "delete it", points_too=True):
+            points, dependants = self._drop(name, force, with_points)
+        # After the claim: the kernel's invalidation may wait for requests of the mount,
+        # and those for the worker threads that opens waiting for the claim hold.
+        for open_disk in self.open_disks():  # dependants now resolve through themselves
+            open_disk.reload_chain()
+        self.on_removed(name)
+        detached = sorted({d for lin in dependants for d in lin.disks})
+        log.info("disk %s: deleted with %d point(s) (%d dependants detached)", name,
+                 len(points), len(detached))
+        return {"name": name, "detached": detached, "points": points}
+
+    def _drop(
+        self, name: str, force: bool, with_points: bool
+    ) -> tuple[list[str], list[LineageRecord]]:
+        """Delete's commit, then its local file; returns the points and dependants.
+
+        Everything is read in the write transaction, so what it checks is what it deletes.
+        """
         lock_fd = self.repo.lock_disk(name, "it is open in another rpfs process")
         try:
             with self.index.write() as txn:
+                record = self._record(name, txn)
+                points = [p.name for p in self.index.list_points(txn, name)]
+                if points and not with_points:
+                    raise RpfsError(
+                        f"disk {name} has {len(points)} point(s): {_some(points)}; pass "
+                        "--with-points to delete them too"
+                    )
                 mine = {lin.id for lin in self.index.list_lineages(txn) if name in lin.disks}
                 dependants = self._dependants(txn, mine)
                 if dependants and not force:
@@ -448,8 +530,8 @@ class DiskService:
                     )
                 for lin in dependants:
                     self._detach(txn, lin, record.size)
-                for point in self.index.list_points(txn, name):
-                    self.index.delete_point(txn, name, point.name)
+                for point in points:
+                    self.index.delete_point(txn, name, point)
                 for lineage in mine:
                     self.index.delete_lineage(txn, lineage)
                 if record.writable:
@@ -459,11 +541,7 @@ class DiskService:
                 Path(self.repo.root / record.file).unlink(missing_ok=True)
         finally:
             os.close(lock_fd)
-        for open_disk in self.open_disks():  # dependants now resolve through themselves
-            open_disk.reload_chain()
-        self.on_removed(name)
-        log.info("disk %s: deleted (%d dependants detached)", name, len(dependants))
-        return {"name": name, "detached": sorted({d for lin in dependants for d in lin.disks})}
+        return points, dependants
 
     def _dependants(self, txn, lineages: set[int]) -> list[LineageRecord]:
         """Lineages outside `lineages` whose reads fall through to one of them."""
@@ -496,3 +574,9 @@ class DiskService:
 def _hydrate_range(disk: LiveDisk, blocks: tuple[int, int]) -> int:
     return disk.hydrate_range(*blocks)
 
+
+def _some(names: list[str]) -> str:
+    """The first few of `names`, and how many more there are."""
+    shown = ", ".join(names[:NAMES_SHOWN])
+    more = len(names) - NAMES_SHOWN
+    return f"{shown} and {more} more" if more > 0 else shown

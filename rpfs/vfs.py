@@ -210,14 +210,25 @@ class Tree:
         if key[:1] == ("disks",) and len(key) == 2:
             if flags & os.O_TRUNC:
                 raise OSError(errno.EPERM, "disk images have a fixed size")
-            return DiskHandle(self.service, key[1])
+            try:
+                return DiskHandle(self.service, key[1])
+            except OSError:
+                self._current(ino)  # deleted while the open waited for the delete: ENOENT
+                raise
         if len(key) != 3:
             raise OSError(errno.EISDIR, "is a directory")
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise OSError(errno.EROFS, "recovery points are read-only")
-        point = self._point(key)
-        overlay = self.service.acquire(point.disk) if point.state != "complete" else None
-        self.service.point_opened(point.disk, +1)
+        # Counted first (this waits while a rollback or delete holds the disk), looked
+        # up after: a point deleted meanwhile is ENOENT, never an image of gone extents.
+        self.service.point_opened(key[1], +1)
+        try:
+            self._current(ino)
+            point = self._point(key)
+            overlay = self.service.acquire(point.disk) if point.state != "complete" else None
+        except BaseException:
+            self.service.point_opened(key[1], -1)
+            raise
 
         def release() -> None:
             self.service.point_opened(point.disk, -1)
