@@ -361,7 +361,8 @@ class _Unfailing(logging.Handler):
         if self.lost and not self.failed:
             lost, self.lost = self.lost, 0
             with contextlib.suppress(Exception):
-                self.stream.write(f"rpfs: {lost} log message(s) before this one were lost\n")
+                self.stream.write(f"rpfs: the log could not be written for {lost} message(s) "
+                                  "before this one; some may be missing\n")
                 self.flush()
 
 

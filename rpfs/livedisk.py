@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import SPACE_ERRNOS
 from .image import ChunkCache, Readahead
 from .index import MAX_GEN, ZERO, DiskRecord, Index, LineageRecord, PointRecord
 from .ingest import Ingest, examine
@@ -217,9 +218,15 @@ class LiveDisk:
             return b""
         first, last = offset // self.bs, (end - 1) // self.bs
         self._read_ahead(offset, end, last)
-        # Below the space reserve the fetched blocks are served but not kept: a read must
-        # not fail for space, and the next read fetches them again.
-        fetched = self._fetch_absent(first, last + 1, keep=not self.space.low())
+        # Below the space reserve (or on ENOSPC) the fetched blocks are served but not
+        # kept: a read must not fail for space, and the next read fetches them again.
+        keep = not self.space.low()
+        try:
+            fetched = self._fetch_absent(first, last + 1, keep)
+        except OSError as exc:
+            if not keep or exc.errno not in SPACE_ERRNOS:
+                raise
+            fetched = self._fetch_absent(first, last + 1, keep=False)
         # The fetched blocks as they were decoded (not read back from the local file),
         # runs of the others with one pread each.
         parts, block = [], first

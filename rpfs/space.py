@@ -14,6 +14,7 @@ look could have used up half of the room above the floor.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
@@ -38,10 +39,11 @@ def parse_reserve(value: int | str | None) -> int | str | None:
         return value
     if isinstance(value, str):
         m = _PERCENT_RE.fullmatch(value.strip())
-        if m and float(m.group(1)) < 100:
+        if m is None:
+            with contextlib.suppress(RpfsError):
+                return parse_size(value)
+        elif float(m.group(1)) < 100:
             return f"{m.group(1)}%"
-        if not m:
-            return parse_size(value)
     raise RpfsError(
         f"invalid reserve {value!r}: give a size (e.g. 256M, 0 for none) or a percentage "
         "of the filesystem below 100 (e.g. 1%)"
