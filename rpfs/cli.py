@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import __version__
 from .capture import capture
-from .control import disk_service
+from .control import RemoteService, disk_service, socket_path
 from .daemon import serve
 from .errors import RpfsError, describe_os_error, is_expected
 from .extents import allocated, changed
@@ -86,9 +86,8 @@ def _state(p: PointRecord, points: list[PointRecord], stalls: dict[str, str]) ->
 
 def cmd_points(args: argparse.Namespace) -> int:
     root = repo_path(args.repo)
-    with disk_service(root) as service:  # the daemon knows which archives are stalled
-        stalls = service.stalls()
     with Repository(root) as repo, repo.index.read() as txn:
+        stalls = _stalls(root)
         disk = None
         if args.disk is not None:
             disk = repo.index.get_disk(txn, check_name(args.disk))
@@ -122,6 +121,12 @@ def cmd_points(args: argparse.Namespace) -> int:
               "STATE"]
     print_table(header, rows)
     return 0
+
+
+def _stalls(root: Path) -> dict[str, str]:
+    """Disks whose archive is stalled, and why: only a daemon archives in the background,
+    and it keeps that in memory (its log may be on the full filesystem)."""
+    return RemoteService(socket_path(root)).stalls() if read_daemon_info(root) else {}
 
 
 def _print_tree(

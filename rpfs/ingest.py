@@ -51,8 +51,6 @@ class Ingest:
         self.writer = repo.store.writer(repo.allocate_pack)
         self._pending: dict[bytes, ChunkLoc] = {}
         self._seen: set[bytes] = set()
-        self._registering: list[tuple[int, bytes]] = []  # put by the uncommitted register
-        self._registered: dict[int, list[bytes]] = {}  # pack -> chunks the index has from us
         self.pending_bytes = 0
         self.bytes_stored = 0
 
@@ -72,44 +70,40 @@ class Ingest:
 
     def register(self, txn) -> None:
         """Record the synced chunks in the index (refcount 0 until extents refer to them)."""
-        self._registering = []
         for value, loc in self._pending.items():
             if not self.index.has_chunk(txn, value):  # another writer may have stored it
                 self.index.put_chunk(txn, value, loc)
-                self._registering.append((loc.pack, value))
 
     def committed(self) -> None:
         """`register`'s transaction committed: the index names what was appended."""
-        for pack, value in self._registering:
-            self._registered.setdefault(pack, []).append(value)
-        self._registering = []
         self._pending.clear()
         self.pending_bytes = 0
         self.writer.mark()
 
     def discard(self) -> None:
         """After a failed write or commit: remove the records the index does not name."""
-        self._registering = []
         self._pending.clear()
         self.pending_bytes = 0
         self.writer.discard()
 
     def forget(self, txn) -> list[Path]:
-        """Drop this writer's chunk records that no extent names yet, a whole pack at a
-        time (a pack with a referenced chunk stays as it is); returns the packs to unlink
-        once `txn` has committed. For a writer that gives up (a failed capture): its
-        packs would otherwise stay as garbage that nothing frees. Call after `discard`."""
+        """Drop the chunk records of this writer's packs that no extent names yet, a whole
+        pack at a time (a pack with a referenced chunk stays as it is); returns the packs
+        to unlink once `txn` has committed. For a writer that gives up (a failed
+        capture): its packs would otherwise stay as garbage that nothing frees. Call
+        after `discard`; the records are found through the packs' own headers."""
         doomed = []
         for pack in self.writer.created:
-            values = self._registered.get(pack, [])
-            locs = [self.index.get_chunk(txn, v) for v in values]
-            if any(loc is not None and loc.refcount for loc in locs):
+            ours = []
+            for offset, value in self.store.digests(pack):
+                loc = self.index.get_chunk(txn, value)
+                if loc is not None and (loc.pack, loc.offset) == (pack, offset):
+                    ours.append((value, loc))
+            if any(loc.refcount for _, loc in ours):
                 continue  # another writer deduplicated against it meanwhile: keep it
-            for value, loc in zip(values, locs, strict=True):
-                if loc is not None and loc.pack == pack:
-                    self.index.delete_chunk(txn, value)
+            for value, _ in ours:
+                self.index.delete_chunk(txn, value)
             doomed.append(self.store.path(pack))
-        self._registered.clear()
         return doomed
 
     def close(self) -> None:

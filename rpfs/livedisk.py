@@ -320,10 +320,17 @@ class LiveDisk:
                 covered = offset <= b * self.bs and end >= min((b + 1) * self.bs, self.size)
                 if not covered and self.states[b] == ABSENT:
                     self._fetch([b])  # read-modify-write of a partial block
-            os.pwrite(self.fd, data, offset)
-            self.space.spend(len(data))
-            self._set(first, last + 1, DIRTY)
-        return len(data)
+            written = os.pwrite(self.fd, data, offset)
+            self.space.spend(written)
+            if written < len(data):  # the filesystem filled up: keep what the file backs
+                done = offset + written
+                if done % self.bs and self.states[done // self.bs] == ABSENT:
+                    done -= done % self.bs  # the rest of that block is not local
+                if done <= offset:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                written = done - offset
+            self._set(first, (offset + written - 1) // self.bs + 1, DIRTY)
+        return written
 
     def _has_hole(self, first: int, end: int) -> bool:
         """Whether blocks [first, end) of the local file hold a hole (a write there would
@@ -644,8 +651,9 @@ def _pwrite_all(fd: int, parts: list[bytes], offset: int, length: int) -> None:
     if total > length:
         parts = [*parts[:-1], parts[-1][: len(parts[-1]) - (total - length)]]
     written = os.pwritev(fd, parts, offset)
-    if written != length:
-        raise OSError(errno.EIO, f"short write to the local file ({written} of {length} bytes)")
+    if written != length:  # a regular file writes short when its filesystem fills up
+        raise OSError(errno.ENOSPC, f"short write to the local file ({written} of {length} "
+                      "bytes)")
 
 
 def create_local_file(path: Path, size: int) -> None:

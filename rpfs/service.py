@@ -402,12 +402,17 @@ class DiskService:
             give_up.set()
             thread.join()
 
-    def resume_archiving(self) -> None:
-        """Start archivers for points a crash or stop left half archived (daemon start)."""
+    def resume_archiving(self, disk: str | None = None) -> None:
+        """Start archivers for points a crash or stop left half archived (daemon start),
+        or for `disk` only, whose archiver was stopped, if none runs."""
         with self.index.read() as txn:
-            pending = {p.disk for p in self.index.list_points(txn) if p.state == "archiving"}
+            pending = {p.disk for p in self.index.list_points(txn, disk)
+                       if p.state == "archiving"}
         for name in sorted(pending):
-            self._start_archiver(name)
+            with self._lock:
+                running = name in self._archivers
+            if not running:
+                self._start_archiver(name)
 
     def rollback(self, point: str) -> dict:
         """Bring a closed disk back to one of its points; newer points stay as a branch."""
@@ -501,6 +506,21 @@ class DiskService:
         record = self._record(name)
         self._check_closed(name, "delete it", points_too=True)
         self._stop_archiver(name)  # its points go too; a stalled one must not block that
+        try:
+            dependants = self._delete(record, force)
+        except BaseException:
+            if self.background:  # not deleted: its pending point must still be archived
+                self.resume_archiving(name)
+            raise
+        for open_disk in self.open_disks():  # dependants now resolve through themselves
+            open_disk.reload_chain()
+        self.on_removed(name)
+        log.info("disk %s: deleted (%d dependants detached)", name, len(dependants))
+        return {"name": name, "detached": sorted({d for lin in dependants for d in lin.disks})}
+
+    def _delete(self, record: DiskRecord, force: bool) -> list[LineageRecord]:
+        """Delete's commit and unlink; returns the lineages it detached."""
+        name = record.name
         lock_fd = self.repo.lock_disk(name, "it is open in another rpfs process")
         try:
             with self.index.write() as txn:
@@ -525,11 +545,7 @@ class DiskService:
                 Path(self.repo.root / record.file).unlink(missing_ok=True)
         finally:
             os.close(lock_fd)
-        for open_disk in self.open_disks():  # dependants now resolve through themselves
-            open_disk.reload_chain()
-        self.on_removed(name)
-        log.info("disk %s: deleted (%d dependants detached)", name, len(dependants))
-        return {"name": name, "detached": sorted({d for lin in dependants for d in lin.disks})}
+        return dependants
 
     def _dependants(self, txn, lineages: set[int]) -> list[LineageRecord]:
         """Lineages outside `lineages` whose reads fall through to one of them."""

@@ -19,7 +19,7 @@ import errno
 import os
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import blake3
@@ -161,6 +161,21 @@ class PackStore:
                                           self.block_size, (f"{loc.pack:08d}.pack", loc.offset))
             except CorruptChunk as exc:
                 results[i] = exc
+
+    def digests(self, pack: int) -> Iterator[tuple[int, bytes]]:
+        """(offset, BLAKE3) of each whole record in a pack, read from the record headers
+        (a torn last record is not listed)."""
+        with open(self.path(pack), "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            offset = 0
+            while offset + HEADER.size <= size:
+                magic, _, block_digest, length = HEADER.unpack(
+                    os.pread(f.fileno(), HEADER.size, offset)
+                )
+                if magic != MAGIC or offset + HEADER.size + length > size:
+                    return
+                yield offset, block_digest
+                offset += HEADER.size + length
 
     def close(self) -> None:
         with self._lock:
