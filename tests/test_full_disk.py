@@ -379,3 +379,30 @@ def test_a_log_that_cannot_be_written_is_one_line(small_fs, capsys):
     finally:
         logger.removeHandler(handler)
         handler.close()
+
+
+def test_a_write_cut_short_by_enospc_keeps_the_rest_of_its_blocks(rpfs, small_fs, mount,
+                                                                    tmp_path):
+    """No reserve: a write into a clone's unfetched blocks runs out of space halfway.
+    What the VM is told was written reads back; the rest of the disk still reads as the
+    point it was cloned from (not as the holes the short write left)."""
+    rpfs("init", "--reserve", "0", check=True)
+    src = tmp_path / "vm.img"
+    write_random(src, 4 * MiB, seed=10)
+    rpfs.capture("vm", src, "p1")
+    mnt, _ = mount()
+    rpfs("clone", "vm@p1", "c", check=True)
+    img = mnt / "disks" / "c.img"
+    fill(small_fs, leave=200 << 10)
+    new = os.urandom(2 * MiB)
+    fd = os.open(img, os.O_RDWR)
+    try:
+        written = os.pwrite(fd, new, 0)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+        written = 0
+    finally:
+        os.close(fd)
+    assert written < len(new)
+    expected = new[:written] + src.read_bytes()[written:]
+    assert img.read_bytes() == expected
