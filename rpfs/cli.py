@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import grp
 import json
 import logging
@@ -12,22 +13,23 @@ import re
 import subprocess
 import sys
 import time
+import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 
 from . import __version__
 from .capture import capture
-from .control import disk_service
+from .control import RemoteService, disk_service, socket_path
 from .daemon import MountOptions, serve
-from .errors import RpfsError
+from .errors import RpfsError, describe_os_error, is_expected
 from .extents import allocated, changed
 from .image import ChunkCache, open_point
 from .index import DiskRecord, LineageRecord, PointRecord
 from .mounts import unmount
-from .names import check_name, parse_point_ref, parse_size
+from .names import check_name, fmt_bytes, parse_point_ref, parse_size
 from .perms import open_log
 from .progress import progress_bar
-from .repo import Repository, repo_path
+from .repo import Repository, read_daemon_info, repo_path
 from .restore import restore
 from .vfs import Access
 
@@ -35,14 +37,6 @@ log = logging.getLogger("rpfs")
 
 MOUNT_TIMEOUT = 60.0
 WARNING = "warning: "  # a line the daemon reports before 'ready' (see _read_report)
-
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
 
 
 def fmt_time(ts: float) -> str:
@@ -60,8 +54,10 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
 
 def cmd_init(args: argparse.Namespace) -> int:
     root = repo_path(args.repo)
-    Repository.init(root, parse_size(args.block_size)).close()
-    print(f"initialised rpfs repository at {root} (block size {args.block_size})")
+    with Repository.init(root, parse_size(args.block_size), args.reserve) as repo:
+        free, floor = repo.space.figures()
+    print(f"initialised rpfs repository at {root} (block size {args.block_size}, "
+          f"reserve {fmt_bytes(floor)} of {fmt_bytes(free)} free)")
     return 0
 
 
@@ -82,19 +78,22 @@ def cmd_capture(args: argparse.Namespace) -> int:
     return 0
 
 
-def _state(p: PointRecord, points: list[PointRecord]) -> str:
+def _state(p: PointRecord, points: list[PointRecord], stalls: dict[str, str]) -> str:
     if p.state == "complete":
         return "complete"
+    stalled = f" (stalled: {stalls[p.disk]})" if p.disk in stalls else ""
     if p.rides:
         pending = [q for q in points if q.disk == p.disk and q.lineage == p.lineage
                    and q.state == "archiving" and not q.rides and q.gen < p.gen]
         if pending:
-            return f"archiving with {pending[0].name}"
-    return f"archiving {100 * p.archived_blocks // max(1, p.frozen_blocks)}%"
+            return f"archiving with {pending[0].name}{stalled}"
+    return f"archiving {100 * p.archived_blocks // max(1, p.frozen_blocks)}%{stalled}"
 
 
 def cmd_points(args: argparse.Namespace) -> int:
-    with Repository(repo_path(args.repo)) as repo, repo.index.read() as txn:
+    root = repo_path(args.repo)
+    with Repository(root) as repo, repo.index.read() as txn:
+        stalls = _stalls(root)
         disk = None
         if args.disk is not None:
             disk = repo.index.get_disk(txn, check_name(args.disk))
@@ -105,11 +104,13 @@ def cmd_points(args: argparse.Namespace) -> int:
         if args.tree:
             disks = [disk] if disk else repo.index.list_disks(txn)
             for d in disks:
-                _print_tree(d, repo.index.list_lineages(txn), points)
+                _print_tree(d, repo.index.list_lineages(txn), points, stalls)
             return 0
     if args.json:
         out = [
-            {**vars(p), "allocated_bytes": p.allocated_blocks * bs, "block_size": bs}
+            {**vars(p), "allocated_bytes": p.allocated_blocks * bs, "block_size": bs,
+             **({"stalled": stalls[p.disk]} if p.state != "complete" and p.disk in stalls
+                else {})}
             for p in points
         ]
         print(json.dumps(out, indent=1))
@@ -118,7 +119,7 @@ def cmd_points(args: argparse.Namespace) -> int:
         [
             p.disk, p.name, fmt_time(p.created), fmt_bytes(p.size), str(p.blocks_written),
             fmt_bytes(p.allocated_blocks * bs), fmt_bytes(p.bytes_stored), p.method,
-            _state(p, points),
+            _state(p, points, stalls),
         ]
         for p in points
     ]
@@ -128,8 +129,15 @@ def cmd_points(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stalls(root: Path) -> dict[str, str]:
+    """Disks whose archive is stalled, and why: only a daemon archives in the background,
+    and it keeps that in memory (its log may be on the full filesystem)."""
+    return RemoteService(socket_path(root)).stalls() if read_daemon_info(root) else {}
+
+
 def _print_tree(
-    disk: DiskRecord, lineages: list[LineageRecord], points: list[PointRecord]
+    disk: DiskRecord, lineages: list[LineageRecord], points: list[PointRecord],
+    stalls: dict[str, str],
 ) -> None:
     """A disk's points by lineage; a rollback's or clone's lineage under its origin."""
     mine = {lin.id: lin for lin in lineages if disk.name in lin.disks}
@@ -144,7 +152,8 @@ def _print_tree(
         label = "current" if lin.id == disk.lineage else "branch"
         print(f"{indent}[{label}: lineage {lin.id}]")
         for p in (p for p in points if p.disk == disk.name and p.lineage == lin.id):
-            print(f"{indent}  {p.name}  {fmt_time(p.created)}  {p.method}  {_state(p, points)}")
+            state = _state(p, points, stalls)
+            print(f"{indent}  {p.name}  {fmt_time(p.created)}  {p.method}  {state}")
             for child in children.pop((lin.id, p.gen), []):
                 show(child, indent + "    ")
         for key in [k for k in children if k[0] == lin.id]:
@@ -199,7 +208,8 @@ def cmd_disks(args: argparse.Namespace) -> int:
     rows = [
         [
             d["name"], fmt_bytes(d["size"]), d["origin"] or "-",
-            "-" if d["hydrated_pct"] is None else f"{d['hydrated_pct']:.1f}%", d["state"],
+            "-" if d["hydrated_pct"] is None else f"{d['hydrated_pct']:.1f}%",
+            d["state"] + (f", archiving stalled: {d['stalled']}" if d.get("stalled") else ""),
         ]
         for d in disks
     ]
@@ -372,9 +382,9 @@ def _serve_foreground(
     root: Path, mountpoint: Path, ready_fd: int | None, options: MountOptions
 ) -> int:
     # Spawned by `rpfs mount`, stderr already is the log file; in a terminal, log to both.
-    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    handlers: list[logging.Handler] = [_StderrLog()]
     if ready_fd is None and root.is_dir():
-        handlers.append(logging.StreamHandler(os.fdopen(open_log(root), "a")))
+        handlers.append(_StderrLog(os.fdopen(open_log(root), "a")))
     logging.basicConfig(
         level=logging.INFO, handlers=handlers, force=True,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -397,6 +407,39 @@ def _serve_foreground(
         report("ready")
 
     return serve(root, mountpoint, options, on_ready, on_warning, on_error)
+
+
+class _Unfailing(logging.Handler):
+    """A log handler that outlives a log it cannot write (the log is on the repository's
+    filesystem, which may be full): one line on stderr per outage instead of a
+    '--- Logging error ---' traceback per message, and a count once it writes again.
+    Stalled archives are also shown by `rpfs disks` and `rpfs points`."""
+
+    lost = 0  # messages that could not be written since the last that could
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self.failed = True
+        self.lost += 1
+        if self.lost == 1:
+            with contextlib.suppress(Exception):  # stderr may be that same full log
+                sys.stderr.write(f"rpfs: cannot write the log: {sys.exc_info()[1]}; "
+                                 "messages are lost until it can\n")
+                sys.stderr.flush()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.failed = False
+        super().emit(record)  # the stream or file handler's
+        if self.lost and not self.failed:
+            lost, self.lost = self.lost, 0
+            with contextlib.suppress(Exception):
+                self.stream.write(f"rpfs: the log could not be written for {lost} message(s) "
+                                  "before this one; some may be missing\n")
+                self.flush()
+
+
+class _StderrLog(_Unfailing, logging.StreamHandler):
+    pass
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
@@ -423,6 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init", parents=[common], help="create a repository")
     p.add_argument("--block-size", default="64K", help="block size, 4K..4M (default 64K)")
+    p.add_argument("--reserve", metavar="SIZE|N%",
+                   help="free space to keep on the repository's filesystem (default: the "
+                        "smaller of 1%% and 256M)")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("capture", parents=[common], help="capture an image or device as a point")
@@ -534,6 +580,31 @@ def main(argv: list[str] | None = None) -> int:
         # error to report. Point stdout at /dev/null so the exit flush does not fail too.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # what a shell reports for a process ended by SIGPIPE
+    except Exception as exc:
+        root = repo_path(args.repo)
+        if is_expected(exc):  # a full disk, a read-only mount, ...: not a bug
+            print(f"rpfs: error: {describe_os_error(exc, root)}", file=sys.stderr)
+            return 1
+        return _internal_error(exc, root, args.verbose)
+
+
+def _internal_error(exc: Exception, root: Path, verbose: bool) -> int:
+    """A bug: one line here, the traceback in the repository's log (and here with -v)."""
+    trace = traceback.format_exc()
+    log_path: Path | None = root / "rpfs.log"
+    try:
+        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{fmt_time(time.time())} ERROR rpfs: internal error in "
+                    f"'rpfs {' '.join(sys.argv[1:])}' (pid {os.getpid()}):\n{trace}")
+    except OSError:
+        log_path = None  # no repository there, or it cannot be written: show it here
+    if verbose or log_path is None:
+        sys.stderr.write(trace)
+    where = f"in {log_path}" if log_path else "above"
+    print(f"rpfs: internal error: {type(exc).__name__}: {exc}; this is a bug, the traceback "
+          f"is {where}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

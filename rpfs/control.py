@@ -19,7 +19,7 @@ from pathlib import Path
 
 import trio
 
-from .errors import RpfsError
+from .errors import RpfsError, describe_os_error, is_expected
 from .progress import ProgressFn
 from .repo import Repository, read_daemon_info
 from .service import DiskService
@@ -27,7 +27,7 @@ from .service import DiskService
 log = logging.getLogger(__name__)
 
 SOCKET_NAME = "control.sock"
-OPS = {"create", "clone", "delete", "hydrate", "disks", "snapshot", "rollback"}
+OPS = {"create", "clone", "delete", "hydrate", "disks", "snapshot", "rollback", "stalls"}
 WITH_PROGRESS = {"hydrate"}
 PROGRESS_INTERVAL = 0.2
 
@@ -91,8 +91,14 @@ async def _handle(service: DiskService, stream: trio.SocketStream) -> None:
         except (TypeError, ValueError) as exc:
             reply = {"error": f"bad arguments for {op}: {exc}"}
         except Exception as exc:
-            log.exception("control operation %s failed", op)
-            reply = {"error": f"internal error in {op}: {exc}; see the daemon's log"}
+            if is_expected(exc):  # a full disk, a failing device: the operator's to act on
+                log.warning("control operation %s failed: %s", op, exc)
+                reply = {"error": describe_os_error(exc, service.repo.root)}
+            else:
+                log.exception("control operation %s failed", op)
+                reply = {"error": f"internal error in {op}: {exc}; this is a bug, the "
+                                  f"traceback is in the daemon's log "
+                                  f"{service.repo.root / 'rpfs.log'}"}
         else:
             reply = {"ok": result}
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):

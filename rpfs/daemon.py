@@ -112,12 +112,25 @@ def _check_mountpoint(root: Path, mountpoint: Path, nonempty: bool) -> None:
 
 
 async def _sync_periodically(service: DiskService) -> None:
-    """Persist block-map changes (e.g. copy-on-read) of open disks every few seconds."""
+    """Persist block-map changes (e.g. copy-on-read) of open disks every few seconds.
+
+    A sync that fails (a full disk) keeps its changes for the next one: it must not end
+    the daemon, and says so once per disk until a sync succeeds again.
+    """
+    failing: set[str] = set()
     while True:
         await trio.sleep(SYNC_INTERVAL)
         for disk in service.open_disks():
             if disk.needs_sync:
-                await trio.to_thread.run_sync(disk.sync)
+                try:
+                    await trio.to_thread.run_sync(disk.sync)
+                except OSError as exc:
+                    if disk.name not in failing:
+                        log.warning("disk %s: cannot persist its block map (tried again every "
+                                    "%g s): %s", disk.name, SYNC_INTERVAL, exc)
+                    failing.add(disk.name)
+                else:
+                    failing.discard(disk.name)
 
 
 async def _serve(root: Path, mountpoint: Path, service: DiskService, on_ready) -> None:

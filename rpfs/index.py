@@ -19,7 +19,10 @@ generation makes the newest write at or before a generation the first key at or 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
 import struct
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -162,6 +165,7 @@ class Index:
     """
 
     def __init__(self, path: Path, map_size: int = 1 << 40) -> None:
+        self.path = path
         self.env = lmdb.open(
             str(path), map_size=map_size, max_dbs=len(_DBS), subdir=True, max_readers=512,
             mode=0o600,  # data.mdb and lock.mdb are private (rpfs.perms)
@@ -174,8 +178,18 @@ class Index:
     def read(self) -> lmdb.Transaction:
         return self.env.begin(buffers=False)
 
-    def write(self) -> lmdb.Transaction:
-        return self.env.begin(write=True)
+    @contextlib.contextmanager
+    def write(self) -> Iterator[lmdb.Transaction]:
+        """A write transaction, committed when the block ends without an exception.
+
+        A commit that finds no room for its pages (LMDB's DiskError) is a full disk, not
+        a damaged index: it raises ENOSPC naming the index, like any other write would.
+        """
+        try:
+            with self.env.begin(write=True) as txn:
+                yield txn
+        except lmdb.DiskError:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path)) from None
 
     # -- counters -------------------------------------------------------------------------
 
@@ -262,6 +276,9 @@ class Index:
 
     def put_chunk(self, txn: lmdb.Transaction, digest: bytes, loc: ChunkLoc) -> None:
         txn.put(digest, loc.encode(), db=self.db["chunks"])
+
+    def delete_chunk(self, txn: lmdb.Transaction, digest: bytes) -> None:
+        txn.delete(digest, db=self.db["chunks"])
 
     def incref(self, txn: lmdb.Transaction, digest: bytes, n: int = 1) -> None:
         loc = self.get_chunk(txn, digest)

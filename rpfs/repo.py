@@ -20,6 +20,7 @@ from pathlib import Path
 from . import perms
 from .errors import RpfsError
 from .index import Index
+from .space import Space, parse_reserve
 from .store import PackStore
 
 FORMAT = 1
@@ -38,6 +39,7 @@ class Config:
     format: int = FORMAT
     hash: str = "blake3"
     codec: str = "zstd"
+    reserve: int | str | None = None  # free-space floor: bytes or "N%" (rpfs.space)
 
 
 class Repository:
@@ -63,14 +65,16 @@ class Repository:
         self.block_size = self.config.block_size
         self.index = Index(root / "index")
         self.store = PackStore(root / "packs", self.block_size)
+        self.space = Space(root, self.config.reserve)
 
     @classmethod
-    def init(cls, root: Path, block_size: int) -> Repository:
+    def init(cls, root: Path, block_size: int, reserve: int | str | None = None) -> Repository:
         """Create a repository at `root`, which must be missing or an empty directory."""
         if block_size < MIN_BLOCK or block_size > MAX_BLOCK or block_size & (block_size - 1):
             raise RpfsError(
                 f"invalid block size {block_size}: use a power of two from 4K to 4M"
             )
+        reserve = parse_reserve(reserve)
         if (root / "rpfs.json").exists():
             raise RpfsError(f"{root} is already an rpfs repository; nothing was changed")
         if root.exists() and (not root.is_dir() or any(root.iterdir())):
@@ -83,7 +87,8 @@ class Repository:
         Index(root / "index").close()
         tmp = root / "rpfs.json.tmp"
         tmp.touch(mode=perms.FILE_MODE)
-        tmp.write_text(json.dumps(Config(block_size=block_size).__dict__, indent=1) + "\n")
+        config = Config(block_size=block_size, reserve=reserve)
+        tmp.write_text(json.dumps(config.__dict__, indent=1) + "\n")
         with open(tmp) as f:
             os.fsync(f.fileno())
         tmp.rename(root / "rpfs.json")

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .errors import RpfsError
+from .errors import RpfsError, describe_os_error, stall_reason
 from .image import ChunkCache
 from .index import ZERO, DiskRecord, LineageRecord, PointRecord
 from .livedisk import ABSENT, LiveDisk, create_local_file, load_states
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 HYDRATE_BATCH = 256  # blocks per hydration task
 SYNC_EVERY = 64  # hydration tasks between block-map syncs
 NAMES_SHOWN = 5  # point names a refusal lists before "and N more"
+RETRY_FIRST, RETRY_MAX = 1.0, 60.0  # seconds between tries of a stalled archive (doubling)
 
 
 class _Open:
@@ -59,6 +60,10 @@ class DiskService:
         self._claimed: set[str] = set()
         self._unclaimed = threading.Condition(self._lock)
         self._archivers: dict[str, threading.Thread] = {}
+        self._give_up: dict[str, threading.Event] = {}  # per archiver: stop without finishing
+        # disk -> why its archive waits (e.g. "no space on device"): kept here, not only in
+        # the log, because the log lives on the filesystem that may be full.
+        self._stalled: dict[str, str] = {}
         self._background: list[threading.Thread] = []
         self._point_readers: dict[str, int] = {}  # disk -> open point images of the mount
         # Called with a disk's name after it is deleted (the daemon drops the kernel's
@@ -126,6 +131,8 @@ class DiskService:
 
     def close_all(self) -> None:
         self._stopping.set()
+        for event in list(self._give_up.values()):
+            event.set()  # a stalled archiver must not hold up the unmount
         for thread in [*self._archivers.values(), *self._background]:
             thread.join()
         with self._lock:
@@ -246,24 +253,30 @@ class DiskService:
         with self.index.read() as txn:
             if self.index.get_disk(txn, name) is not None:
                 raise RpfsError(f"a disk named {name!r} already exists; choose another name")
+        self.repo.space.check(f"a new disk {name}")  # its writes would be refused anyway
         with self.index.write() as txn:
             file_id = self.index.next_id(txn, "file")
         # The local file is durable before the record that names it commits; a crash in
-        # between leaves an orphan file, never a record without its file.
+        # between leaves an orphan file, never a record without its file. A failure
+        # removes the file.
+        path = self.repo.root / f"disks/{file_id:08d}.raw"
         try:
-            create_local_file(self.repo.root / f"disks/{file_id:08d}.raw", size)
-        except RpfsError as exc:
-            raise RpfsError(f"cannot create disk {name}: {exc}") from None
-        with self.index.write() as txn:
-            if self.index.get_disk(txn, name) is not None:
-                os.unlink(self.repo.root / f"disks/{file_id:08d}.raw")
-                raise RpfsError(f"a disk named {name!r} already exists; choose another name")
-            lineage = LineageRecord(self.index.next_id(txn, "lineage"), disks=[name])
-            if parent is not None:
-                lineage.parent, lineage.parent_gen = parent
-            self.index.put_lineage(txn, lineage)
-            record = DiskRecord(name, size, lineage.id, time.time(), origin, file_id)
-            self.index.put_disk(txn, record)
+            create_local_file(path, size)
+            with self.index.write() as txn:
+                if self.index.get_disk(txn, name) is not None:
+                    raise RpfsError(f"a disk named {name!r} already exists; choose another name")
+                lineage = LineageRecord(self.index.next_id(txn, "lineage"), disks=[name])
+                if parent is not None:
+                    lineage.parent, lineage.parent_gen = parent
+                self.index.put_lineage(txn, lineage)
+                record = DiskRecord(name, size, lineage.id, time.time(), origin, file_id)
+                self.index.put_disk(txn, record)
+        except BaseException as exc:
+            path.unlink(missing_ok=True)
+            if isinstance(exc, OSError) and not isinstance(exc, RpfsError):
+                detail = describe_os_error(exc, self.repo.root)
+                raise RpfsError(f"cannot create disk {name}: {detail}") from None
+            raise
         log.info("disk %s: created (%d bytes, origin %s)", name, size, origin or "none")
         return self._describe(record)
 
@@ -281,7 +294,7 @@ class DiskService:
             "created": record.created,
         }
         if not record.writable:
-            return {**out, "hydrated_pct": None, "state": "points only"}
+            return {**out, "hydrated_pct": None, "state": "points only", "stalled": None}
         with self._lock:
             entry = self._open.get(record.name)
             states = entry.disk.states if entry else None
@@ -296,6 +309,7 @@ class DiskService:
             **out,
             "hydrated_pct": round(pct, 2),
             "state": f"open ({handles})" if handles else "idle",
+            "stalled": self._stalled.get(record.name),
         }
 
     # -- points of writable disks --------------------------------------------------------
@@ -366,38 +380,92 @@ class DiskService:
         return points
 
     def _start_archiver(self, name: str) -> None:
-        """Archive `name`'s point in a thread that holds the disk open until done."""
+        """Archive `name`'s point in a thread that holds the disk open until done.
+
+        An OS error (a full disk above all) stalls it, not ends it: the blocks stay
+        frozen, `stalls()` says why, and it tries again after 1 s, 2 s, ... at most every
+        60 s, so it resumes by itself once space is back.
+        """
         disk = self.acquire(name)
+        give_up = threading.Event()
 
         def run() -> None:
+            delay = RETRY_FIRST
             try:
-                while not self._stopping.is_set() and disk.archive_batch():
-                    pass
+                while not (self._stopping.is_set() or give_up.is_set()):
+                    try:
+                        if not disk.archive_batch():
+                            break
+                    except OSError as exc:
+                        self._stall(name, exc, delay)
+                        give_up.wait(delay)  # set by delete, or by close_all
+                        delay = min(2 * delay, RETRY_MAX)
+                        continue
+                    if self._stalled.pop(name, None) is not None:
+                        log.info("disk %s: archiving resumed", name)
+                        delay = RETRY_FIRST
             except Exception:
                 log.exception("disk %s: archiving failed; it resumes at the next open", name)
+                self._stalled[name] = "failed (see the daemon's log); resumes at the next mount"
+                return
             finally:
                 with self._lock:
                     if self._archivers.get(name) is threading.current_thread():
                         del self._archivers[name]  # not a newer archiver's entry
+                        del self._give_up[name]
                 self.release(name)
+            self._stalled.pop(name, None)
 
         thread = threading.Thread(target=run, name=f"rpfs-archive-{name}", daemon=True)
         with self._lock:
             self._archivers[name] = thread
+            self._give_up[name] = give_up
         thread.start()
 
+    def _stall(self, name: str, exc: OSError, delay: float) -> None:
+        reason = stall_reason(exc)
+        if self._stalled.get(name) != reason:  # once per stall, not at every try
+            log.warning("disk %s: archiving stalled: %s; trying again every %g-%g s",
+                        name, describe_os_error(exc, self.repo.root), delay, RETRY_MAX)
+        self._stalled[name] = reason
+
+    def stalls(self) -> dict[str, str]:
+        """Disks whose archive waits, and why (shown by `rpfs disks` and `rpfs points`)."""
+        return dict(self._stalled)
+
     def _join_archiver(self, name: str) -> None:
+        """Wait for `name`'s archiver; if it is stalled, say so instead of waiting."""
         with self._lock:
             thread = self._archivers.get(name)
+        while thread is not None and thread.is_alive():
+            reason = self._stalled.get(name)
+            if reason is not None:
+                raise RpfsError(
+                    f"disk {name}: archiving of its newest point is stalled ({reason}); it "
+                    "resumes by itself once that is resolved (see 'rpfs points'), try again "
+                    "then"
+                )
+            thread.join(0.2)
+
+    def _stop_archiver(self, name: str) -> None:
+        """Stop `name`'s archiver without finishing (its disk is being deleted)."""
+        with self._lock:
+            thread, give_up = self._archivers.get(name), self._give_up.get(name)
         if thread is not None:
+            give_up.set()
             thread.join()
 
-    def resume_archiving(self) -> None:
-        """Start archivers for points a crash or stop left half archived (daemon start)."""
+    def resume_archiving(self, disk: str | None = None) -> None:
+        """Start archivers for points a crash or stop left half archived (daemon start),
+        or for `disk` only, whose archiver was stopped, if none runs."""
         with self.index.read() as txn:
-            pending = {p.disk for p in self.index.list_points(txn) if p.state == "archiving"}
+            pending = {p.disk for p in self.index.list_points(txn, disk)
+                       if p.state == "archiving"}
         for name in sorted(pending):
-            self._start_archiver(name)
+            with self._lock:
+                running = name in self._archivers
+            if not running:
+                self._start_archiver(name)
 
     def rollback(self, point: str) -> dict:
         """Bring a closed disk back to one of its points; newer points stay as a branch."""
@@ -472,6 +540,9 @@ class DiskService:
                 if disk["writable"] and (disk["hydrated_pct"] or 0) < 100:
                     try:
                         self.hydrate(disk["name"], workers=1)
+                    except RpfsError as exc:
+                        log.warning("disk %s: background hydration stopped: %s",
+                                    disk["name"], exc)
                     except Exception:
                         log.exception("disk %s: background hydration failed", disk["name"])
 
@@ -490,9 +561,14 @@ class DiskService:
         """
         self._record(name)  # a wrong name fails before any wait or lock
         self._check_closed(name, "delete it", points_too=True)
-        self._join_archiver(name)
-        with self._claim(name, "delete it", points_too=True):
-            points, dependants = self._drop(name, force, with_points)
+        self._stop_archiver(name)  # its points go too; a stalled one must not block that
+        try:
+            with self._claim(name, "delete it", points_too=True):
+                points, dependants = self._drop(name, force, with_points)
+        except BaseException:
+            if self.background:  # not deleted: its pending point must still be archived
+                self.resume_archiving(name)
+            raise
         # After the claim: the kernel's invalidation may wait for requests of the mount,
         # and those for the worker threads that opens waiting for the claim hold.
         for open_disk in self.open_disks():  # dependants now resolve through themselves
