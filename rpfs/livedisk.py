@@ -53,6 +53,11 @@ PAGE_BLOCKS = 4096  # block states per LMDB value of the `blockmap` table
 STRIPES = 64
 ARCHIVE_BATCH = 64  # frozen blocks archived per index transaction
 FETCH_BATCH = 16  # absent blocks hydration fetches (and writes) at a time
+# The most blocks a writable disk may have. Its block states live in memory, one byte
+# per block (and `rpfs disks` loads those of each closed disk), so this keeps them at
+# most 4 GiB: 256 TiB at 64 KiB blocks, 16 TiB at 4 KiB; even with 4 MiB blocks far
+# below the 2^63-1 bytes a file offset holds.
+MAX_BLOCKS = 1 << 32
 
 _FREEZE_DIRTY = bytes([ABSENT, PRESENT, FROZEN, FROZEN]) + bytes(range(4, 256))
 _FREEZE_ALL = bytes([ABSENT, FROZEN, FROZEN, FROZEN]) + bytes(range(4, 256))
@@ -659,19 +664,22 @@ def _pwrite_all(fd: int, parts: list[bytes], offset: int, length: int) -> None:
 
 def create_local_file(path: Path, size: int) -> None:
     """A new sparse local file of `size` bytes, durable with its directory entry (removed
-    again if that fails)."""
+    again if that fails: no orphan file stays behind). An OSError names the file."""
     path.parent.mkdir(mode=perms.DIR_MODE, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        os.ftruncate(fd, size)
-        os.fsync(fd)
-    except OSError as exc:
+        try:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except BaseException as exc:
         path.unlink()
-        raise OSError(exc.errno, exc.strerror, str(path)) from None
-    finally:
-        os.close(fd)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+        if isinstance(exc, OSError):
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
+        raise

@@ -20,7 +20,7 @@ from pathlib import Path
 from .errors import RpfsError, describe_os_error, stall_reason
 from .image import ChunkCache
 from .index import ZERO, DiskRecord, LineageRecord, PointRecord
-from .livedisk import ABSENT, LiveDisk, create_local_file, load_states
+from .livedisk import ABSENT, MAX_BLOCKS, LiveDisk, create_local_file, load_states
 from .names import check_name, default_point_name, parse_point_ref
 from .pipeline import ordered_map
 from .progress import ProgressFn
@@ -209,9 +209,15 @@ class DiskService:
 
     def create(self, name: str, size: int) -> dict:
         """An empty writable disk of `size` bytes."""
-        check_name(name, "disk name")
-        if size <= 0:
-            raise RpfsError(f"invalid size {size}: a disk needs at least one byte")
+        self._check_new_name(name)
+        limit = MAX_BLOCKS * self.repo.block_size
+        if not 0 < size <= limit:
+            shown = size if size.bit_length() <= 128 else f"of {len(str(size))} digits"
+            raise RpfsError(
+                f"invalid size {shown} for disk {name}: a disk holds 1 to {limit} bytes "
+                f"({limit >> 40} TiB, 2^32 blocks of {self.repo.block_size >> 10} KiB) in "
+                "this repository"
+            )
         return self._new_disk(name, size, parent=None, origin=None)
 
     def clone(self, source: str, name: str) -> dict:
@@ -219,7 +225,7 @@ class DiskService:
 
         `source` is DISK@POINT, or a writable DISK, of which a point is taken first.
         """
-        check_name(name, "disk name")
+        self._check_new_name(name)  # before that point is taken
         if "@" not in source:
             if not self._record(check_name(source, "disk name")).writable:
                 raise RpfsError(
@@ -247,24 +253,30 @@ class DiskService:
                 self.release(src_disk)
         return self._new_disk(name, point.size, (point.lineage, point.gen), source)
 
-    def _new_disk(
-        self, name: str, size: int, parent: tuple[int, int] | None, origin: str | None
-    ) -> dict:
+    def _check_new_name(self, name: str) -> None:
+        check_name(name, "disk name")
         with self.index.read() as txn:
             if self.index.get_disk(txn, name) is not None:
                 raise RpfsError(f"a disk named {name!r} already exists; choose another name")
+
+    def _new_disk(
+        self, name: str, size: int, parent: tuple[int, int] | None, origin: str | None
+    ) -> dict:
+        self._check_new_name(name)
         self.repo.space.check(f"a new disk {name}")  # its writes would be refused anyway
         with self.index.write() as txn:
             file_id = self.index.next_id(txn, "file")
         # The local file is durable before the record that names it commits; a crash in
-        # between leaves an orphan file, never a record without its file. A failure
-        # removes the file.
+        # between leaves an orphan file, never a record without its file. A commit that
+        # fails (the name taken meanwhile, a full index) takes the file away again.
         path = self.repo.root / f"disks/{file_id:08d}.raw"
         try:
             create_local_file(path, size)
             with self.index.write() as txn:
                 if self.index.get_disk(txn, name) is not None:
-                    raise RpfsError(f"a disk named {name!r} already exists; choose another name")
+                    raise RpfsError(
+                        f"a disk named {name!r} already exists; choose another name"
+                    )
                 lineage = LineageRecord(self.index.next_id(txn, "lineage"), disks=[name])
                 if parent is not None:
                     lineage.parent, lineage.parent_gen = parent
@@ -316,7 +328,7 @@ class DiskService:
 
     def snapshot(self, disks: list[str], name: str | None = None) -> list[dict]:
         """One point of each disk, all at the same instant, archived in the background."""
-        point_name = check_name(name, "point name") if name else default_point_name()
+        point_name = check_name(name, "point name") if name is not None else default_point_name()
         names = sorted({check_name(d, "disk name") for d in disks})
         if not names:
             raise RpfsError("snapshot needs at least one disk name")
@@ -495,7 +507,7 @@ class DiskService:
         self, name: str, progress: ProgressFn | None = None, workers: int | None = None
     ) -> dict:
         """Copy every block of a clone into its local file (resumable, safe while in use)."""
-        disk = self.acquire(name)
+        disk = self.acquire(check_name(name, "disk name"))
         try:
             bs = disk.bs
             ranges = [(b, min(b + HYDRATE_BATCH, disk.nblocks))
@@ -559,7 +571,7 @@ class DiskService:
         first copied into the dependants' own lineages (chunk references, not data), so
         they no longer need it.
         """
-        self._record(name)  # a wrong name fails before any wait or lock
+        self._record(check_name(name, "disk name"))  # a wrong name fails before any wait
         self._check_closed(name, "delete it", points_too=True)
         self._stop_archiver(name)  # its points go too; a stalled one must not block that
         try:

@@ -27,8 +27,10 @@ from helpers import (
     MiB,
     assert_one_line_error,
     assert_same_bytes,
+    disks_by_name,
     e2fsck_clean,
     is_fuse_mounted,
+    local_files,
     loop_mount,
     point_image,
     sparse_copy,
@@ -91,18 +93,6 @@ def first_difference(a: bytes, b: bytes) -> str:
                 if a[i] != b[i]:
                     return f"first difference at byte {i} (block {i // BS})"
     return "identical"
-
-
-def disks_by_name(rpfs) -> dict[str, dict]:
-    out = json.loads(rpfs("disks", "--json", check=True).stdout)
-    assert isinstance(out, list)
-    return {d["name"]: d for d in out}
-
-
-def local_files(repo: Path) -> set[str]:
-    """The writable disks' local files, REPO/disks/*.raw."""
-    folder = repo / "disks"
-    return {p.name for p in folder.glob("*.raw")} if folder.is_dir() else set()
 
 
 def remount(rpfs, mount, mnt: Path) -> None:
