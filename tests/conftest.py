@@ -1,5 +1,5 @@
 """Fixtures: the `rpfs` command against a per-test repository, mounts that are always
-cleaned up, and deterministic ext4 source images."""
+cleaned up, the live-disk tests' state, and deterministic ext4 source images."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from helpers import MiB, build_tree, is_fuse_mounted, make_ext4, wait_pid_exit
+from livewriter import Live
 
 _SCRIPT = Path(sys.executable).parent / "rpfs"
 RPFS_CMD = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "rpfs.cli"]
@@ -235,6 +236,17 @@ def other_user() -> Iterator[User]:
             subprocess.run(["groupdel", name], capture_output=True)  # if userdel left it
     finally:
         subprocess.run(["groupdel", group], check=True, capture_output=True)
+
+
+@pytest.fixture
+def live(rpfs: Rpfs, repo: Path, mount: Mounter, tmp_path: Path) -> Iterator[Live]:
+    """A mounted repository and helpers; set up after `mount`, so torn down before it."""
+    state = Live(rpfs, mount, tmp_path)
+    state.start()
+    try:
+        yield state
+    finally:
+        state.teardown()
 
 
 @pytest.fixture
