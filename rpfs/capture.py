@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import checkpoint
-from .errors import RpfsError
+from .errors import SPACE_ERRNOS, NoSpace, RpfsError
 from .index import ZERO, DiskRecord, LineageRecord, PointRecord
 from .ingest import Change, Ingest, examine
-from .names import check_name, default_point_name
+from .names import check_name, default_point_name, fmt_bytes
 from .pipeline import ordered_map
 from .progress import ProgressFn
 from .repo import Repository
@@ -113,6 +113,7 @@ class _Capture:
         self.pending_stage: list[tuple[int, bytes]] = []
         self.blocks_written = 0
         self.allocated_delta = 0
+        self.stored_at = (0, 0)  # (source bytes read, bytes stored) after the last batch
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -206,6 +207,7 @@ class _Capture:
             self.ingest.register(txn)
             for block, value in self.pending_stage:
                 self.index.stage(txn, capture_id, block, value)
+        self.ingest.committed()
         self.pending_stage.clear()
 
     def _publish(self, capture_id: int, base: _Base, method: str) -> PointRecord:
@@ -243,7 +245,10 @@ class _Capture:
         return point
 
     def run(self) -> PointRecord:
+        space = self.repo.space
+        space.check(f"a capture of {self.disk}")  # the index must keep room to commit
         capture_id, base = self._begin()
+        total = 0
         try:
             batches, method = self._plan(base)
             total = sum(b.count for b in batches if b.read) * self.bs
@@ -251,26 +256,61 @@ class _Capture:
             self.progress(0, total)
             examine = functools.partial(self._examine, chain=base.chain)
             for batch, changes in ordered_map(examine, batches):
+                if space.low():  # stop before the reserve is gone, not at ENOSPC
+                    raise space.error(f"the capture of {self.disk}")
                 for change in changes:
                     self._take(change)
                 if self.ingest.pending_bytes >= FLUSH_BYTES or len(self.pending_stage) >= 65536:
                     self._flush(capture_id)
                 if batch.read:
                     done += batch.count * self.bs
+                    self.stored_at = (done, self.ingest.bytes_stored)
                     self.progress(done, total)
             self._flush(capture_id)
             self.ingest.close()
             point = self._publish(capture_id, base, method)
-        except BaseException:
-            self.ingest.close()
-            with self.index.write() as txn:
-                self.index.drop_staged(txn, capture_id)
+        except BaseException as exc:
+            try:
+                self._abandon(capture_id)
+            except Exception:  # the next capture drops what is left; report the cause
+                log.info("disk %s: cleaning up after the failed capture failed too", self.disk,
+                         exc_info=True)
+            if isinstance(exc, OSError) and exc.errno in SPACE_ERRNOS:
+                raise self._no_space(exc, total) from None
             raise
         log.info(
             "disk %s: point %s captured (%s): %d blocks written, %d bytes stored",
             self.disk, self.point, method, point.blocks_written, point.bytes_stored,
         )
         return point
+
+    def _abandon(self, capture_id: int) -> None:
+        """Undo a failed capture: its packs go, and so do its staging rows and the chunk
+        records only it used, in one transaction (after the unregistered bytes are gone,
+        so that commit finds room even on a full disk)."""
+        self.ingest.discard()
+        with self.index.write() as txn:
+            self.index.drop_staged(txn, capture_id)
+            packs = self.ingest.forget(txn)
+        for path in packs:
+            path.unlink(missing_ok=True)
+
+    def _no_space(self, exc: OSError, total: int) -> NoSpace:
+        """How much the capture needed: what it stored plus the rest of the source at the
+        compression it saw so far (an estimate), against what is free now."""
+        stored = self.ingest.bytes_stored
+        read, stored_then = self.stored_at  # as of the last whole batch: a ratio to go by
+        needed = stored_then + (total - read) * (stored_then / read if read else 1.0)
+        space = self.repo.space
+        free = space.free_now()
+        return NoSpace(
+            f"no space for the capture of {self.disk}: it needs about {fmt_bytes(needed)} "
+            f"for new chunks, and the filesystem of {self.repo.root} has {fmt_bytes(free)} "
+            f"free (rpfs keeps {fmt_bytes(space.figures()[1])} of it for the index); what "
+            f"it had stored ({fmt_bytes(stored)}) was removed; free space there (or lower "
+            "\"reserve\" in rpfs.json) and capture again",
+            exc.filename,
+        )
 
 
 def _complement(runs: list[tuple[int, int]], nblocks: int) -> list[tuple[int, int]]:

@@ -106,9 +106,11 @@ def _taking(folder: Path) -> Iterator[None]:
 def take(repo: Repository) -> Checkpoint:
     """Write a checkpoint of the index now and prune the oldest beyond KEEP.
 
-    RpfsError if it cannot be written, or if the copy does not read back cleanly (the
-    index is damaged: the older checkpoints are kept, the bad copy is not).
+    RpfsError if free space is below the reserve, if it cannot be written, or if the copy
+    does not read back cleanly (the index is damaged: the older checkpoints are kept, the
+    bad copy is not).
     """
+    repo.space.check("an index checkpoint")  # the reserve is for the index's commits
     folder = repo.root / CHECKPOINTS
     folder.mkdir(mode=0o700, exist_ok=True)
     with _taking(folder):

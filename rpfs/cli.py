@@ -3,40 +3,40 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import grp
 import json
 import logging
 import os
+import pwd
+import re
 import subprocess
 import sys
 import time
+import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 
 from . import __version__, checkpoint
 from .capture import capture
-from .control import disk_service
-from .daemon import serve
-from .errors import RpfsError
+from .control import RemoteService, disk_service, socket_path
+from .daemon import MountOptions, serve
+from .errors import RpfsError, describe_os_error, is_expected
 from .extents import allocated, changed
 from .image import ChunkCache, open_point
 from .index import DiskRecord, LineageRecord, PointRecord
-from .names import check_name, parse_point_ref, parse_size
+from .mounts import unmount
+from .names import check_name, fmt_bytes, parse_point_ref, parse_size
+from .perms import open_log
 from .progress import progress_bar
 from .repo import Repository, read_daemon_info, repo_path
 from .restore import restore
+from .vfs import Access
 
 log = logging.getLogger("rpfs")
 
 MOUNT_TIMEOUT = 60.0
-UMOUNT_TIMEOUT = 60.0
-
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
+WARNING = "warning: "  # a line the daemon reports before 'ready' (see _read_report)
 
 
 def fmt_time(ts: float) -> str:
@@ -54,8 +54,10 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
 
 def cmd_init(args: argparse.Namespace) -> int:
     root = repo_path(args.repo)
-    Repository.init(root, parse_size(args.block_size)).close()
-    print(f"initialised rpfs repository at {root} (block size {args.block_size})")
+    with Repository.init(root, parse_size(args.block_size), args.reserve) as repo:
+        free, floor = repo.space.figures()
+    print(f"initialised rpfs repository at {root} (block size {args.block_size}, "
+          f"reserve {fmt_bytes(floor)} of {fmt_bytes(free)} free)")
     return 0
 
 
@@ -76,19 +78,22 @@ def cmd_capture(args: argparse.Namespace) -> int:
     return 0
 
 
-def _state(p: PointRecord, points: list[PointRecord]) -> str:
+def _state(p: PointRecord, points: list[PointRecord], stalls: dict[str, str]) -> str:
     if p.state == "complete":
         return "complete"
+    stalled = f" (stalled: {stalls[p.disk]})" if p.disk in stalls else ""
     if p.rides:
         pending = [q for q in points if q.disk == p.disk and q.lineage == p.lineage
                    and q.state == "archiving" and not q.rides and q.gen < p.gen]
         if pending:
-            return f"archiving with {pending[0].name}"
-    return f"archiving {100 * p.archived_blocks // max(1, p.frozen_blocks)}%"
+            return f"archiving with {pending[0].name}{stalled}"
+    return f"archiving {100 * p.archived_blocks // max(1, p.frozen_blocks)}%{stalled}"
 
 
 def cmd_points(args: argparse.Namespace) -> int:
-    with Repository(repo_path(args.repo)) as repo, repo.index.read() as txn:
+    root = repo_path(args.repo)
+    with Repository(root) as repo, repo.index.read() as txn:
+        stalls = _stalls(root)
         disk = None
         if args.disk is not None:
             disk = repo.index.get_disk(txn, check_name(args.disk))
@@ -99,11 +104,13 @@ def cmd_points(args: argparse.Namespace) -> int:
         if args.tree:
             disks = [disk] if disk else repo.index.list_disks(txn)
             for d in disks:
-                _print_tree(d, repo.index.list_lineages(txn), points)
+                _print_tree(d, repo.index.list_lineages(txn), points, stalls)
             return 0
     if args.json:
         out = [
-            {**vars(p), "allocated_bytes": p.allocated_blocks * bs, "block_size": bs}
+            {**vars(p), "allocated_bytes": p.allocated_blocks * bs, "block_size": bs,
+             **({"stalled": stalls[p.disk]} if p.state != "complete" and p.disk in stalls
+                else {})}
             for p in points
         ]
         print(json.dumps(out, indent=1))
@@ -112,7 +119,7 @@ def cmd_points(args: argparse.Namespace) -> int:
         [
             p.disk, p.name, fmt_time(p.created), fmt_bytes(p.size), str(p.blocks_written),
             fmt_bytes(p.allocated_blocks * bs), fmt_bytes(p.bytes_stored), p.method,
-            _state(p, points),
+            _state(p, points, stalls),
         ]
         for p in points
     ]
@@ -122,8 +129,15 @@ def cmd_points(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stalls(root: Path) -> dict[str, str]:
+    """Disks whose archive is stalled, and why: only a daemon archives in the background,
+    and it keeps that in memory (its log may be on the full filesystem)."""
+    return RemoteService(socket_path(root)).stalls() if read_daemon_info(root) else {}
+
+
 def _print_tree(
-    disk: DiskRecord, lineages: list[LineageRecord], points: list[PointRecord]
+    disk: DiskRecord, lineages: list[LineageRecord], points: list[PointRecord],
+    stalls: dict[str, str],
 ) -> None:
     """A disk's points by lineage; a rollback's or clone's lineage under its origin."""
     mine = {lin.id: lin for lin in lineages if disk.name in lin.disks}
@@ -138,7 +152,8 @@ def _print_tree(
         label = "current" if lin.id == disk.lineage else "branch"
         print(f"{indent}[{label}: lineage {lin.id}]")
         for p in (p for p in points if p.disk == disk.name and p.lineage == lin.id):
-            print(f"{indent}  {p.name}  {fmt_time(p.created)}  {p.method}  {_state(p, points)}")
+            state = _state(p, points, stalls)
+            print(f"{indent}  {p.name}  {fmt_time(p.created)}  {p.method}  {state}")
             for child in children.pop((lin.id, p.gen), []):
                 show(child, indent + "    ")
         for key in [k for k in children if k[0] == lin.id]:
@@ -175,10 +190,12 @@ def cmd_disk_create(args: argparse.Namespace) -> int:
 
 def cmd_disk_delete(args: argparse.Namespace) -> int:
     with disk_service(repo_path(args.repo)) as service:
-        result = service.delete(name=args.name, force=args.force)
+        result = service.delete(name=args.name, force=args.force, with_points=args.with_points)
+    points = result["points"]
+    deleted = f"deleted with {len(points)} point(s): {', '.join(points)}" if points else "deleted"
     detached = f"; now independent of it: {', '.join(result['detached'])}" if result[
         "detached"] else ""
-    print(f"disk {args.name}: deleted{detached}")
+    print(f"disk {args.name}: {deleted}{detached}")
     return 0
 
 
@@ -191,7 +208,8 @@ def cmd_disks(args: argparse.Namespace) -> int:
     rows = [
         [
             d["name"], fmt_bytes(d["size"]), d["origin"] or "-",
-            "-" if d["hydrated_pct"] is None else f"{d['hydrated_pct']:.1f}%", d["state"],
+            "-" if d["hydrated_pct"] is None else f"{d['hydrated_pct']:.1f}%",
+            d["state"] + (f", archiving stalled: {d['stalled']}" if d.get("stalled") else ""),
         ]
         for d in disks
     ]
@@ -261,16 +279,65 @@ def cmd_hydrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mount_options(args: argparse.Namespace) -> MountOptions:
+    """--allow-other, --uid, --gid, --mode, --hydrate and --nonempty, checked."""
+    given = [f"--{name}" for name in ("uid", "gid", "mode") if getattr(args, name) is not None]
+    if given and not args.allow_other:
+        raise RpfsError(
+            f"{' and '.join(given)} {'needs' if len(given) == 1 else 'need'} --allow-other: "
+            "without it only the daemon's user can use the mount, whatever its modes"
+        )
+    access: dict[str, int] = {}
+    if args.uid is not None:
+        access["uid"] = _account_id(args.uid, "--uid")
+    if args.gid is not None:
+        access["gid"] = _account_id(args.gid, "--gid")
+    if args.mode is not None:
+        if not re.fullmatch(r"0?[0246]{3}", args.mode):  # octal read and write bits only
+            raise RpfsError(
+                f"invalid --mode {args.mode!r}: give octal read/write bits for disk images, "
+                "e.g. 0640 (point images get the same minus write)"
+            )
+        access["mode"] = int(args.mode, 8)
+    return MountOptions(
+        access=Access(allow_other=args.allow_other, **access), hydrate=args.hydrate,
+        nonempty=args.nonempty,
+    )
+
+
+def _account_id(value: str, option: str) -> int:
+    """The user (--uid) or group (--gid) named by `value`, a name or a number."""
+    if value.isdigit():
+        return int(value)
+    kind = "user" if option == "--uid" else "group"
+    try:
+        return pwd.getpwnam(value).pw_uid if kind == "user" else grp.getgrnam(value).gr_gid
+    except KeyError:
+        raise RpfsError(
+            f"no {kind} named {value!r} ({option} takes a {kind} name or number)"
+        ) from None
+
+
+def _mount_args(options: MountOptions) -> list[str]:
+    """`options` as arguments of `rpfs mount`, for the daemon process."""
+    access = options.access
+    args = ["--allow-other", "--uid", str(access.uid), "--gid", str(access.gid),
+            "--mode", f"{access.mode:o}"] if access.allow_other else []
+    return [*args, *(["--hydrate"] if options.hydrate else []),
+            *(["--nonempty"] if options.nonempty else [])]
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
     root = repo_path(args.repo)
     mountpoint = Path(args.mountpoint).absolute()
+    options = _mount_options(args)
     if args.foreground:
-        return _serve_foreground(root, mountpoint, args.ready_fd, args.hydrate)
+        return _serve_foreground(root, mountpoint, args.ready_fd, options)
     read_fd, write_fd = os.pipe()
     log_path = root / "rpfs.log"
-    stderr = open(log_path, "ab") if root.is_dir() else subprocess.DEVNULL  # noqa: SIM115
+    stderr = os.fdopen(open_log(root), "ab") if root.is_dir() else subprocess.DEVNULL
     cmd = [sys.executable, "-m", "rpfs.cli", "-r", str(root), "mount", "--foreground",
-           "--ready-fd", str(write_fd), str(mountpoint), *(["--hydrate"] if args.hydrate else [])]
+           "--ready-fd", str(write_fd), *_mount_args(options), "--", str(mountpoint)]
     proc = subprocess.Popen(
         cmd, pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
         stderr=stderr, start_new_session=True,
@@ -286,7 +353,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def _read_report(fd: int, proc: subprocess.Popen) -> str:
-    """The daemon's one-line report on the pipe: 'ready' or an error message."""
+    """The daemon's report on the pipe: 'ready' or an error message, the last line; the
+    lines 'warning: ...' before it are printed to stderr as they come."""
     deadline = time.monotonic() + MOUNT_TIMEOUT
     data = b""
     with os.fdopen(fd, "rb", buffering=0) as pipe:
@@ -298,8 +366,11 @@ def _read_report(fd: int, proc: subprocess.Popen) -> str:
                 chunk = None
             if chunk:
                 data += chunk
-                if data.endswith(b"\n"):
-                    return data.decode().strip()
+                *lines, data = data.split(b"\n")
+                for line in map(bytes.decode, lines):
+                    if not line.startswith(WARNING):
+                        return line.strip()
+                    print(f"rpfs: {line.removeprefix(WARNING)}", file=sys.stderr)
             elif chunk == b"":  # EOF: the daemon exited without a word
                 proc.wait()
                 return f"the rpfs daemon exited with status {proc.returncode}; see its log"
@@ -307,11 +378,13 @@ def _read_report(fd: int, proc: subprocess.Popen) -> str:
     return f"the rpfs daemon (pid {proc.pid}) did not report ready in {MOUNT_TIMEOUT:.0f}s"
 
 
-def _serve_foreground(root: Path, mountpoint: Path, ready_fd: int | None, hydrate: bool) -> int:
+def _serve_foreground(
+    root: Path, mountpoint: Path, ready_fd: int | None, options: MountOptions
+) -> int:
     # Spawned by `rpfs mount`, stderr already is the log file; in a terminal, log to both.
-    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    handlers: list[logging.Handler] = [_StderrLog()]
     if ready_fd is None and root.is_dir():
-        handlers.append(logging.FileHandler(root / "rpfs.log"))
+        handlers.append(_StderrLog(os.fdopen(open_log(root), "a")))
     logging.basicConfig(
         level=logging.INFO, handlers=handlers, force=True,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -326,10 +399,47 @@ def _serve_foreground(root: Path, mountpoint: Path, ready_fd: int | None, hydrat
         log.error("%s", message)
         report(message)
 
+    def on_warning(message: str) -> None:  # already logged (to stderr, in a terminal)
+        if ready_fd is not None:
+            os.write(ready_fd, f"{WARNING}{message}\n".encode())
+
     def on_ready() -> None:
         report("ready")
 
-    return serve(root, mountpoint, on_ready, on_error, hydrate)
+    return serve(root, mountpoint, options, on_ready, on_warning, on_error)
+
+
+class _Unfailing(logging.Handler):
+    """A log handler that outlives a log it cannot write (the log is on the repository's
+    filesystem, which may be full): one line on stderr per outage instead of a
+    '--- Logging error ---' traceback per message, and a count once it writes again.
+    Stalled archives are also shown by `rpfs disks` and `rpfs points`."""
+
+    lost = 0  # messages that could not be written since the last that could
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self.failed = True
+        self.lost += 1
+        if self.lost == 1:
+            with contextlib.suppress(Exception):  # stderr may be that same full log
+                sys.stderr.write(f"rpfs: cannot write the log: {sys.exc_info()[1]}; "
+                                 "messages are lost until it can\n")
+                sys.stderr.flush()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.failed = False
+        super().emit(record)  # the stream or file handler's
+        if self.lost and not self.failed:
+            lost, self.lost = self.lost, 0
+            with contextlib.suppress(Exception):
+                self.stream.write(f"rpfs: the log could not be written for {lost} message(s) "
+                                  "before this one; some may be missing\n")
+                self.flush()
+
+
+class _StderrLog(_Unfailing, logging.StreamHandler):
+    pass
 
 
 def cmd_index_restore(args: argparse.Namespace) -> int:
@@ -389,23 +499,7 @@ def cmd_index_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    mountpoint = Path(args.mountpoint).absolute()
-    if not os.path.ismount(mountpoint):
-        raise RpfsError(f"{mountpoint} is not mounted")
-    root = repo_path(args.repo)
-    info = read_daemon_info(root) or {}
-    res = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
-    if res.returncode != 0:
-        detail = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed"
-        if "busy" in detail.lower():
-            detail += "; close the files using it (see 'fuser -vm MOUNT') and try again"
-        raise RpfsError(f"cannot unmount {mountpoint}: {detail}")
-    if info.get("mountpoint") == str(mountpoint):
-        # The daemon releases its lock when it exits (even before anyone reaps it).
-        deadline = time.monotonic() + UMOUNT_TIMEOUT
-        while read_daemon_info(root) and time.monotonic() < deadline:
-            time.sleep(0.05)
-    print(f"unmounted {mountpoint}")
+    print(unmount(repo_path(args.repo), Path(args.mountpoint)))
     return 0
 
 
@@ -428,6 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init", parents=[common], help="create a repository")
     p.add_argument("--block-size", default="64K", help="block size, 4K..4M (default 64K)")
+    p.add_argument("--reserve", metavar="SIZE|N%",
+                   help="free space to keep on the repository's filesystem (default: the "
+                        "smaller of 1%% and 256M)")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("capture", parents=[common], help="capture an image or device as a point")
@@ -466,6 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("name")
     q.add_argument("--force", action="store_true",
                    help="first copy what clones of it still read from it into them")
+    q.add_argument("--with-points", action="store_true",
+                   help="delete its points too (required when it has any)")
     q.set_defaults(func=cmd_disk_delete)
 
     p = sub.add_parser("disks", parents=[common], help="list disks")
@@ -502,6 +601,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--foreground", action="store_true", help="serve in this process")
     p.add_argument("--hydrate", action="store_true",
                    help="copy clones' missing blocks locally in the background")
+    p.add_argument("--allow-other", action="store_true",
+                   help="let other users in, as the image modes say (default: root only)")
+    p.add_argument("--uid", help="owner of the images (name or number; default: root)")
+    p.add_argument("--gid", help="group of the images (name or number; default: root)")
+    p.add_argument("--mode", help="mode of disk images (default 0600; points: minus write)")
+    p.add_argument("--nonempty", action="store_true",
+                   help="mount over a directory that holds files (hiding them)")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_mount)
 
@@ -542,6 +648,31 @@ def main(argv: list[str] | None = None) -> int:
         # error to report. Point stdout at /dev/null so the exit flush does not fail too.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # what a shell reports for a process ended by SIGPIPE
+    except Exception as exc:
+        root = repo_path(args.repo)
+        if is_expected(exc):  # a full disk, a read-only mount, ...: not a bug
+            print(f"rpfs: error: {describe_os_error(exc, root)}", file=sys.stderr)
+            return 1
+        return _internal_error(exc, root, args.verbose)
+
+
+def _internal_error(exc: Exception, root: Path, verbose: bool) -> int:
+    """A bug: one line here, the traceback in the repository's log (and here with -v)."""
+    trace = traceback.format_exc()
+    log_path: Path | None = root / "rpfs.log"
+    try:
+        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{fmt_time(time.time())} ERROR rpfs: internal error in "
+                    f"'rpfs {' '.join(sys.argv[1:])}' (pid {os.getpid()}):\n{trace}")
+    except OSError:
+        log_path = None  # no repository there, or it cannot be written: show it here
+    if verbose or log_path is None:
+        sys.stderr.write(trace)
+    where = f"in {log_path}" if log_path else "above"
+    print(f"rpfs: internal error: {type(exc).__name__}: {exc}; this is a bug, the traceback "
+          f"is {where}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -10,24 +10,28 @@ import ctypes
 import logging
 import os
 import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyfuse3
 import trio
 
-from . import checkpoint
+from . import checkpoint, perms
 from .control import serve_control
 from .errors import RpfsError
 from .fsops import Operations
 from .image import ChunkCache
+from .mounts import is_dead, mount_at, table_path
 from .repo import Repository
 from .service import DiskService
-from .vfs import Tree
+from .vfs import Access, Tree
 
 log = logging.getLogger(__name__)
 
 SYNC_INTERVAL = 2.0  # seconds between block-map persists of open disks
 READ_AHEAD_KB = 1024  # the default 128 KiB caps sequential reads well below the ceiling
+RELAYED_CORRECTIONS = 20  # repository mode corrections shown by `rpfs mount` (all are logged)
 
 
 M_ARENA_MAX = -8  # a mallopt parameter (glibc's malloc.h)
@@ -62,20 +66,71 @@ def tune_readahead(mountpoint: Path) -> None:
         log.warning("cannot set %s to %d KiB: %s", path, READ_AHEAD_KB, exc)
 
 
-def _check_mountpoint(mountpoint: Path) -> None:
+@dataclass(frozen=True)
+class MountOptions:
+    """How `rpfs mount` serves: see Access for who may use the mount."""
+
+    access: Access = field(default_factory=Access)
+    hydrate: bool = False  # copy every clone's missing blocks locally in the background
+    nonempty: bool = False  # mount over a directory that holds files (hiding them)
+
+
+def _check_mountpoint(root: Path, mountpoint: Path, nonempty: bool) -> None:
+    """Refuse a mount point the daemon cannot serve.
+
+    Inside the repository (or at it), the daemon's own opens of repository files would
+    come back to its own mount: it waits on itself for ever (D state), and `rpfs disks`
+    and `umount` with it; under `disks/` a clone's new local file gets EROFS. With the
+    repository inside the mount point, the mount hides the repository from everyone,
+    the daemon included. A directory that holds files would have them hidden while
+    mounted, which FUSE 3 does silently: only with `--nonempty`.
+    """
+    mount = mount_at(table_path(mountpoint))  # the table: a dead mount fails any stat
+    if mount is not None:
+        dead = mount.is_rpfs and is_dead(mount.path)
+        raise RpfsError(
+            f"{mountpoint} is already a mount point"
+            f"{' (rpfs, its daemon is gone)' if dead else ''}; "
+            f"{'rpfs umount' if dead else 'unmount'} it first, or choose another"
+        )
     if not mountpoint.is_dir():
         raise RpfsError(f"mount point {mountpoint} is not a directory; create it first")
-    if os.path.ismount(mountpoint):
-        raise RpfsError(f"{mountpoint} is already a mount point; unmount it or choose another")
+    mnt, repo = mountpoint.resolve(), root.resolve()
+    if mnt == repo or repo in mnt.parents:
+        where = "is the repository" if mnt == repo else "is inside the repository"
+        raise RpfsError(f"mount point {mnt} {where} {repo}; choose a directory outside it")
+    if mnt in repo.parents:
+        raise RpfsError(
+            f"the repository {repo} is inside the mount point {mnt}, which would hide it; "
+            "choose a mount point outside it"
+        )
+    if not nonempty and any(mnt.iterdir()):
+        raise RpfsError(
+            f"mount point {mnt} is not empty (the mount would hide its files); empty it, "
+            "choose another, or pass --nonempty"
+        )
 
 
 async def _sync_periodically(service: DiskService) -> None:
-    """Persist block-map changes (e.g. copy-on-read) of open disks every few seconds."""
+    """Persist block-map changes (e.g. copy-on-read) of open disks every few seconds.
+
+    A sync that fails (a full disk) keeps its changes for the next one: it must not end
+    the daemon, and says so once per disk until a sync succeeds again.
+    """
+    failing: set[str] = set()
     while True:
         await trio.sleep(SYNC_INTERVAL)
         for disk in service.open_disks():
             if disk.needs_sync:
-                await trio.to_thread.run_sync(disk.sync)
+                try:
+                    await trio.to_thread.run_sync(disk.sync)
+                except OSError as exc:
+                    if disk.name not in failing:
+                        log.warning("disk %s: cannot persist its block map (tried again every "
+                                    "%g s): %s", disk.name, SYNC_INTERVAL, exc)
+                    failing.add(disk.name)
+                else:
+                    failing.discard(disk.name)
 
 
 class _Checkpoints:
@@ -133,12 +188,21 @@ async def _serve(
         nursery.cancel_scope.cancel()
 
 
-def serve(root: Path, mountpoint: Path, on_ready, on_error, hydrate: bool = False) -> int:
+def serve(
+    root: Path,
+    mountpoint: Path,
+    options: MountOptions,
+    on_ready: Callable[[], None],
+    on_warning: Callable[[str], None],
+    on_error: Callable[[str], None],
+) -> int:
     """Mount `root` at `mountpoint` and serve until unmounted; returns the exit status.
 
-    `hydrate`: copy every clone's missing blocks locally in the background.
+    Before it is ready, the daemon reports what the operator should know (a repository
+    file mode it corrected) to `on_warning`, besides its log.
     """
-    mountpoint = mountpoint.absolute()
+    # Resolved, as the mount table writes it: `rpfs umount` compares the two.
+    mountpoint = mountpoint.resolve()
     limit_malloc_arenas()
     try:
         repo = Repository(root)
@@ -147,19 +211,34 @@ def serve(root: Path, mountpoint: Path, on_ready, on_error, hydrate: bool = Fals
         return 1
     try:
         repo.index.verify_records()  # a damaged record fails the mount, not a request
-        lock_fd = repo.daemon_lock({"pid": os.getpid(), "mountpoint": str(mountpoint)})
-        _check_mountpoint(mountpoint)
+        lock_fd = repo.daemon_lock()
+        try:
+            _check_mountpoint(root, mountpoint, options.nonempty)
+        except RpfsError:
+            os.close(lock_fd)
+            raise
     except RpfsError as exc:
         repo.close()
         on_error(str(exc))
         return 1
+    repo.record_daemon(lock_fd, {"pid": os.getpid(), "mountpoint": str(mountpoint)})
+    corrected = perms.enforce(root)  # each is logged; the operator sees the first few
+    for message in corrected[:RELAYED_CORRECTIONS]:
+        on_warning(message)
+    if len(corrected) > RELAYED_CORRECTIONS:
+        on_warning(f"and {len(corrected) - RELAYED_CORRECTIONS} more mode corrections: see "
+                   f"{root / 'rpfs.log'}")
     cache = ChunkCache(repo)
     service = DiskService(repo, cache, background=True)
-    ops = Operations(Tree(repo, cache, service))
+    ops = Operations(Tree(repo, cache, service, options.access))
     service.on_removed = ops.forget_disk
-    options = set(pyfuse3.default_options) | {"fsname=rpfs", "subtype=rpfs", "allow_other"}
+    # default_permissions: the kernel checks the modes Access gives (root passes anyway).
+    fuse_options = set(pyfuse3.default_options) | {
+        "fsname=rpfs", "subtype=rpfs", "default_permissions"}
+    if options.access.allow_other:
+        fuse_options.add("allow_other")
     try:
-        pyfuse3.init(ops, str(mountpoint), options)
+        pyfuse3.init(ops, str(mountpoint), fuse_options)
     except RuntimeError as exc:
         os.close(lock_fd)
         repo.close()
@@ -167,7 +246,7 @@ def serve(root: Path, mountpoint: Path, on_ready, on_error, hydrate: bool = Fals
         return 1
     log.info("serving repository %s at %s (pid %d)", root, mountpoint, os.getpid())
     service.resume_archiving()
-    if hydrate:
+    if options.hydrate:
         service.start_background_hydration()
     checkpoints = _Checkpoints(repo)
     try:

@@ -80,8 +80,8 @@ class Operations(pyfuse3.Operations):
         entry.st_size = attr.size
         entry.st_blocks = attr.blocks
         entry.st_blksize = BLKSIZE
-        entry.st_uid = os.getuid()
-        entry.st_gid = os.getgid()
+        entry.st_uid = self.tree.access.uid
+        entry.st_gid = self.tree.access.gid
         ns = int(attr.mtime * 1e9)
         entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = ns
         entry.entry_timeout = entry.attr_timeout = ENTRY_TIMEOUT

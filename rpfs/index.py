@@ -204,6 +204,7 @@ class Index:
             self.env = lmdb.open(
                 str(path), map_size=map_size, max_dbs=len(_DBS), subdir=not copy,
                 max_readers=512, readonly=copy, lock=not copy, create=create is not None,
+                mode=0o600,  # data.mdb and lock.mdb are private (rpfs.perms)
             )
         except _DAMAGE as exc:
             raise self.damaged(str(exc)) from None
@@ -433,6 +434,9 @@ class Index:
     def put_chunk(self, txn: lmdb.Transaction, digest: bytes, loc: ChunkLoc) -> None:
         txn.put(digest, loc.encode(), db=self.db["chunks"])
 
+    def delete_chunk(self, txn: lmdb.Transaction, digest: bytes) -> None:
+        txn.delete(digest, db=self.db["chunks"])
+
     def incref(self, txn: lmdb.Transaction, digest: bytes, n: int = 1) -> None:
         loc = self.get_chunk(txn, digest)
         if loc is None:
@@ -571,7 +575,16 @@ class _Txn:
     def __exit__(self, typ, exc, tb) -> None:
         try:
             self._txn.__exit__(typ, exc, tb)  # commits, or aborts after an exception
-        except _DAMAGE as commit_exc:
-            raise self._index.damaged(str(commit_exc)) from commit_exc
+        except lmdb.Error as commit_exc:
+            self._translate(commit_exc)
+            raise
+        if isinstance(exc, lmdb.Error):
+            self._translate(exc)
+
+    def _translate(self, exc: lmdb.Error) -> None:
         if isinstance(exc, _DAMAGE):
             raise self._index.damaged(str(exc)) from exc
+        if isinstance(exc, lmdb.DiskError):
+            # No room for the commit's pages: a full disk, not a damaged index, raised as
+            # ENOSPC naming the index like any other write would be.
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self._index.path)) from None

@@ -9,6 +9,7 @@ matters: pack bytes are fsynced before the index transaction that names them com
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from .index import ZERO, ChunkLoc, Index
 from .repo import Repository
@@ -35,10 +36,18 @@ def examine(index: Index, txn, block: int, raw, zero: bytes, prev: bytes) -> Cha
 
 
 class Ingest:
-    """Appends new chunks for one writer and registers them once they are durable."""
+    """Appends new chunks for one writer and registers them once they are durable.
+
+    The caller commits `register`'s transaction and then calls `committed()`. After a
+    failure anywhere in between, `discard()` removes the records the index does not name
+    and the Ingest is done: a retry uses a new one, so it never counts on a record whose
+    write or registration failed.
+    """
 
     def __init__(self, repo: Repository) -> None:
         self.index = repo.index
+        self.space = repo.space
+        self.store = repo.store
         self.writer = repo.store.writer(repo.allocate_pack)
         self._pending: dict[bytes, ChunkLoc] = {}
         self._seen: set[bytes] = set()
@@ -50,6 +59,7 @@ class Ingest:
         if change.record is None or change.value in self._seen:
             return
         self._pending[change.value] = self.writer.append(change.record)
+        self.space.spend(len(change.record))
         self._seen.add(change.value)
         self.pending_bytes += len(change.record)
         self.bytes_stored += len(change.record)
@@ -63,8 +73,38 @@ class Ingest:
         for value, loc in self._pending.items():
             if not self.index.has_chunk(txn, value):  # another writer may have stored it
                 self.index.put_chunk(txn, value, loc)
+
+    def committed(self) -> None:
+        """`register`'s transaction committed: the index names what was appended."""
         self._pending.clear()
         self.pending_bytes = 0
+        self.writer.mark()
+
+    def discard(self) -> None:
+        """After a failed write or commit: remove the records the index does not name."""
+        self._pending.clear()
+        self.pending_bytes = 0
+        self.writer.discard()
+
+    def forget(self, txn) -> list[Path]:
+        """Drop the chunk records of this writer's packs that no extent names yet, a whole
+        pack at a time (a pack with a referenced chunk stays as it is); returns the packs
+        to unlink once `txn` has committed. For a writer that gives up (a failed
+        capture): its packs would otherwise stay as garbage that nothing frees. Call
+        after `discard`; the records are found through the packs' own headers."""
+        doomed = []
+        for pack in self.writer.created:
+            ours = []
+            for offset, value in self.store.digests(pack):
+                loc = self.index.get_chunk(txn, value)
+                if loc is not None and (loc.pack, loc.offset) == (pack, offset):
+                    ours.append((value, loc))
+            if any(loc.refcount for _, loc in ours):
+                continue  # another writer deduplicated against it meanwhile: keep it
+            for value, _ in ours:
+                self.index.delete_chunk(txn, value)
+            doomed.append(self.store.path(pack))
+        return doomed
 
     def close(self) -> None:
         self.writer.close()

@@ -39,7 +39,8 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import RpfsError
+from . import perms
+from .errors import SPACE_ERRNOS
 from .image import ChunkCache, Readahead
 from .index import MAX_GEN, ZERO, DiskRecord, Index, LineageRecord, PointRecord
 from .ingest import Ingest, examine
@@ -52,6 +53,11 @@ PAGE_BLOCKS = 4096  # block states per LMDB value of the `blockmap` table
 STRIPES = 64
 ARCHIVE_BATCH = 64  # frozen blocks archived per index transaction
 FETCH_BATCH = 16  # absent blocks hydration fetches (and writes) at a time
+# The most blocks a writable disk may have. Its block states live in memory, one byte
+# per block (and `rpfs disks` loads those of each closed disk), so this keeps them at
+# most 4 GiB: 256 TiB at 64 KiB blocks, 16 TiB at 4 KiB; even with 4 MiB blocks far
+# below the 2^63-1 bytes a file offset holds.
+MAX_BLOCKS = 1 << 32
 
 _FREEZE_DIRTY = bytes([ABSENT, PRESENT, FROZEN, FROZEN]) + bytes(range(4, 256))
 _FREEZE_ALL = bytes([ABSENT, FROZEN, FROZEN, FROZEN]) + bytes(range(4, 256))
@@ -101,6 +107,7 @@ class LiveDisk:
         self.repo = repo
         self.index = repo.index
         self.cache = cache
+        self.space = repo.space
         self.name = record.name
         self.record = record
         self.size = record.size
@@ -217,7 +224,15 @@ class LiveDisk:
             return b""
         first, last = offset // self.bs, (end - 1) // self.bs
         self._read_ahead(offset, end, last)
-        fetched = self._fetch_absent(first, last + 1)
+        # Below the space reserve (or on ENOSPC) the fetched blocks are served but not
+        # kept: a read must not fail for space, and the next read fetches them again.
+        keep = not self.space.low()
+        try:
+            fetched = self._fetch_absent(first, last + 1, keep)
+        except OSError as exc:
+            if not keep or exc.errno not in SPACE_ERRNOS:
+                raise
+            fetched = self._fetch_absent(first, last + 1, keep=False)
         # The fetched blocks as they were decoded (not read back from the local file),
         # runs of the others with one pread each.
         parts, block = [], first
@@ -248,26 +263,29 @@ class LiveDisk:
                 self.fd, ahead.start * self.bs, len(ahead) * self.bs, os.POSIX_FADV_WILLNEED
             )
 
-    def _fetch_absent(self, first: int, end: int) -> dict[int, bytes]:
-        """Copy-on-read of the ABSENT blocks in [first, end): the blocks it fetched."""
+    def _fetch_absent(self, first: int, end: int, keep: bool = True) -> dict[int, bytes]:
+        """Copy-on-read of the ABSENT blocks in [first, end): the blocks it fetched.
+        With `keep` False they are only read (they stay ABSENT)."""
         blocks = [b for b in range(first, end) if self.states[b] == ABSENT]
         if not blocks:
             return {}
         with self._locked_blocks(blocks):
             blocks = [b for b in blocks if self.states[b] == ABSENT]  # a racer may have won
-            return self._fetch(blocks) if blocks else {}
+            return self._fetch(blocks, keep) if blocks else {}
 
     def _pread_block(self, block: int) -> bytes:
         data = os.pread(self.fd, self.bs, block * self.bs)
         return data if len(data) == self.bs else data + bytes(self.bs - len(data))
 
-    def _fetch(self, blocks: list[int]) -> dict[int, bytes]:
+    def _fetch(self, blocks: list[int], keep: bool = True) -> dict[int, bytes]:
         """Copy-on-read of ABSENT blocks, ascending (the caller holds their stripe locks);
         returns their bytes. Their chunks are loaded together, and each run of adjacent
-        blocks is written to the local file with one pwritev."""
+        blocks is written to the local file with one pwritev (unless not `keep`)."""
         with self.index.read() as txn:
             values = [self.index.resolve(txn, self.chain, b) for b in blocks]
             datas = self.cache.load(txn, blocks, values, f"disk {self.name}")
+        if not keep:
+            return {b: self._zero if d is None else d for b, d in zip(blocks, datas, strict=True)}
         i, data_from = 0, -1  # the local file was a hole from the last lseek's offset to here
         while i < len(blocks):
             j = i + 1
@@ -279,6 +297,7 @@ class LiveDisk:
             n = min((j - i) * self.bs, self.size - pos)
             if datas[i] is not None:
                 _pwrite_all(self.fd, datas[i:j], pos, n)
+                self.space.spend(n)
             else:
                 if data_from <= pos:  # not known yet what lies at pos
                     data_from = _next_data(self.fd, pos, self.size)
@@ -299,15 +318,31 @@ class LiveDisk:
             data = data[: end - offset]
         first, last = offset // self.bs, (end - 1) // self.bs
         with self._locked(first, last + 1):
+            if self.space.low() and self._has_hole(first, last + 1):
+                raise self.space.error(f"a write to new blocks of disk {self.name}")
             frozen = [b for b in range(first, last + 1) if self.states[b] == FROZEN]
             self._archive_locked(frozen)  # copy-before-write: the point keeps the old bytes
             for b in {first, last}:
                 covered = offset <= b * self.bs and end >= min((b + 1) * self.bs, self.size)
                 if not covered and self.states[b] == ABSENT:
                     self._fetch([b])  # read-modify-write of a partial block
-            os.pwrite(self.fd, data, offset)
-            self._set(first, last + 1, DIRTY)
-        return len(data)
+            written = os.pwrite(self.fd, data, offset)
+            self.space.spend(written)
+            if written < len(data):  # the filesystem filled up: keep what the file backs
+                done = offset + written
+                if done % self.bs and self.states[done // self.bs] == ABSENT:
+                    done -= done % self.bs  # the rest of that block is not local
+                if done <= offset:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                written = done - offset
+            self._set(first, (offset + written - 1) // self.bs + 1, DIRTY)
+        return written
+
+    def _has_hole(self, first: int, end: int) -> bool:
+        """Whether blocks [first, end) of the local file hold a hole (a write there would
+        allocate space). Asked only below the space reserve: one lseek."""
+        start = first * self.bs
+        return os.lseek(self.fd, start, os.SEEK_HOLE) < min(end * self.bs, self.size)
 
     # -- durability -----------------------------------------------------------------------
 
@@ -315,10 +350,14 @@ class LiveDisk:
         """Make every completed write durable: file data first, then the block map."""
         with self._sync_lock:
             values = self._take_pages()
-            os.fdatasync(self.fd)
-            if values:
-                with self.index.write() as txn:
-                    self._put_pages(txn, values)
+            try:
+                os.fdatasync(self.fd)
+                if values:
+                    with self.index.write() as txn:
+                        self._put_pages(txn, values)
+            except BaseException:
+                self._pages.update(page for page, _ in values)  # still to persist
+                raise
 
     def _take_pages(self) -> list[tuple[int, bytes]]:
         """Snapshot the changed map pages (caller holds the sync lock, then fdatasyncs)."""
@@ -441,26 +480,48 @@ class LiveDisk:
         return None
 
     def _archive_locked(self, blocks: list[int]) -> int:
-        """Copy frozen `blocks` into the point (caller holds their stripe locks)."""
+        """Copy frozen `blocks` into the point (caller holds their stripe locks).
+
+        All or nothing: if anything fails (a full disk, say), the blocks stay FROZEN, the
+        records this batch appended are cut from the pack, and the next attempt starts
+        on a new Ingest. Below the space reserve it does not start (NoSpace).
+        """
         if not blocks:
             return 0
         with self._archive_lock:
-            point = self.archiving
+            self.space.check(f"archiving point {self.archiving.ref}")
             ingest = self._ingest = self._ingest or Ingest(self.repo)
-            stored_before = ingest.bytes_stored
-            changes = []
-            with self.index.read() as txn:
+            try:
+                self._archive_into(ingest, blocks)
+            except BaseException:
+                self._ingest = None
                 for b in blocks:
-                    prev = self.index.resolve(txn, self._prev_chain, b)
-                    change = examine(self.index, txn, b, self._pread_block(b), self._zero, prev)
-                    if change is not None:
-                        ingest.take(change)
-                        changes.append(change)
-            ingest.sync()
+                    self._set(b, b + 1, FROZEN)
+                try:
+                    ingest.discard()
+                except OSError as exc:  # left as garbage that nothing names
+                    log.warning("disk %s: cannot remove unregistered pack bytes: %s",
+                                self.name, exc)
+                raise
+        return len(blocks)
+
+    def _archive_into(self, ingest: Ingest, blocks: list[int]) -> None:
+        point = self.archiving
+        stored_before = ingest.bytes_stored
+        changes = []
+        with self.index.read() as txn:
             for b in blocks:
-                self._set(b, b + 1, PRESENT)
-            with self._sync_lock:
-                values = self._take_pages()
+                prev = self.index.resolve(txn, self._prev_chain, b)
+                change = examine(self.index, txn, b, self._pread_block(b), self._zero, prev)
+                if change is not None:
+                    ingest.take(change)
+                    changes.append(change)
+        ingest.sync()
+        for b in blocks:
+            self._set(b, b + 1, PRESENT)
+        with self._sync_lock:
+            values = self._take_pages()
+            try:
                 os.fdatasync(self.fd)
                 with self.index.write() as txn:
                     ingest.register(txn)
@@ -476,8 +537,11 @@ class LiveDisk:
                     rec.allocated_blocks += sum(c.allocated_delta for c in changes)
                     self.index.put_point(txn, rec)
                     self._put_pages(txn, values)
-            self.archiving = rec
-        return len(blocks)
+            except BaseException:
+                self._pages.update(page for page, _ in values)
+                raise
+        ingest.committed()
+        self.archiving = rec
 
     def _complete(self) -> None:
         # The sync lock keeps this out of a barrier, so a point is never made a rider
@@ -520,18 +584,24 @@ class LiveDisk:
                     b for b in local
                     if self.states[b] != PRESENT or not self.tracked or changed(b)
                 ]
+            before = bytes(self.states)
             for b in drop:
                 self._set(b, b + 1, ABSENT)
-            with self.index.write() as txn:  # the barrier holds the sync lock
-                lineage = LineageRecord(
-                    self.index.next_id(txn, "lineage"), parent=point.lineage,
-                    parent_gen=point.gen, disks=[self.name],
-                )
-                self.index.put_lineage(txn, lineage)
-                record = self.index.get_disk(txn, self.name)
-                record.lineage, record.origin = lineage.id, point.ref
-                self.index.put_disk(txn, record)
-                self._put_pages(txn, self._take_pages())
+            try:
+                with self.index.write() as txn:  # the barrier holds the sync lock
+                    lineage = LineageRecord(
+                        self.index.next_id(txn, "lineage"), parent=point.lineage,
+                        parent_gen=point.gen, disks=[self.name],
+                    )
+                    self.index.put_lineage(txn, lineage)
+                    record = self.index.get_disk(txn, self.name)
+                    record.lineage, record.origin = lineage.id, point.ref
+                    self.index.put_disk(txn, record)
+                    self._put_pages(txn, self._take_pages())
+            except BaseException:  # the disk stays as it was: its local blocks too
+                self.states[:] = before
+                self._pages.update(range(-(-self.nblocks // PAGE_BLOCKS)))
+                raise
             self.record = record
             self.reload_chain()
             # No hole punching here: fallocate took ~4 ms a call (26 s for a 2 GiB disk of
@@ -573,6 +643,7 @@ class LiveDisk:
 
     def hydrate_range(self, first: int, end: int) -> int:
         """Fetch every ABSENT block in [first, end); returns how many were fetched."""
+        self.space.check(f"hydrating disk {self.name}")
         return sum(
             len(self._fetch_absent(b, min(b + FETCH_BATCH, end)))
             for b in range(first, end, FETCH_BATCH)
@@ -586,26 +657,29 @@ def _pwrite_all(fd: int, parts: list[bytes], offset: int, length: int) -> None:
     if total > length:
         parts = [*parts[:-1], parts[-1][: len(parts[-1]) - (total - length)]]
     written = os.pwritev(fd, parts, offset)
-    if written != length:
-        raise OSError(errno.EIO, f"short write to the local file ({written} of {length} bytes)")
+    if written != length:  # a regular file writes short when its filesystem fills up
+        raise OSError(errno.ENOSPC, f"short write to the local file ({written} of {length} "
+                      "bytes)")
 
 
 def create_local_file(path: Path, size: int) -> None:
-    """A new sparse local file of `size` bytes, durable with its directory entry."""
-    path.parent.mkdir(exist_ok=True)
+    """A new sparse local file of `size` bytes, durable with its directory entry (removed
+    again if that fails: no orphan file stays behind). An OSError names the file."""
+    path.parent.mkdir(mode=perms.DIR_MODE, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        os.ftruncate(fd, size)
-        os.fsync(fd)
-    except OSError as exc:
+        try:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except BaseException as exc:
         path.unlink()
-        raise RpfsError(
-            f"a {size}-byte local file cannot be created in {path.parent}: {exc.strerror}"
-        ) from None
-    finally:
-        os.close(fd)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+        if isinstance(exc, OSError):
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
+        raise

@@ -44,4 +44,19 @@ def parse_size(text: str) -> int:
     m = _SIZE_RE.fullmatch(text.strip())
     if not m:
         raise RpfsError(f"invalid size {text!r}: expected a number with optional K, M, G or T")
-    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+    try:
+        number = int(m.group(1))
+    except ValueError:  # more digits than int() converts (4300)
+        raise RpfsError(
+            f"invalid size: {len(m.group(1))} digits are more than any disk holds"
+        ) from None
+    return number * _UNITS[m.group(2).upper()]
+
+
+def fmt_bytes(n: float) -> str:
+    """`12.3 MiB`: a size for people (binary units, one decimal)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError

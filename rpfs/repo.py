@@ -20,8 +20,10 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from . import perms
 from .errors import CorruptChunk, RpfsError
 from .index import Index
+from .space import Space, parse_reserve
 from .store import PackStore, decode_chunk
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,8 @@ def _valid_block_size(v: object) -> bool:
 
 
 def _valid_reserve(v: object) -> bool:
+    if v is None:  # the default (written as null by rpfs before the key was checked)
+        return True
     if type(v) is int:
         return v >= 0
     match = _PERCENT.fullmatch(v) if type(v) is str else None
@@ -71,7 +75,8 @@ _CONFIG_KEYS = {
                    f"a power of two from {MIN_BLOCK} to {MAX_BLOCK} (an integer)"),
     "hash": (True, lambda v: v == HASH, f'"{HASH}"'),
     "codec": (True, lambda v: v == CODEC, f'"{CODEC}"'),
-    "reserve": (False, _valid_reserve, 'a number of bytes >= 0, or a string "N%" with N < 100'),
+    "reserve": (False, _valid_reserve,
+                'a number of bytes >= 0, a string "N%" with N < 100, or null'),
 }
 
 
@@ -143,6 +148,7 @@ class Repository:
         self.block_size = self.config.block_size
         self.index = Index(root / "index")
         self.store = PackStore(root / "packs", self.block_size)
+        self.space = Space(root, self.config.reserve)
         try:
             self._check_recorded()
         except BaseException:
@@ -203,28 +209,32 @@ class Repository:
             return None
 
     @classmethod
-    def init(cls, root: Path, block_size: int) -> Repository:
+    def init(cls, root: Path, block_size: int, reserve: int | str | None = None) -> Repository:
         """Create a repository at `root`, which must be missing or an empty directory."""
         if not _valid_block_size(block_size):
             raise RpfsError(
                 f"invalid block size {block_size}: use a power of two from 4K to 4M"
             )
+        reserve = parse_reserve(reserve)
         if (root / "rpfs.json").exists():
             raise RpfsError(f"{root} is already an rpfs repository; nothing was changed")
         if root.exists() and (not root.is_dir() or any(root.iterdir())):
             raise RpfsError(
                 f"{root} exists and is not an empty directory; choose another path"
             )
+        root.mkdir(mode=perms.DIR_MODE, parents=True, exist_ok=True)
         for sub in ("index", "packs", "locks"):
-            (root / sub).mkdir(parents=True, exist_ok=True)
-        config = Config(block_size=block_size)
+            (root / sub).mkdir(mode=perms.DIR_MODE, exist_ok=True)
+        config = Config(block_size=block_size, reserve=reserve)
         Index(root / "index", create=config.recorded()).close()
         tmp = root / "rpfs.json.tmp"
+        tmp.touch(mode=perms.FILE_MODE)
         fields = {k: v for k, v in asdict(config).items() if v is not None}
         tmp.write_text(json.dumps(fields, indent=1) + "\n")
         with open(tmp) as f:
             os.fsync(f.fileno())
         tmp.rename(root / "rpfs.json")
+        perms.enforce(root)  # an existing directory, or a umask that took bits away
         return cls(root)
 
     def close(self) -> None:
@@ -273,12 +283,20 @@ class Repository:
         except RpfsError:
             return False
 
-    def daemon_lock(self, info: dict) -> int:
-        """Take the one-daemon-per-repository lock; returns the fd to keep open."""
-        fd = _daemon_lock(self.root)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
-        return fd
+    def daemon_lock(self) -> int:
+        """Take the one-daemon-per-repository lock; returns the fd to keep open.
+
+        The lock keeps the record of the last daemon until `record_daemon`: a daemon that
+        fails to start leaves it alone, and with it what `rpfs umount` needs to clean up
+        the mount that daemon left behind.
+        """
+        return _daemon_lock(self.root)
+
+    @staticmethod
+    def record_daemon(lock_fd: int, info: dict) -> None:
+        """Write the running daemon's pid and mountpoint into its lock (see daemon_lock)."""
+        os.ftruncate(lock_fd, 0)
+        os.pwrite(lock_fd, json.dumps(info).encode(), 0)
 
 
 def _try_lock(path: Path) -> int | None:
@@ -342,3 +360,12 @@ def read_daemon_info(root: Path) -> dict | None:
         return None
     finally:
         os.close(fd)
+
+
+def last_daemon_info(root: Path) -> dict:
+    """What the last daemon of `root` wrote in its lock (pid, mountpoint), running or not:
+    a daemon that was killed leaves it behind, and with it the mount it left dead."""
+    try:
+        return json.loads((root / "locks" / "daemon.lock").read_bytes() or b"{}")
+    except (OSError, ValueError):
+        return {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import stat
@@ -55,14 +56,22 @@ def restore(
             for pos in range(0, len(data), bs):
                 piece = data[pos : pos + bs]  # bytes: its == is a memcmp
                 if not (sparse and piece == zero[: len(piece)]):
-                    os.pwrite(fd, piece, offset + pos)
+                    _write(fd, piece, offset + pos)
             if progress:
                 progress(offset + len(data), image.size)
         if sparse:
             os.ftruncate(fd, image.size)
         os.fsync(fd)
+    except OSError as exc:  # a full or failing target: name it, not the repository
+        raise OSError(exc.errno, exc.strerror, exc.filename or str(target)) from None
     finally:
         os.close(fd)
+
+
+def _write(fd: int, data: bytes, offset: int) -> None:
+    """pwrite all of `data`; a short write (the target filled up) is ENOSPC."""
+    if os.pwrite(fd, data, offset) != len(data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def _read_batch(image: PointImage, offset: int) -> bytes:

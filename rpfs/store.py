@@ -15,10 +15,11 @@ fsynced before any index transaction that refers to them commits (see docs/desig
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import blake3
@@ -161,6 +162,21 @@ class PackStore:
             except CorruptChunk as exc:
                 results[i] = exc
 
+    def digests(self, pack: int) -> Iterator[tuple[int, bytes]]:
+        """(offset, BLAKE3) of each whole record in a pack, read from the record headers
+        (a torn last record is not listed)."""
+        with open(self.path(pack), "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            offset = 0
+            while offset + HEADER.size <= size:
+                magic, _, block_digest, length = HEADER.unpack(
+                    os.pread(f.fileno(), HEADER.size, offset)
+                )
+                if magic != MAGIC or offset + HEADER.size + length > size:
+                    return
+                yield offset, block_digest
+                offset += HEADER.size + length
+
     def close(self) -> None:
         with self._lock:
             for fd in self._fds.values():
@@ -172,7 +188,12 @@ class PackStore:
 
 
 class PackWriter:
-    """Appends records to packs owned by one writer; `sync()` makes them durable."""
+    """Appends records to packs owned by one writer; `sync()` makes them durable.
+
+    `mark()` notes that the index names everything appended so far; `discard()` cuts the
+    packs back to the last mark, so a failed write or commit leaves no bytes behind that
+    nothing names (a retry starts on a fresh pack).
+    """
 
     def __init__(self, store: PackStore, allocate_pack: Callable[[], int]) -> None:
         self.store = store
@@ -181,11 +202,18 @@ class PackWriter:
         self._fd = -1
         self._offset = 0
         self._unsynced: list[int] = []  # fds written since the last sync
+        self._created: list[int] = []  # packs this writer started, oldest first
+        self._mark = (0, 0)  # (pack, offset): what the index names ends there
 
     def append(self, record: bytes) -> ChunkLoc:
         if self._fd < 0 or self._offset >= PACK_TARGET:
             self._roll()
-        os.pwrite(self._fd, record, self._offset)
+        try:
+            written = os.pwrite(self._fd, record, self._offset)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(self.store.path(self._pack))) from None
+        if written != len(record):  # the filesystem filled up within the record
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.store.path(self._pack)))
         loc = ChunkLoc(self._pack, self._offset, len(record))
         self._offset += len(record)
         if self._fd not in self._unsynced:
@@ -198,6 +226,7 @@ class PackWriter:
         self._pack = self._allocate()
         path = self.store.path(self._pack)
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self._created.append(self._pack)
         self._offset = 0
         _fsync_dir(self.store.root)  # the new file's name is durable before anything uses it
         if old >= 0:
@@ -208,9 +237,37 @@ class PackWriter:
 
     def sync(self) -> None:
         """Make every appended record durable (before the index may refer to it)."""
-        for fd in self._unsynced:
-            os.fdatasync(fd)
+        try:
+            for fd in self._unsynced:
+                os.fdatasync(fd)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(self.store.root)) from None
         self._unsynced.clear()
+
+    def mark(self) -> None:
+        """The index now names every record appended so far (call after its commit)."""
+        self._mark = (self._pack, self._offset)
+
+    @property
+    def created(self) -> list[int]:
+        """The packs this writer started."""
+        return list(self._created)
+
+    def discard(self) -> None:
+        """Close, and remove what was appended since the last mark: the tail of the marked
+        pack is cut off, newer packs are unlinked. Nothing in the index names those bytes
+        (they may not even be durable, or hold half a record)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._unsynced.clear()
+        pack, offset = self._mark
+        for newer in self._created:
+            if newer == pack and offset:
+                os.truncate(self.store.path(newer), offset)
+            elif newer >= pack:
+                self.store.path(newer).unlink(missing_ok=True)
+        self._created = [p for p in self._created if p < pack or (p == pack and offset)]
 
     def close(self) -> None:
         self.sync()

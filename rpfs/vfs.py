@@ -18,7 +18,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import RpfsError
 from .image import ChunkCache, PointImage
@@ -34,6 +34,36 @@ IMAGE_SUFFIX = ".img"
 
 Key = tuple[str, ...]  # ("points", disk, point), ("disks", disk) and their parents
 TOP = ("points", "disks")
+
+
+@dataclass(frozen=True)
+class Access:
+    """Owner and modes of the mount's entries, which the kernel enforces
+    (`default_permissions`).
+
+    Without `allow_other` only processes of the daemon's own user and group reach the
+    mount at all (FUSE refuses everyone else, even `stat` of its root). With it, the modes
+    decide, so the defaults let only the owner (the daemon's user, root) in: disk images
+    0600, point images the same bits minus write (0400). A directory gets read and search
+    for every class that may read an image, since that class needs them to reach the
+    image, and nothing for the others, since listing would tell them the disk and point
+    names (0600 -> 0700, 0640 -> 0750). No class gets write on a directory but the owner:
+    names are made by rpfs commands, and the owner's attempts get rpfs's own EROFS/EPERM.
+    """
+
+    allow_other: bool = False
+    uid: int = field(default_factory=os.getuid)
+    gid: int = field(default_factory=os.getgid)
+    mode: int = 0o600  # of disk images
+
+    @property
+    def point_mode(self) -> int:
+        return self.mode & ~0o222
+
+    @property
+    def dir_mode(self) -> int:
+        readers = self.mode & 0o444
+        return readers | readers >> 2 | self.mode & 0o200
 
 
 @dataclass(frozen=True)
@@ -53,8 +83,11 @@ def _enoent() -> OSError:
 class Tree:
     """Names, inodes and attributes of the mount; opens point images for reading."""
 
-    def __init__(self, repo: Repository, cache: ChunkCache, service: DiskService) -> None:
+    def __init__(
+        self, repo: Repository, cache: ChunkCache, service: DiskService, access: Access
+    ) -> None:
         self.repo = repo
+        self.access = access
         self.cache = cache
         self.service = service
         self.mounted_at = time.time()
@@ -105,18 +138,22 @@ class Tree:
             disk = self._disk(key[1], writable=True)
             local = os.stat(self.repo.root / disk.file)
             return Attr(
-                self._ino(key, (disk.file_id,)), stat.S_IFREG | 0o644, size=disk.size,
+                self._ino(key, (disk.file_id,)), stat.S_IFREG | self.access.mode, size=disk.size,
                 blocks=local.st_blocks,
                 mtime=local.st_mtime,
             )
         if len(key) < 3:
             if len(key) == 2:
                 self._disk(key[1])
-            return Attr(self._ino(key), stat.S_IFDIR | 0o755, mtime=self.mounted_at, nlink=2)
+            return Attr(
+                self._ino(key), stat.S_IFDIR | self.access.dir_mode, mtime=self.mounted_at,
+                nlink=2,
+            )
         point = self._point(key)
         allocated = point.allocated_blocks * self.repo.block_size
         return Attr(
-            self._ino(key, (point.lineage, point.gen)), stat.S_IFREG | 0o444, size=point.size,
+            self._ino(key, (point.lineage, point.gen)), stat.S_IFREG | self.access.point_mode,
+            size=point.size,
             blocks=allocated // 512, mtime=point.created,
         )
 
@@ -173,14 +210,25 @@ class Tree:
         if key[:1] == ("disks",) and len(key) == 2:
             if flags & os.O_TRUNC:
                 raise OSError(errno.EPERM, "disk images have a fixed size")
-            return DiskHandle(self.service, key[1])
+            try:
+                return DiskHandle(self.service, key[1])
+            except OSError:
+                self._current(ino)  # deleted while the open waited for the delete: ENOENT
+                raise
         if len(key) != 3:
             raise OSError(errno.EISDIR, "is a directory")
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise OSError(errno.EROFS, "recovery points are read-only")
-        point = self._point(key)
-        overlay = self.service.acquire(point.disk) if point.state != "complete" else None
-        self.service.point_opened(point.disk, +1)
+        # Counted first (this waits while a rollback or delete holds the disk), looked
+        # up after: a point deleted meanwhile is ENOENT, never an image of gone extents.
+        self.service.point_opened(key[1], +1)
+        try:
+            self._current(ino)
+            point = self._point(key)
+            overlay = self.service.acquire(point.disk) if point.state != "complete" else None
+        except BaseException:
+            self.service.point_opened(key[1], -1)
+            raise
 
         def release() -> None:
             self.service.point_opened(point.disk, -1)

@@ -1,11 +1,14 @@
 """Fixtures: the `rpfs` command against a per-test repository, mounts that are always
-cleaned up, and deterministic ext4 source images."""
+cleaned up, the live-disk tests' state, and deterministic ext4 source images."""
 
 from __future__ import annotations
 
 import dataclasses
+import grp
 import json
 import os
+import pwd
+import secrets
 import shutil
 import signal
 import subprocess
@@ -16,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from helpers import MiB, build_tree, is_fuse_mounted, make_ext4, wait_pid_exit
+from livewriter import Live
 
 _SCRIPT = Path(sys.executable).parent / "rpfs"
 RPFS_CMD = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "rpfs.cli"]
@@ -132,13 +136,14 @@ class Mounter:
         self.mountpoints: list[Path] = []
         self.pids: list[int] = []
 
-    def __call__(self, mountpoint: Path | None = None, check: bool = True):
-        """Mount at `mountpoint` (default tmp/mnt); returns (mountpoint, CompletedProcess)."""
+    def __call__(self, mountpoint: Path | None = None, *options: str, check: bool = True):
+        """Mount at `mountpoint` (default tmp/mnt) with `rpfs mount` options; returns
+        (mountpoint, CompletedProcess)."""
         mnt = (mountpoint or self.tmp_path / "mnt").absolute()
         mnt.mkdir(parents=True, exist_ok=True)
         if mnt not in self.mountpoints:
             self.mountpoints.append(mnt)
-        res = self.rpfs("mount", mnt, timeout=120)
+        res = self.rpfs("mount", *options, mnt, timeout=120)
         if res.returncode == 0:
             info = _daemon_info(self.rpfs.repo)
             if info.get("mountpoint") == str(mnt) and isinstance(info.get("pid"), int):
@@ -191,6 +196,57 @@ def mounted(repo: Path, mount: Mounter) -> Path:
     """The initialised repository mounted at tmp/mnt; returns the mountpoint."""
     mnt, _ = mount()
     return mnt
+
+
+@dataclass(frozen=True)
+class User:
+    """A real unprivileged user, and a group it is a member of (not its primary group)."""
+
+    name: str
+    uid: int
+    group: str
+    gid: int  # of `group`
+
+    def run(self, *cmd: str | Path, stdout=subprocess.PIPE) -> subprocess.CompletedProcess:
+        """Run `cmd` as this user with its own groups only (`setpriv --init-groups`)."""
+        return subprocess.run(
+            ["setpriv", f"--reuid={self.name}", f"--regid={self.name}", "--init-groups", "--",
+             *map(str, cmd)],
+            stdout=stdout, stderr=subprocess.PIPE, encoding="utf-8", errors="replace",
+            timeout=60,
+        )
+
+
+@pytest.fixture
+def other_user() -> Iterator[User]:
+    """A system user created for this test (`useradd -M -r`) and removed afterwards, also
+    when the test fails; it is a member of a group of its own, also removed."""
+    if os.geteuid() != 0 or not all(map(shutil.which, ("useradd", "userdel", "setpriv"))):
+        pytest.skip("needs root, useradd, userdel and setpriv")
+    name = f"rpfst{os.getpid()}{secrets.token_hex(2)}"
+    group = f"{name}g"
+    subprocess.run(["groupadd", "-r", group], check=True, capture_output=True)
+    try:
+        subprocess.run(["useradd", "-M", "-r", "-U", "-G", group, "-s", "/usr/sbin/nologin",
+                        name], check=True, capture_output=True)
+        try:
+            yield User(name, pwd.getpwnam(name).pw_uid, group, grp.getgrnam(group).gr_gid)
+        finally:
+            subprocess.run(["userdel", name], check=True, capture_output=True)
+            subprocess.run(["groupdel", name], capture_output=True)  # if userdel left it
+    finally:
+        subprocess.run(["groupdel", group], check=True, capture_output=True)
+
+
+@pytest.fixture
+def live(rpfs: Rpfs, repo: Path, mount: Mounter, tmp_path: Path) -> Iterator[Live]:
+    """A mounted repository and helpers; set up after `mount`, so torn down before it."""
+    state = Live(rpfs, mount, tmp_path)
+    state.start()
+    try:
+        yield state
+    finally:
+        state.teardown()
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import random
 import re
@@ -238,6 +239,19 @@ def dir_size(path: Path) -> int:
 
 def have_tool(name: str) -> bool:
     return shutil.which(name) is not None
+
+
+def disks_by_name(rpfs) -> dict[str, dict]:
+    """`rpfs disks --json` by disk name."""
+    out = json.loads(rpfs("disks", "--json", check=True).stdout)
+    assert isinstance(out, list)
+    return {d["name"]: d for d in out}
+
+
+def local_files(repo: Path) -> set[str]:
+    """The writable disks' local files, REPO/disks/*.raw."""
+    folder = repo / "disks"
+    return {p.name for p in folder.glob("*.raw")} if folder.is_dir() else set()
 
 
 def point_image(mnt: Path, disk: str, point: str) -> Path:

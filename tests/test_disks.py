@@ -27,8 +27,10 @@ from helpers import (
     MiB,
     assert_one_line_error,
     assert_same_bytes,
+    disks_by_name,
     e2fsck_clean,
     is_fuse_mounted,
+    local_files,
     loop_mount,
     point_image,
     sparse_copy,
@@ -91,18 +93,6 @@ def first_difference(a: bytes, b: bytes) -> str:
                 if a[i] != b[i]:
                     return f"first difference at byte {i} (block {i // BS})"
     return "identical"
-
-
-def disks_by_name(rpfs) -> dict[str, dict]:
-    out = json.loads(rpfs("disks", "--json", check=True).stdout)
-    assert isinstance(out, list)
-    return {d["name"]: d for d in out}
-
-
-def local_files(repo: Path) -> set[str]:
-    """The writable disks' local files, REPO/disks/*.raw."""
-    folder = repo / "disks"
-    return {p.name for p in folder.glob("*.raw")} if folder.is_dir() else set()
 
 
 def remount(rpfs, mount, mnt: Path) -> None:
@@ -740,9 +730,9 @@ def test_clone_of_a_clones_point_is_exact(rpfs, repo, mount, tmp_path):
     assert_same_bytes(point_image(mnt, "vm", "p1"), src)
 
     # c2 depends on c1's point: delete c1 only with --force; c2 keeps every byte.
-    assert_one_line_error(rpfs("disk", "delete", "c1"), "c2", "--force")
+    assert_one_line_error(rpfs("disk", "delete", "c1", "--with-points"), "c2", "--force")
     disks.assert_is("c2", expected_c2)
-    rpfs("disk", "delete", "c1", "--force", check=True, timeout=120)
+    rpfs("disk", "delete", "c1", "--force", "--with-points", check=True, timeout=120)
     assert "c1" not in disks_by_name(rpfs)
     disks.assert_is("c2", expected_c2)
     remount(rpfs, mount, mnt)
@@ -811,12 +801,12 @@ def test_delete_of_an_origin_needs_force_and_keeps_dependants(rpfs, repo, mount,
     with disks.fd("b", os.O_RDONLY) as fd:  # b: partly hydrated
         assert os.pread(fd, MiB, 0) == ref[:MiB]
 
-    line = assert_one_line_error(rpfs("disk", "delete", "vm"), "--force")
+    line = assert_one_line_error(rpfs("disk", "delete", "vm", "--with-points"), "--force")
     assert "a" in line and "b" in line
     assert "vm" in disks_by_name(rpfs)
     assert_same_bytes(point_image(mnt, "vm", "p1"), src)
 
-    res = rpfs("disk", "delete", "vm", "--force", check=True)
+    res = rpfs("disk", "delete", "vm", "--force", "--with-points", check=True)
     assert "a" in res.stdout and "b" in res.stdout
     assert set(disks_by_name(rpfs)) == {"a", "b"}
     assert "vm" not in os.listdir(mnt / "points")
@@ -841,7 +831,7 @@ def test_a_hydrated_clone_no_longer_needs_its_origin(rpfs, repo, mount, tmp_path
     expected[5:12] = b"written"
     rpfs("snapshot", "c", "--name", "s1", check=True)  # a point of c reads through vm too
     rpfs("hydrate", "c", check=True)
-    rpfs("disk", "delete", "vm", check=True)  # no --force needed any more
+    rpfs("disk", "delete", "vm", "--with-points", check=True)  # no --force needed any more
     assert set(disks_by_name(rpfs)) == {"c"}
     disks.assert_is("c", expected)
     assert read_file(point_image(mnt, "c", "s1")) == expected
@@ -862,11 +852,59 @@ def test_delete_while_a_point_image_is_open_is_refused(rpfs, repo, mounted, tmp_
         os.close(fd)
     assert_same_bytes(point_image(mounted, "vm", "p1"), src)
     deadline = time.monotonic() + 15
-    while (res := rpfs("disk", "delete", "vm", "--force")).returncode != 0:
+    while (res := rpfs("disk", "delete", "vm", "--force", "--with-points")).returncode != 0:
         assert time.monotonic() < deadline, res.stderr  # the kernel's release is async
         time.sleep(0.05)
     assert "vm" not in disks_by_name(rpfs)
     assert make_disks(repo, mounted).read("c") == ref
+
+
+@pytest.mark.parametrize("daemon", [True, False], ids=["daemon", "direct"])
+def test_delete_of_a_disk_with_points_needs_with_points(rpfs, repo, mount, tmp_path, daemon):
+    src = tmp_path / "src.img"
+    make_source(src, MiB + 7, seed=27)
+    for i in range(1, 7):  # a disk that has only captured points
+        rpfs.capture("vm", src, f"p{i}")
+    rpfs("disk", "create", "w", "--size", "1M", check=True)
+    expected_w = bytearray(MiB)
+    if daemon:
+        mnt, _ = mount()
+        disks = make_disks(repo, mnt)
+        disks.write("w", 3, b"kept")
+        expected_w[3:7] = b"kept"
+    rpfs("snapshot", "w", "--name", "s1", check=True)
+    files = local_files(repo)
+    deadline = time.monotonic() + 15
+    while disks_by_name(rpfs)["w"]["state"] != "idle":  # the kernel's release is async
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+    assert_one_line_error(rpfs("disk", "delete", "vm"),
+                          "disk vm has 6 point(s): p1, p2, p3, p4, p5 and 1 more;",
+                          "pass --with-points")
+    assert_one_line_error(rpfs("disk", "delete", "vm", "--force"), "6 point(s)", "--with-points")
+    assert_one_line_error(rpfs("disk", "delete", "w"), "disk w has 1 point(s): s1;",
+                          "--with-points")
+    assert set(disks_by_name(rpfs)) == {"vm", "w"}
+    assert [p["name"] for p in rpfs.points()] == ["p1", "p2", "p3", "p4", "p5", "p6", "s1"]
+    assert local_files(repo) == files
+    if daemon:
+        assert_same_bytes(point_image(mnt, "vm", "p6"), src)
+        disks.assert_is("w", expected_w)
+        assert read_file(point_image(mnt, "w", "s1")) == expected_w
+    else:
+        rpfs("restore", "vm@p6", tmp_path / "p6.img", check=True)
+        assert_same_bytes(tmp_path / "p6.img", src)
+
+    res = rpfs("disk", "delete", "vm", "--with-points", check=True)
+    assert res.stdout == "disk vm: deleted with 6 point(s): p1, p2, p3, p4, p5, p6\n"
+    res = rpfs("disk", "delete", "w", "--with-points", check=True)
+    assert res.stdout == "disk w: deleted with 1 point(s): s1\n"
+    assert disks_by_name(rpfs) == {}
+    assert rpfs.points() == []
+    assert local_files(repo) == set()
+    if daemon:
+        assert os.listdir(mnt / "points") == [] and os.listdir(mnt / "disks") == []
 
 
 # -- without a daemon -------------------------------------------------------------------------
@@ -905,8 +943,8 @@ def test_commands_work_on_the_repository_without_a_daemon(rpfs, repo, mount, tmp
     rpfs("umount", mnt, check=True)
 
     # Delete without a daemon: the origin needs --force, its dependants keep their bytes.
-    assert_one_line_error(rpfs("disk", "delete", "vm"), "--force")
-    rpfs("disk", "delete", "vm", "--force", check=True)
+    assert_one_line_error(rpfs("disk", "delete", "vm", "--with-points"), "--force")
+    rpfs("disk", "delete", "vm", "--force", "--with-points", check=True)
     files = local_files(repo)
     rpfs("disk", "delete", "c", check=True)
     assert len(files - local_files(repo)) == 1

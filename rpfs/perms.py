@@ -1,0 +1,75 @@
+"""Repository file modes: the repository is private to its owner.
+
+The index names every disk and point and holds block hashes, the packs and local files
+hold the disks' bytes, and the log names them all: nobody but the owner (root) may read
+any of it. So the repository directory and every directory in it are 0700 and every other
+file 0600, whatever the umask was when they were made. rpfs creates its files with those
+modes; `enforce` checks the whole tree (at `rpfs init` and at daemon start) and corrects
+what an older rpfs, a restore from backup or a careless `chmod` left.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+
+
+def open_log(root: Path) -> int:
+    """An fd appending to REPO/rpfs.log, which is created 0600 if missing."""
+    return os.open(
+        root / "rpfs.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE
+    )
+
+
+def enforce(root: Path) -> list[str]:
+    """Make `root` and everything under it 0700 (directories) or 0600 (other files).
+
+    One walk; only a wrong mode costs a chmod. Symlinks are neither followed nor changed
+    (chmod would change their target, which may lie outside the repository). Each
+    correction is logged as a warning; the messages are returned for the caller to relay.
+    Entries that vanish during the walk (a pack being written, a lock file) are skipped.
+    """
+    corrected: list[str] = []
+
+    def check(path: str, st: os.stat_result) -> None:
+        want = DIR_MODE if stat.S_ISDIR(st.st_mode) else FILE_MODE
+        have = stat.S_IMODE(st.st_mode)
+        if have == want:
+            return
+        try:
+            os.chmod(path, want)
+        except FileNotFoundError:
+            return
+        except OSError as exc:  # not the owner, a read-only filesystem: say so, go on
+            message = (f"cannot correct the mode of {path} ({have:04o}, should be "
+                       f"{want:04o}): {exc.strerror}")
+        else:
+            message = f"corrected the mode of {path} from {have:04o} to {want:04o}"
+        log.warning("%s", message)
+        corrected.append(message)
+
+    check(str(root), os.stat(root))  # the root may be a symlink to the real directory
+    pending = [str(root)]
+    while pending:
+        try:
+            entries = list(os.scandir(pending.pop()))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for entry in entries:
+            if entry.is_symlink():
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            check(entry.path, st)
+            if stat.S_ISDIR(st.st_mode):
+                pending.append(entry.path)
+    return corrected
