@@ -173,7 +173,7 @@ class Probe:
     problem: str | None  # None: it opens and reads cleanly
     points: list[str] | None = None  # DISK@POINT it lists (None: not readable at all)
     config: dict | None = None
-    maps: dict[str, tuple[int, bytes]] = field(default_factory=dict)  # writable disks
+    maps: dict[str, tuple[int, int, bytes]] = field(default_factory=dict)  # lineage, file, states
 
     @property
     def good(self) -> bool:
