@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import checkpoint
 from .errors import SPACE_ERRNOS, NoSpace, RpfsError
 from .index import ZERO, DiskRecord, LineageRecord, PointRecord
 from .ingest import Change, Ingest, examine
@@ -81,9 +82,11 @@ def capture(
     try:
         with repo.disk_lock(disk):
             reap_dead_captures(repo, disk)
-            return _Capture(repo, disk, point, src, changed, progress).run()
+            taken = _Capture(repo, disk, point, src, changed, progress).run()
     finally:
         src.close()
+    checkpoint.cover_new_point(repo)
+    return taken
 
 
 class _Capture:

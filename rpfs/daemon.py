@@ -17,7 +17,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from . import perms
+from . import checkpoint, perms
 from .control import serve_control
 from .errors import RpfsError
 from .fsops import Operations
@@ -133,7 +133,37 @@ async def _sync_periodically(service: DiskService) -> None:
                     failing.discard(disk.name)
 
 
-async def _serve(root: Path, mountpoint: Path, service: DiskService, on_ready) -> None:
+class _Checkpoints:
+    """The daemon's index checkpoints: every so often and at the end, if it changed."""
+
+    CHECK_EVERY = 30.0  # seconds between looks at the index
+
+    def __init__(self, repo: Repository) -> None:
+        self.repo = repo
+        self.copied: int | None = None  # txn id of the index at the last checkpoint
+
+    def take_if_changed(self, min_age: float) -> None:
+        txnid = self.repo.index.last_txnid()
+        if txnid == self.copied or checkpoint.age(self.repo.root) < min_age:
+            return
+        try:
+            checkpoint.take(self.repo)
+            self.copied = txnid  # read before the copy: a commit meanwhile is copied again
+        except RpfsError as exc:
+            log.warning("%s; trying again in %.0f s", exc, self.CHECK_EVERY)
+
+    async def run(self) -> None:
+        """Take one when the newest is older than checkpoint.INTERVAL and the index
+        changed since: new points are covered within minutes, an idle repository costs
+        nothing."""
+        while True:
+            await trio.to_thread.run_sync(self.take_if_changed, checkpoint.INTERVAL)
+            await trio.sleep(self.CHECK_EVERY)
+
+
+async def _serve(
+    root: Path, mountpoint: Path, service: DiskService, checkpoints: _Checkpoints, on_ready
+) -> None:
     async with trio.open_nursery() as nursery:
 
         async def ready() -> None:
@@ -152,6 +182,7 @@ async def _serve(root: Path, mountpoint: Path, service: DiskService, on_ready) -
         nursery.start_soon(stop_on_signal)
         nursery.start_soon(serve_control, root, service)
         nursery.start_soon(_sync_periodically, service)
+        nursery.start_soon(checkpoints.run)
         nursery.start_soon(ready)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
@@ -179,6 +210,7 @@ def serve(
         on_error(str(exc))
         return 1
     try:
+        repo.index.verify_records()  # a damaged record fails the mount, not a request
         lock_fd = repo.daemon_lock()
         try:
             _check_mountpoint(root, mountpoint, options.nonempty)
@@ -216,12 +248,14 @@ def serve(
     service.resume_archiving()
     if options.hydrate:
         service.start_background_hydration()
+    checkpoints = _Checkpoints(repo)
     try:
-        trio.run(_serve, root, mountpoint, service, on_ready)
+        trio.run(_serve, root, mountpoint, service, checkpoints, on_ready)
     finally:
         pyfuse3.close(unmount=True)
         service.close_all()
         cache.close()
+        checkpoints.take_if_changed(0)  # the state the disks were closed in
         repo.close()
         os.close(lock_fd)
         log.info("unmounted %s", mountpoint)

@@ -10,7 +10,7 @@ Named databases (see docs/design.md for the reasoning):
     disks     name  ->  JSON DiskRecord
     points    disk ‖ 0x00 ‖ name  ->  JSON PointRecord
     lineages  lineage(8)  ->  JSON LineageRecord
-    meta      counter name  ->  int(8)
+    meta      counter name  ->  int(8);  "config"  ->  JSON {block_size, hash, codec}
 
 All integers are big-endian so that LMDB's byte order is numeric order. Inverting the
 generation makes the newest write at or before a generation the first key at or after
@@ -30,8 +30,13 @@ from pathlib import Path
 
 import lmdb
 
+from . import mdbfile
+from .errors import RpfsError
+
 ZERO = b""  # extent value of a block that reads as zeros
 MAX_GEN = (1 << 64) - 1
+MAP_SIZE = 1 << 40
+CONFIG_KEY = b"config"  # in `meta`: what rpfs.json must say (written by init)
 
 _EXTENT_KEY = struct.Struct(">QQQ")
 _BLOCK_PREFIX = struct.Struct(">QQ")
@@ -41,6 +46,23 @@ _U64 = struct.Struct(">Q")
 _DBS = (
     "extents", "chunks", "staging", "captures", "blockmap", "disks", "points", "lineages", "meta",
 )
+# LMDB errors that mean the file's pages are not what LMDB wrote (not a full map, a
+# lock or a bug of ours): reported as a damaged index.
+_DAMAGE = (
+    lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError, lmdb.VersionMismatchError,
+    lmdb.PanicError, lmdb.IncompatibleError,
+)
+
+
+class IndexDamaged(RpfsError):
+    """The index cannot be read as it is: its file is missing, cut short or corrupt."""
+
+    def __init__(self, path: Path, detail: str) -> None:
+        super().__init__(
+            f"the index {path} is damaged: {detail}. Run 'rpfs index restore' to put back "
+            "its newest good checkpoint ('rpfs index restore --list' shows them)"
+        )
+        self.detail = detail
 
 
 def extent_key(lineage: int, block: int, gen: int) -> bytes:
@@ -148,10 +170,6 @@ class LineageRecord:
         return json.dumps(asdict(self)).encode()
 
 
-def _record(cls, raw: bytes | None):
-    return None if raw is None else cls(**json.loads(raw))
-
-
 def _point_key(disk: str, name: str) -> bytes:
     return disk.encode() + b"\0" + name.encode()
 
@@ -164,32 +182,145 @@ class Index:
     time (across processes) and read transactions from any thread.
     """
 
-    def __init__(self, path: Path, map_size: int = 1 << 40) -> None:
+    def __init__(
+        self, path: Path, map_size: int = MAP_SIZE, *, create: dict | None = None,
+        copy: bool = False, check: bool = True,
+    ) -> None:
+        """Open the index at `path`, a directory, after checking that its file is whole;
+        IndexDamaged if it is missing, cut short or corrupt (an empty or missing file is
+        damage, never a new index). `create`: make a new index instead, whose databases
+        and config record (`create`) are written in one transaction. `copy`: `path` is a
+        single data file (a checkpoint), opened read-only. `check=False` skips the file
+        check: only for salvaging what a damaged copy still holds, in a process that may
+        die of it (rpfs.checkpoint).
+        """
         self.path = path
-        self.env = lmdb.open(
-            str(path), map_size=map_size, max_dbs=len(_DBS), subdir=True, max_readers=512,
-            mode=0o600,  # data.mdb and lock.mdb are private (rpfs.perms)
-        )
-        self.db = {name: self.env.open_db(name.encode()) for name in _DBS}
+        if create is None and check:
+            try:
+                mdbfile.check(path if copy else path / "data.mdb")
+            except mdbfile.DataFileError as exc:
+                raise self.damaged(str(exc)) from None
+        try:
+            self.env = lmdb.open(
+                str(path), map_size=map_size, max_dbs=len(_DBS), subdir=not copy,
+                max_readers=512, readonly=copy, lock=not copy, create=create is not None,
+                mode=0o600,  # data.mdb and lock.mdb are private (rpfs.perms)
+            )
+        except _DAMAGE as exc:
+            raise self.damaged(str(exc)) from None
+        try:
+            self.db = self._open_dbs(create, copy)
+            with self.read() as txn:
+                raw = txn.get(CONFIG_KEY, db=self.db["meta"])
+            self.recorded: dict | None = None if raw is None else self._json(raw, "meta/config")
+            if not isinstance(self.recorded, dict | None):
+                raise self.damaged("record meta/config is not a JSON object")
+        except BaseException:
+            self.env.close()
+            raise
+
+    def _open_dbs(self, create: dict | None, readonly: bool) -> dict[str, lmdb._Database]:
+        dbs = {}
+        name = ""
+        try:
+            if readonly:
+                for name in _DBS:
+                    dbs[name] = self.env.open_db(name.encode(), create=False)
+                return dbs
+            with self.env.begin(write=True) as txn:
+                for name in _DBS:
+                    dbs[name] = self.env.open_db(name.encode(), txn=txn, create=create is not None)
+                if create is not None:
+                    txn.put(CONFIG_KEY, json.dumps(create).encode(), db=dbs["meta"])
+        except lmdb.NotFoundError:
+            raise self.damaged(f"its database {name!r} is missing") from None
+        except _DAMAGE as exc:
+            raise self.damaged(str(exc)) from None
+        return dbs
+
+    def damaged(self, detail: str) -> IndexDamaged:
+        return IndexDamaged(self.path, detail)
 
     def close(self) -> None:
         self.env.close()
 
-    def read(self) -> lmdb.Transaction:
-        return self.env.begin(buffers=False)
+    def read(self) -> _Txn:
+        return _Txn(self, write=False)
 
-    @contextlib.contextmanager
-    def write(self) -> Iterator[lmdb.Transaction]:
-        """A write transaction, committed when the block ends without an exception.
+    def write(self) -> _Txn:
+        return _Txn(self, write=True)
 
-        A commit that finds no room for its pages (LMDB's DiskError) is a full disk, not
-        a damaged index: it raises ENOSPC naming the index, like any other write would.
-        """
+    def last_txnid(self) -> int:
+        """The id of the newest committed transaction: it changes with every commit."""
+        return self.env.info()["last_txnid"]
+
+    def copy_to(self, fd: int) -> None:
+        """Write a compact, consistent copy of the index to `fd`, from one read
+        transaction: writers go on meanwhile (LMDB copies without the writer lock).
+        OSError if writing fails, IndexDamaged if a page cannot be followed."""
+        with self.read() as txn:
+            try:
+                self.env.copyfd(fd, compact=True, txn=txn)
+            except _DAMAGE:
+                raise
+            except lmdb.DiskError:  # LMDB's name for ENOSPC
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from None
+            except lmdb.Error as exc:
+                raise OSError(errno.EIO, str(exc)) from None
+
+    def walk(self) -> None:
+        """Follow every page of every database (a compact copy to /dev/null, at C speed):
+        IndexDamaged on a page LMDB cannot follow."""
+        with open(os.devnull, "wb") as null:
+            self.copy_to(null.fileno())
+
+    def record_config(self, config: dict) -> None:
+        """Write the config record of an index made before it existed (see repo.py)."""
+        with self.write() as txn:
+            txn.put(CONFIG_KEY, json.dumps(config).encode(), db=self.db["meta"])
+        self.recorded = config
+
+    # -- decoding -------------------------------------------------------------------------
+
+    def _json(self, raw: bytes, where: str):
         try:
-            with self.env.begin(write=True) as txn:
-                yield txn
-        except lmdb.DiskError:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path)) from None
+            return json.loads(raw)
+        except (ValueError, RecursionError):  # also UnicodeDecodeError
+            raise self.damaged(f"record {where} is not valid JSON") from None
+
+    def _record(self, cls, raw: bytes | None, where: str):
+        """A JSON record as a `cls`, or None if `raw` is None; IndexDamaged if unreadable."""
+        if raw is None:
+            return None
+        fields = self._json(raw, where)
+        try:
+            return cls(**fields)
+        except TypeError:  # not an object, or fields of another record
+            raise self.damaged(f"record {where} does not hold a {cls.__name__}") from None
+
+    def _records(self, txn: lmdb.Transaction, cls, db: str, prefix: bytes = b"") -> list:
+        return [
+            self._record(cls, value, f"{db}/{_show(key)}")
+            for key, value in self._scan(txn, db, prefix)
+        ]
+
+    def _u64(self, raw: bytes, where: str) -> int:
+        if len(raw) != 8:
+            raise self.damaged(f"record {where} is {len(raw)} bytes, not 8")
+        return _U64.unpack(raw)[0]
+
+    def verify_records(self) -> None:
+        """Decode every disk, point, lineage, capture and counter record (IndexDamaged on
+        the first bad one): one record per object, so cheap enough for a daemon's start,
+        which would otherwise fail later, in the middle of serving."""
+        with self.read() as txn:
+            self.list_disks(txn)
+            self.list_points(txn)
+            self.list_lineages(txn)
+            self.list_captures(txn)
+            for key, value in self._scan(txn, "meta", b""):
+                if key != CONFIG_KEY:
+                    self._u64(value, f"meta/{_show(key)}")
 
     # -- counters -------------------------------------------------------------------------
 
@@ -197,9 +328,15 @@ class Index:
         """Allocate the next value (from 1) of a monotonic counter; never reused."""
         key = counter.encode()
         raw = txn.get(key, db=self.db["meta"])
-        n = (_U64.unpack(raw)[0] if raw else 0) + 1
+        n = (self._u64(raw, f"meta/{counter}") if raw else 0) + 1
         txn.put(key, u64(n), db=self.db["meta"])
         return n
+
+    def raise_counter(self, txn: lmdb.Transaction, counter: str, at_least: int) -> None:
+        """Make the counter's next value exceed `at_least` (ids already used on disk)."""
+        raw = txn.get(counter.encode(), db=self.db["meta"])
+        if (self._u64(raw, f"meta/{counter}") if raw else 0) < at_least:
+            txn.put(counter.encode(), u64(at_least), db=self.db["meta"])
 
     def _scan(self, txn: lmdb.Transaction, db: str, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
         """(key, value) of every entry of `db` whose key starts with `prefix`, in order."""
@@ -257,6 +394,16 @@ class Index:
     def put_extent(self, txn: lmdb.Transaction, lineage: int, block: int, gen: int, value: bytes):
         txn.put(extent_key(lineage, block, gen), value, db=self.db["extents"])
 
+    def drop_extents_since(self, txn: lmdb.Transaction, lineage: int, gen: int) -> set[int]:
+        """Delete a lineage's extents of generations >= `gen` (releasing their chunks);
+        returns the blocks they were of."""
+        dropped = [(b, g, v) for b, g, v in self.iter_extents(txn, lineage) if g >= gen]
+        for block, g, value in dropped:
+            txn.delete(extent_key(lineage, block, g), db=self.db["extents"])
+            if value != ZERO:
+                self.incref(txn, value, -1)
+        return {block for block, _, _ in dropped}
+
     def iter_extents(
         self, txn: lmdb.Transaction, lineage: int
     ) -> Iterator[tuple[int, int, bytes]]:
@@ -269,7 +416,17 @@ class Index:
 
     def get_chunk(self, txn: lmdb.Transaction, digest: bytes) -> ChunkLoc | None:
         raw = txn.get(digest, db=self.db["chunks"])
-        return None if raw is None else ChunkLoc.decode(raw)
+        return None if raw is None else self._chunk_loc(digest, raw)
+
+    def _chunk_loc(self, digest: bytes, raw: bytes) -> ChunkLoc:
+        if len(raw) != _CHUNK_VAL.size:
+            raise self.damaged(f"record chunks/{digest.hex()} is {len(raw)} bytes")
+        return ChunkLoc.decode(raw)
+
+    def iter_chunks(self, txn: lmdb.Transaction) -> Iterator[tuple[bytes, ChunkLoc]]:
+        """(digest, location) of every stored chunk, by digest."""
+        for digest, raw in self._scan(txn, "chunks", b""):
+            yield digest, self._chunk_loc(digest, raw)
 
     def has_chunk(self, txn: lmdb.Transaction, digest: bytes) -> bool:
         return txn.get(digest, db=self.db["chunks"]) is not None
@@ -307,14 +464,15 @@ class Index:
 
     def list_captures(self, txn: lmdb.Transaction) -> list[tuple[int, dict]]:
         return [
-            (_U64.unpack(k)[0], json.loads(v))
+            (self._u64(k, "captures key"), self._json(v, f"captures/{_show(k)}"))
             for k, v in txn.cursor(db=self.db["captures"])
         ]
 
     # -- disks, points, lineages ----------------------------------------------------------
 
     def get_disk(self, txn: lmdb.Transaction, name: str) -> DiskRecord | None:
-        return _record(DiskRecord, txn.get(name.encode(), db=self.db["disks"]))
+        return self._record(DiskRecord, txn.get(name.encode(), db=self.db["disks"]),
+                            f"disks/{name}")
 
     def put_disk(self, txn: lmdb.Transaction, disk: DiskRecord) -> None:
         txn.put(disk.name.encode(), disk.encode(), db=self.db["disks"])
@@ -326,7 +484,7 @@ class Index:
         txn.delete(_point_key(disk, name), db=self.db["points"])
 
     def list_lineages(self, txn: lmdb.Transaction) -> list[LineageRecord]:
-        return [LineageRecord(**json.loads(v)) for _, v in txn.cursor(db=self.db["lineages"])]
+        return self._records(txn, LineageRecord, "lineages")
 
     def delete_lineage(self, txn: lmdb.Transaction, lineage: int) -> None:
         """Drop a lineage's record and extents, releasing their chunk references."""
@@ -336,10 +494,11 @@ class Index:
         txn.delete(u64(lineage), db=self.db["lineages"])
 
     def list_disks(self, txn: lmdb.Transaction) -> list[DiskRecord]:
-        return [DiskRecord(**json.loads(v)) for _, v in txn.cursor(db=self.db["disks"])]
+        return self._records(txn, DiskRecord, "disks")
 
     def get_point(self, txn: lmdb.Transaction, disk: str, name: str) -> PointRecord | None:
-        return _record(PointRecord, txn.get(_point_key(disk, name), db=self.db["points"]))
+        return self._record(PointRecord, txn.get(_point_key(disk, name), db=self.db["points"]),
+                            f"points/{disk}@{name}")
 
     def put_point(self, txn: lmdb.Transaction, point: PointRecord) -> None:
         txn.put(_point_key(point.disk, point.name), point.encode(), db=self.db["points"])
@@ -347,9 +506,17 @@ class Index:
     def list_points(self, txn: lmdb.Transaction, disk: str | None = None) -> list[PointRecord]:
         """Points of one disk (or all), oldest first within each disk."""
         prefix = b"" if disk is None else disk.encode() + b"\0"
-        out = [PointRecord(**json.loads(v)) for _, v in self._scan(txn, "points", prefix)]
+        out = self._records(txn, PointRecord, "points", prefix)
         out.sort(key=lambda p: (p.disk, p.lineage, p.gen))
         return out
+
+    def salvage_points(self, txn: lmdb.Transaction) -> list[str]:
+        """DISK@POINT of every point in a damaged index, read from the keys (a damaged
+        record still names its point); the scan stops at a page LMDB cannot follow."""
+        found = []
+        with contextlib.suppress(lmdb.Error):
+            found.extend(_show(key) for key, _ in self._scan(txn, "points", b""))
+        return found
 
     def point_at(self, txn: lmdb.Transaction, lineage: int, gen: int) -> PointRecord | None:
         """The point that froze `gen` of `lineage`, if it still exists."""
@@ -374,7 +541,50 @@ class Index:
         self._delete_prefix(txn, "blockmap", u64(file_id))
 
     def get_lineage(self, txn: lmdb.Transaction, lineage: int) -> LineageRecord | None:
-        return _record(LineageRecord, txn.get(u64(lineage), db=self.db["lineages"]))
+        return self._record(LineageRecord, txn.get(u64(lineage), db=self.db["lineages"]),
+                            f"lineages/{lineage}")
 
     def put_lineage(self, txn: lmdb.Transaction, rec: LineageRecord) -> None:
         txn.put(u64(rec.id), rec.encode(), db=self.db["lineages"])
+
+
+def _show(key: bytes) -> str:
+    """A key as the operator can read it: text keys as text, u64 keys as numbers."""
+    if len(key) == 8 and key[0] == 0:
+        return str(_U64.unpack(key)[0])
+    return key.replace(b"\0", b"@").decode(errors="backslashreplace")
+
+
+class _Txn:
+    """`with index.read() / index.write() as txn`: LMDB's transaction, committed at the
+    end (a read one simply ends), with LMDB's damage errors raised as IndexDamaged."""
+
+    __slots__ = ("_index", "_txn", "_write")
+
+    def __init__(self, index: Index, write: bool) -> None:
+        self._index = index
+        self._write = write
+
+    def __enter__(self) -> lmdb.Transaction:
+        try:
+            self._txn = self._index.env.begin(write=self._write, buffers=False)
+        except _DAMAGE as exc:
+            raise self._index.damaged(str(exc)) from exc
+        return self._txn
+
+    def __exit__(self, typ, exc, tb) -> None:
+        try:
+            self._txn.__exit__(typ, exc, tb)  # commits, or aborts after an exception
+        except lmdb.Error as commit_exc:
+            self._translate(commit_exc)
+            raise
+        if isinstance(exc, lmdb.Error):
+            self._translate(exc)
+
+    def _translate(self, exc: lmdb.Error) -> None:
+        if isinstance(exc, _DAMAGE):
+            raise self._index.damaged(str(exc)) from exc
+        if isinstance(exc, lmdb.DiskError):
+            # No room for the commit's pages: a full disk, not a damaged index, raised as
+            # ENOSPC naming the index like any other write would be.
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self._index.path)) from None

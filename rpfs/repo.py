@@ -1,7 +1,8 @@
 """The repository on disk: its layout, configuration, locks, index and chunk store.
 
     REPO/rpfs.json     format version, block size, hash and codec (written last by init)
-    REPO/index/        LMDB environment (rpfs.index)
+    REPO/index/        LMDB environment (rpfs.index); it records block size, hash and codec too
+    REPO/index-checkpoints/   recent consistent copies of the index (rpfs.checkpoint)
     REPO/packs/        NNNNNNNN.pack files (rpfs.store)
     REPO/locks/        fcntl locks: daemon.lock, disk-NAME.lock
     REPO/rpfs.log      the daemon's log
@@ -12,20 +13,26 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
+import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import perms
-from .errors import RpfsError
+from .errors import CorruptChunk, RpfsError
 from .index import Index
 from .space import Space, parse_reserve
-from .store import PackStore
+from .store import PackStore, decode_chunk
+
+log = logging.getLogger(__name__)
 
 FORMAT = 1
 DEFAULT_REPO = "/var/lib/rpfs"
 MIN_BLOCK, MAX_BLOCK = 4 << 10, 4 << 20
+HASH, CODEC = "blake3", "zstd"
+_PERCENT = re.compile(r"(\d+(\.\d+)?)%")
 
 
 def repo_path(arg: str | None) -> Path:
@@ -37,40 +44,174 @@ def repo_path(arg: str | None) -> Path:
 class Config:
     block_size: int
     format: int = FORMAT
-    hash: str = "blake3"
-    codec: str = "zstd"
-    reserve: int | str | None = None  # free-space floor: bytes or "N%" (rpfs.space)
+    hash: str = HASH
+    codec: str = CODEC
+    reserve: int | str | None = None  # free-space floor: bytes or "N%"; None: the default
+
+    def recorded(self) -> dict:
+        """What the index records of this config, at init, and must keep agreeing with:
+        a point's blocks only read right with the block size, hash and codec that wrote
+        them."""
+        return {"block_size": self.block_size, "hash": self.hash, "codec": self.codec}
+
+
+def _valid_block_size(v: object) -> bool:
+    return type(v) is int and MIN_BLOCK <= v <= MAX_BLOCK and not v & (v - 1)
+
+
+def _valid_reserve(v: object) -> bool:
+    if v is None:  # the default (written as null by rpfs before the key was checked)
+        return True
+    if type(v) is int:
+        return v >= 0
+    match = _PERCENT.fullmatch(v) if type(v) is str else None
+    return match is not None and float(match.group(1)) < 100
+
+
+# key: (required, test, what the value must be); exact types: a bool is no int
+_CONFIG_KEYS = {
+    "format": (True, lambda v: type(v) is int, "an integer"),
+    "block_size": (True, _valid_block_size,
+                   f"a power of two from {MIN_BLOCK} to {MAX_BLOCK} (an integer)"),
+    "hash": (True, lambda v: v == HASH, f'"{HASH}"'),
+    "codec": (True, lambda v: v == CODEC, f'"{CODEC}"'),
+    "reserve": (False, _valid_reserve,
+                'a number of bytes >= 0, a string "N%" with N < 100, or null'),
+}
+
+
+def load_config(root: Path) -> Config:
+    """rpfs.json, checked strictly: a JSON object with known keys of exact types.
+
+    RpfsError names the file and the first bad key; for a key the index records, it
+    says the value to put back when the index can tell.
+    """
+    path = root / "rpfs.json"
+    try:
+        raw = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise RpfsError(
+            f"no rpfs repository at {root}: run 'rpfs init' or pass -r/--repo "
+            "(or set RPFS_REPO)"
+        ) from None
+    except OSError as exc:
+        raise RpfsError(f"cannot read {path}: {exc.strerror}") from None
+    except (ValueError, RecursionError) as exc:  # also UnicodeDecodeError
+        raise RpfsError(f"{path} is not valid JSON ({exc}){_put_back(root, None)}") from None
+    if not isinstance(raw, dict):
+        raise RpfsError(f"{path} must hold a JSON object, not {type(raw).__name__}"
+                        f"{_put_back(root, None)}")
+    for key in raw:
+        if key not in _CONFIG_KEYS:
+            raise RpfsError(f"{path}: unknown key {key!r} (known: {', '.join(_CONFIG_KEYS)}); "
+                            "remove it")
+    for key, (required, valid, what) in _CONFIG_KEYS.items():
+        if key not in raw:
+            if required:
+                raise RpfsError(f"{path}: key {key!r} is missing{_put_back(root, key)}")
+            continue
+        if not valid(raw[key]):
+            raise RpfsError(f"{path}: {key!r} must be {what}, not {json.dumps(raw[key])}"
+                            f"{_put_back(root, key)}")
+    if raw["format"] != FORMAT:
+        raise RpfsError(f"{root} has repository format {raw['format']} ({path}), this rpfs "
+                        f"reads format {FORMAT}")
+    return Config(**raw)
+
+
+def _put_back(root: Path, key: str | None) -> str:
+    """The end of a bad-config message: what to write instead (the index records the
+    block size, hash and codec, so it can tell those when it opens)."""
+    if key == "format":
+        return f'; put back "format": {FORMAT}'
+    if key == "reserve":
+        return "; fix it, or remove it to get the default"
+    recorded = None
+    with contextlib.suppress(RpfsError):
+        index = Index(root / "index")
+        recorded = index.recorded
+        index.close()
+    if recorded is not None and key in recorded:
+        return f"; the index records {json.dumps({key: recorded[key]})[1:-1]}: put that back"
+    if recorded is not None and key is None:
+        values = json.dumps({"format": FORMAT, **recorded})
+        return f"; rpfs.json was probably edited: put back {values}"
+    return "; rpfs.json was probably edited: put back what 'rpfs init' wrote"
 
 
 class Repository:
     """An open repository. Cheap to open; safe to use from several threads."""
 
     def __init__(self, root: Path) -> None:
-        cfg_path = root / "rpfs.json"
-        try:
-            raw = json.loads(cfg_path.read_text())
-        except FileNotFoundError:
-            raise RpfsError(
-                f"no rpfs repository at {root}: run 'rpfs init' or pass -r/--repo "
-                "(or set RPFS_REPO)"
-            ) from None
-        except (OSError, ValueError) as exc:
-            raise RpfsError(f"cannot read {cfg_path}: {exc}") from None
-        if raw.get("format") != FORMAT:
-            raise RpfsError(
-                f"{root} has repository format {raw.get('format')}, this rpfs reads {FORMAT}"
-            )
         self.root = root
-        self.config = Config(**raw)
+        self.config = load_config(root)
         self.block_size = self.config.block_size
         self.index = Index(root / "index")
         self.store = PackStore(root / "packs", self.block_size)
         self.space = Space(root, self.config.reserve)
+        try:
+            self._check_recorded()
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_recorded(self) -> None:
+        """rpfs.json must agree with what the index recorded at init."""
+        want, have = self.config.recorded(), self.index.recorded
+        if have is None:
+            self._record_config(want)
+            return
+        wrong = [key for key in want if have.get(key) != want[key]]
+        if wrong:
+            says = ", ".join(f"{key} {json.dumps(want[key])}" for key in wrong)
+            back = json.dumps({key: have.get(key) for key in wrong})[1:-1]
+            raise RpfsError(
+                f"{self.root / 'rpfs.json'} says {says} but the index was made with {back}: "
+                f"rpfs.json was probably edited; put back {back} (a repository's block size, "
+                "hash and codec never change); nothing was read or written"
+            )
+
+    def _record_config(self, want: dict) -> None:
+        """Record the config in an index made before the index held it (format 1 all the
+        same, so no format change).
+
+        Whichever command opens such a repository first does it, reader or writer: every
+        open already runs a write transaction (to open the databases), and the sooner the
+        record exists the sooner an edit of rpfs.json is caught. An edit made before that
+        moment is caught by the size of a stored block, checked first.
+        """
+        stored = self._stored_block_size()
+        if stored is not None and stored != want["block_size"]:
+            raise RpfsError(
+                f"{self.root / 'rpfs.json'} says block_size {want['block_size']} but the "
+                f"stored blocks are {stored} bytes; rpfs.json was probably edited: put back "
+                f"\"block_size\": {stored}; nothing was read or written"
+            )
+        self.index.record_config(want)
+        log.info("%s: recorded block size, hash and codec in the index", self.root)
+
+    def _stored_block_size(self) -> int | None:
+        """The size of one stored block (all are full blocks), None if there is none or
+        it cannot be read."""
+        with self.index.read() as txn:
+            first = next(self.index.iter_chunks(txn), None)
+        if first is None:
+            return None
+        digest, loc = first
+        where = (f"{loc.pack:08d}.pack", loc.offset)
+        try:
+            with open(self.store.path(loc.pack), "rb") as f:
+                record = os.pread(f.fileno(), loc.length, loc.offset)
+            return len(decode_chunk(record, digest, MAX_BLOCK, where))
+        except (OSError, CorruptChunk) as exc:
+            log.warning("%s: cannot check the block size against pack %s: %s",
+                        self.root, where[0], exc)
+            return None
 
     @classmethod
     def init(cls, root: Path, block_size: int, reserve: int | str | None = None) -> Repository:
         """Create a repository at `root`, which must be missing or an empty directory."""
-        if block_size < MIN_BLOCK or block_size > MAX_BLOCK or block_size & (block_size - 1):
+        if not _valid_block_size(block_size):
             raise RpfsError(
                 f"invalid block size {block_size}: use a power of two from 4K to 4M"
             )
@@ -84,11 +225,12 @@ class Repository:
         root.mkdir(mode=perms.DIR_MODE, parents=True, exist_ok=True)
         for sub in ("index", "packs", "locks"):
             (root / sub).mkdir(mode=perms.DIR_MODE, exist_ok=True)
-        Index(root / "index").close()
+        config = Config(block_size=block_size, reserve=reserve)
+        Index(root / "index", create=config.recorded()).close()
         tmp = root / "rpfs.json.tmp"
         tmp.touch(mode=perms.FILE_MODE)
-        config = Config(block_size=block_size, reserve=reserve)
-        tmp.write_text(json.dumps(config.__dict__, indent=1) + "\n")
+        fields = {k: v for k, v in asdict(config).items() if v is not None}
+        tmp.write_text(json.dumps(fields, indent=1) + "\n")
         with open(tmp) as f:
             os.fsync(f.fileno())
         tmp.rename(root / "rpfs.json")
@@ -119,12 +261,9 @@ class Repository:
         self, disk: str, holder: str = "a capture of it runs, or a daemon has it open"
     ) -> int:
         """Take a disk's exclusive lock; returns the fd that holds it (close to release)."""
-        fd = os.open(self._lock_path(f"disk-{disk}"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise RpfsError(f"disk {disk} is busy: {holder}; wait for it to finish") from None
+        fd = _try_lock(self._lock_path(f"disk-{disk}"))
+        if fd is None:
+            raise RpfsError(f"disk {disk} is busy: {holder}; wait for it to finish")
         return fd
 
     @contextlib.contextmanager
@@ -151,25 +290,57 @@ class Repository:
         fails to start leaves it alone, and with it what `rpfs umount` needs to clean up
         the mount that daemon left behind.
         """
-        path = self._lock_path("daemon")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            other = read_daemon_info(self.root) or {}
-            raise RpfsError(
-                f"repository {self.root} is already served by rpfs daemon pid "
-                f"{other.get('pid', '?')} at {other.get('mountpoint', '?')}; "
-                "run 'rpfs umount' there first"
-            ) from None
-        return fd
+        return _daemon_lock(self.root)
 
     @staticmethod
     def record_daemon(lock_fd: int, info: dict) -> None:
         """Write the running daemon's pid and mountpoint into its lock (see daemon_lock)."""
         os.ftruncate(lock_fd, 0)
         os.pwrite(lock_fd, json.dumps(info).encode(), 0)
+
+
+def _try_lock(path: Path) -> int | None:
+    """An exclusive flock of `path` (created if missing): the fd that holds it, or None
+    if another process holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _daemon_lock(root: Path) -> int:
+    fd = _try_lock(root / "locks" / "daemon.lock")
+    if fd is None:
+        other = read_daemon_info(root) or {}
+        raise RpfsError(
+            f"repository {root} is already served by rpfs daemon pid "
+            f"{other.get('pid', '?')} at {other.get('mountpoint', '?')}; "
+            "run 'rpfs umount' there first"
+        )
+    return fd
+
+
+def lock_everything(root: Path) -> list[int]:
+    """The daemon lock and every disk's lock, for a change of the whole index (`rpfs
+    index restore`); the fds that hold them. RpfsError if a daemon serves the repository
+    or a disk is busy (then nothing is held)."""
+    fds = [_daemon_lock(root)]
+    try:
+        for path in sorted((root / "locks").glob("disk-*.lock")):
+            fd = _try_lock(path)
+            if fd is None:
+                disk = path.name[len("disk-") : -len(".lock")]
+                raise RpfsError(f"disk {disk} is busy (a capture of it runs, or it is open); "
+                                "wait for it to finish")
+            fds.append(fd)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
 
 
 def read_daemon_info(root: Path) -> dict | None:

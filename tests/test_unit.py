@@ -62,7 +62,7 @@ def test_extent_key_orders_lineage_block_then_newest_gen_first():
 
 @pytest.fixture
 def index(tmp_path: Path):
-    idx = Index(tmp_path / "index", map_size=64 << 20)
+    idx = Index(tmp_path / "index", map_size=64 << 20, create={})
     try:
         yield idx
     finally:
