@@ -384,7 +384,7 @@ def _serve_foreground(
     # Spawned by `rpfs mount`, stderr already is the log file; in a terminal, log to both.
     handlers: list[logging.Handler] = [_StderrLog()]
     if ready_fd is None and root.is_dir():
-        handlers.append(_StderrLog(os.fdopen(open_log(root), "a")))
+        handlers.append(file_log(root))
     logging.basicConfig(
         level=logging.INFO, handlers=handlers, force=True,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -440,6 +440,11 @@ class _Unfailing(logging.Handler):
 
 class _StderrLog(_Unfailing, logging.StreamHandler):
     pass
+
+
+def file_log(root: Path) -> logging.Handler:
+    """The daemon's handler of REPO/rpfs.log: created 0600, and outliving a full disk."""
+    return _StderrLog(os.fdopen(open_log(root), "a"))
 
 
 def cmd_index_restore(args: argparse.Namespace) -> int:

@@ -352,10 +352,10 @@ def test_a_bug_is_one_line_with_the_log_path(rpfs, repo):
 def test_a_log_that_cannot_be_written_is_one_line(small_fs, capsys):
     """The daemon's log handler on a full filesystem: no '--- Logging error ---'
     traceback per message, one line on stderr, and a note once it writes again."""
-    from rpfs.cli import _FileLog
+    from rpfs.cli import file_log
 
     path = small_fs / "rpfs.log"
-    handler = _FileLog(path)
+    handler = file_log(small_fs)
     logger = logging.getLogger("rpfs.test-full-log")
     logger.addHandler(handler)
     logger.propagate = False
