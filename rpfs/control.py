@@ -96,11 +96,11 @@ async def serve_control(root: Path, service: DiskService) -> None:
     path = socket_path(root)
     path.unlink(missing_ok=True)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)  # the socket is born 0600: no window for others
-    try:
-        await sock.bind(str(path))
-    finally:
-        os.umask(old_umask)
+    # Not os.umask(): it is the whole process's, and a thread that makes a directory
+    # meanwhile (a checkpoint's) would get 0600. The socket's moment at a wider mode is
+    # inside the 0700 repository, and every peer's credentials are checked anyway.
+    await sock.bind(str(path))
+    os.chmod(path, 0o600)
     owner = root.stat().st_uid
     if os.geteuid() == 0 and owner != 0:
         # The mode then says what the peer check does. Not following links: the
