@@ -22,9 +22,9 @@ from .capture import capture
 from .control import RemoteService, disk_service, socket_path
 from .daemon import MountOptions, serve
 from .errors import RpfsError, describe_os_error, is_expected
-from .extents import allocated, changed
 from .image import ChunkCache, open_point
 from .index import DiskRecord, LineageRecord, PointRecord
+from .lineage import allocated_extents, changed_extents
 from .mounts import unmount
 from .names import check_name, fmt_bytes, parse_point_ref, parse_size
 from .perms import open_log
@@ -258,14 +258,14 @@ def _print_extents(extents: list[dict], as_json: bool) -> None:
 
 def cmd_changed(args: argparse.Namespace) -> int:
     with Repository(repo_path(args.repo)) as repo:
-        result = changed(repo.index, args.a, args.b, repo.block_size)
+        result = changed_extents(repo.index, args.a, args.b, repo.block_size)
     _print_extents(result, args.json)
     return 0
 
 
 def cmd_allocated(args: argparse.Namespace) -> int:
     with Repository(repo_path(args.repo)) as repo:
-        result = allocated(repo.index, args.point, repo.block_size)
+        result = allocated_extents(repo.index, args.point, repo.block_size)
     _print_extents(result, args.json)
     return 0
 
