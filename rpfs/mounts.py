@@ -4,7 +4,10 @@
 (the host's /proc, another repository's disks). So `unmount` first finds the mount at the
 path in /proc/self/mountinfo and acts only on a `fuse.rpfs` mount that this repository's
 daemon serves (its lock names the mount point), or served when it died (its lock is free
-and still names the mount point, and the mount answers "not connected").
+and still names the mount point, and the mount answers "not connected"). A bind mount of
+that mount is the same FUSE connection (the same device in the table): `unmount` removes
+it, and refuses to unmount the daemon's own mount while one is left, since the daemon
+would go on serving there.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class Mount:
     path: str
     fstype: str
     source: str
+    device: str  # major:minor: one FUSE connection, wherever it is mounted (bind mounts)
 
     @property
     def is_rpfs(self) -> bool:
@@ -40,16 +44,23 @@ def _unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
-def mount_at(path: str) -> Mount | None:
-    """The mount on top at `path` (the last one the table lists there), if any."""
-    found = None
+def _table() -> list[Mount]:
+    """Every mount in /proc/self/mountinfo, in its order."""
+    mounts = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
             ours, _, theirs = line.partition(" - ")
-            if _unescape(ours.split()[4]) == path:
-                fstype, source = theirs.split()[:2]
-                found = Mount(path, _unescape(fstype), _unescape(source))
-    return found
+            fields = ours.split()
+            fstype, source = theirs.split()[:2]
+            mounts.append(Mount(_unescape(fields[4]), _unescape(fstype), _unescape(source),
+                                fields[2]))
+    return mounts
+
+
+def mount_at(path: str) -> Mount | None:
+    """The mount on top at `path` (the last one the table lists there), if any."""
+    found = [m for m in _table() if m.path == path]
+    return found[-1] if found else None
 
 
 def table_path(path: Path) -> str:
@@ -130,6 +141,14 @@ def unmount(root: Path, mountpoint: Path) -> str:
         )
     running = read_daemon_info(root)
     if running is not None and running.get("mountpoint") == path:
+        # The daemon serves until its last mount is gone: with a bind mount left it would
+        # go on serving there, and the lock with it, after "unmounted".
+        others = [m.path for m in _table() if m.device == mount.device and m.path != path]
+        if others:
+            raise RpfsError(
+                f"{path} is also mounted at {', '.join(others)} (bind mounts); unmount "
+                f"those first ('rpfs umount PATH' does); nothing was unmounted"
+            )
         detail = _fusermount(path)
         if detail is not None:
             if "busy" in detail.lower():
@@ -139,7 +158,18 @@ def unmount(root: Path, mountpoint: Path) -> str:
         deadline = time.monotonic() + UMOUNT_TIMEOUT
         while read_daemon_info(root) and time.monotonic() < deadline:
             time.sleep(0.05)
+        if read_daemon_info(root):  # e.g. a bind mount in another mount namespace
+            raise RpfsError(
+                f"unmounted {path}, but its daemon (pid {running.get('pid', '?')}) still runs "
+                f"after {UMOUNT_TIMEOUT:.0f}s: is it mounted elsewhere too? see {root / 'rpfs.log'}"
+            )
         return f"unmounted {path}"
+    served = mount_at(running.get("mountpoint", "")) if running is not None else None
+    if served is not None and served.device == mount.device:  # a bind mount of ours
+        detail = _fusermount(path)
+        if detail is not None:
+            raise RpfsError(f"cannot unmount {path}: {detail}")
+        return f"unmounted {path} (a bind mount of {served.path}, which stays mounted)"
     last = last_daemon_info(root)  # (if a daemon runs, that is `running`: not at `path`)
     if last.get("mountpoint") == path and is_dead(path):
         if _fusermount(path) is None:

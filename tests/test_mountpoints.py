@@ -8,7 +8,7 @@ import errno
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -99,6 +99,41 @@ def test_umount_refuses_another_repositorys_mount(rpfs, source, mount, second, t
     other("umount", mnt_b, check=True)
     assert wait_pid_exit(pid_b, 20) and not is_fuse_mounted(mnt_b)
     assert pid_alive(pid) and is_fuse_mounted(mnt)
+    rpfs("umount", mnt, check=True)
+    assert wait_pid_exit(pid, 20) and not is_fuse_mounted(mnt)
+
+
+@pytest.fixture
+def bind(tmp_path: Path) -> Iterator[Callable[[Path], Path]]:
+    """`bind(path)` bind-mounts `path` at tmp/bind; undone at teardown if still there."""
+    where = tmp_path / "bind"
+
+    def make(path: Path) -> Path:
+        where.mkdir()
+        subprocess.run(["mount", "--bind", str(path), str(where)], check=True)
+        return where
+
+    try:
+        yield make
+    finally:
+        if os.path.ismount(where):
+            subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def test_umount_with_a_bind_mount_of_the_mount(rpfs, source, mount, bind):
+    mnt, _ = mount()
+    pid = mount.daemon_pid()
+    other = bind(mnt)
+    # The daemon serves on while any mount of its connection is left: refused, at once
+    # (it waited 60 s, then said "unmounted" with the daemon still serving the bind).
+    res = rpfs("umount", mnt, timeout=30)
+    assert_one_line_error(res, f"{mnt} is also mounted at {other}", "nothing was unmounted")
+    assert is_fuse_mounted(mnt) and pid_alive(pid)
+    assert_same_bytes(point_image(mnt, "vm", "p"), source)
+    res = rpfs("umount", other, check=True)
+    assert res.stdout == f"unmounted {other} (a bind mount of {mnt}, which stays mounted)\n"
+    assert not os.path.ismount(other) and pid_alive(pid)
+    assert_same_bytes(point_image(mnt, "vm", "p"), source)
     rpfs("umount", mnt, check=True)
     assert wait_pid_exit(pid, 20) and not is_fuse_mounted(mnt)
 
