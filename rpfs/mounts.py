@@ -33,6 +33,10 @@ class Mount:
     fstype: str
     source: str
     device: str  # major:minor: one FUSE connection, wherever it is mounted (bind mounts)
+    id: int
+    parent: int
+    root: str  # the directory of the filesystem mounted here
+    peers: str  # its peer group ("shared:N"), if its mounts propagate
 
     @property
     def is_rpfs(self) -> bool:
@@ -52,9 +56,33 @@ def _table() -> list[Mount]:
             ours, _, theirs = line.partition(" - ")
             fields = ours.split()
             fstype, source = theirs.split()[:2]
+            peers = next((f for f in fields[6:] if f.startswith("shared:")), "")
             mounts.append(Mount(_unescape(fields[4]), _unescape(fstype), _unescape(source),
-                                fields[2]))
+                                fields[2], int(fields[0]), int(fields[1]),
+                                _unescape(fields[3]), peers))
     return mounts
+
+
+def _bind_mounts(mount: Mount) -> list[str]:
+    """Where else `mount`'s filesystem is mounted and stays so when `mount` is unmounted.
+
+    Not the copies that propagation made (a mount under a shared mount appears under its
+    peers too, e.g. on systemd hosts): unmounting `mount` removes those with it. A copy
+    sits at the same place of a filesystem whose mount is the same or a peer.
+    """
+    table = _table()
+    by_id = {m.id: m for m in table}
+
+    def place(m: Mount) -> tuple[str, str] | None:
+        up = by_id.get(m.parent)
+        if up is None:
+            return None
+        where = os.path.join(up.root, os.path.relpath(m.path, up.path))
+        return (up.peers or str(up.id), os.path.normpath(where))
+
+    here = place(mount)
+    return [m.path for m in table if m.device == mount.device and m.id != mount.id
+            and (here is None or place(m) != here)]
 
 
 def mount_at(path: str) -> Mount | None:
@@ -143,7 +171,7 @@ def unmount(root: Path, mountpoint: Path) -> str:
     if running is not None and running.get("mountpoint") == path:
         # The daemon serves until its last mount is gone: with a bind mount left it would
         # go on serving there, and the lock with it, after "unmounted".
-        others = [m.path for m in _table() if m.device == mount.device and m.path != path]
+        others = _bind_mounts(mount)
         if others:
             raise RpfsError(
                 f"{path} is also mounted at {', '.join(others)} (bind mounts); unmount "
