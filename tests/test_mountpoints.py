@@ -24,6 +24,7 @@ from helpers import (
     write_random,
 )
 
+from rpfs.mounts import mount_at
 from rpfs.repo import read_daemon_info
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts)")
@@ -115,8 +116,8 @@ def bind(tmp_path: Path) -> Iterator[Callable[[Path], Path]]:
 
     try:
         yield make
-    finally:
-        if os.path.ismount(where):
+    finally:  # (os.path.ismount misses a bind mount of a directory of the same filesystem)
+        if mount_at(str(where)) is not None:
             subprocess.run(["umount", "-l", str(where)], check=True)
 
 
@@ -206,6 +207,20 @@ def test_mount_refuses_a_mount_point_in_the_repository(rpfs, source, mount, tmp_
     mnt, _ = mount()
     rpfs("clone", "vm@p", "c", check=True)
     assert_same_bytes(mnt / "disks" / "c.img", source)
+
+
+def test_mount_refuses_a_bind_mount_of_the_repository(rpfs, source, mount, bind):
+    # Under shared propagation (systemd's default) a mount at BIND/packs also covers
+    # REPO/packs: the daemon's reads of packs wait on itself, for ever.
+    repo = rpfs.repo
+    other = bind(repo)
+    for target in (other / "packs", other / "index"):
+        _, res = mount(target, "--nonempty", check=False)
+        assert_one_line_error(res, f"mount point {target} is inside the repository {repo}")
+        assert not is_fuse_mounted(target) and not is_fuse_mounted(repo / target.name)
+        assert read_daemon_info(repo) is None
+    mnt, _ = mount()
+    assert_same_bytes(point_image(mnt, "vm", "p"), source)
 
 
 def test_mount_refuses_a_non_empty_directory_unless_nonempty(rpfs, source, mount, tmp_path):
