@@ -50,11 +50,8 @@ def prpfs(public: Path) -> Rpfs:
 @pytest.fixture
 def pmount(prpfs: Rpfs, public: Path) -> Iterator[Mounter]:
     """Mounts of the public repository (at public/mnt by default), undone at teardown."""
-    mounter = Mounter(prpfs, public)
-    try:
+    with Mounter(prpfs, public) as mounter:
         yield mounter
-    finally:
-        mounter.cleanup()
 
 
 @pytest.fixture

@@ -62,11 +62,8 @@ def second(tmp_path: Path) -> Iterator[tuple[Rpfs, Mounter, Path]]:
     src = tmp_path / "vm-b.img"
     write_random(src, MiB, seed=32)
     other.capture("vm", src, "p")
-    mounter = Mounter(other, tmp_path)
-    try:
+    with Mounter(other, tmp_path) as mounter:
         yield other, mounter, src
-    finally:
-        mounter.cleanup()
 
 
 def test_umount_refuses_what_is_not_an_rpfs_mount(rpfs, repo, tmpfs, tmp_path):
