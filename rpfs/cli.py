@@ -36,6 +36,7 @@ from .vfs import Access
 log = logging.getLogger("rpfs")
 
 MOUNT_TIMEOUT = 60.0
+MAX_ID = 2**32 - 2  # the largest uid or gid; 2**32 - 1 is (uid_t)-1, "none"
 WARNING = "warning: "  # a line the daemon reports before 'ready' (see _read_report)
 
 
@@ -306,10 +307,18 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
 
 
 def _account_id(value: str, option: str) -> int:
-    """The user (--uid) or group (--gid) named by `value`, a name or a number."""
-    if value.isdigit():
-        return int(value)
+    """The user (--uid) or group (--gid) named by `value`, a name or a number.
+
+    A number must fit the kernel's 32-bit ids, short of (uid_t)-1, which means "no id":
+    a larger one made the daemon fail its first stat and hang on its own mount, and -1
+    makes the images unreachable even for root. ASCII digits only (str.isdigit takes
+    '²', which int() refuses, and other scripts' digits).
+    """
     kind = "user" if option == "--uid" else "group"
+    if re.fullmatch(r"[0-9]+", value):
+        if int(value) > MAX_ID:
+            raise RpfsError(f"invalid {option} {value}: a {kind} number is at most {MAX_ID}")
+        return int(value)
     try:
         return pwd.getpwnam(value).pw_uid if kind == "user" else grp.getgrnam(value).gr_gid
     except KeyError:
@@ -322,7 +331,7 @@ def _mount_args(options: MountOptions) -> list[str]:
     """`options` as arguments of `rpfs mount`, for the daemon process."""
     access = options.access
     args = ["--allow-other", "--uid", str(access.uid), "--gid", str(access.gid),
-            "--mode", f"{access.mode:o}"] if access.allow_other else []
+            "--mode", f"{access.mode:04o}"] if access.allow_other else []
     return [*args, *(["--hydrate"] if options.hydrate else []),
             *(["--nonempty"] if options.nonempty else [])]
 

@@ -96,10 +96,10 @@ def _check_mountpoint(root: Path, mountpoint: Path, nonempty: bool) -> None:
     if not mountpoint.is_dir():
         raise RpfsError(f"mount point {mountpoint} is not a directory; create it first")
     mnt, repo = mountpoint.resolve(), root.resolve()
-    if mnt == repo or repo in mnt.parents:
-        where = "is the repository" if mnt == repo else "is inside the repository"
+    if _within(mnt, repo):
+        where = "is the repository" if mnt.samefile(repo) else "is inside the repository"
         raise RpfsError(f"mount point {mnt} {where} {repo}; choose a directory outside it")
-    if mnt in repo.parents:
+    if _within(repo, mnt):
         raise RpfsError(
             f"the repository {repo} is inside the mount point {mnt}, which would hide it; "
             "choose a mount point outside it"
@@ -109,6 +109,14 @@ def _check_mountpoint(root: Path, mountpoint: Path, nonempty: bool) -> None:
             f"mount point {mnt} is not empty (the mount would hide its files); empty it, "
             "choose another, or pass --nonempty"
         )
+
+
+def _within(inner: Path, outer: Path) -> bool:
+    """True if resolved `inner` is `outer` or lies under it, also through a bind mount
+    of it (the same directory at another path): directories are compared by device and
+    inode, not by name."""
+    st = os.stat(outer)
+    return any(os.path.samestat(os.stat(p), st) for p in (inner, *inner.parents))
 
 
 async def _sync_periodically(service: DiskService) -> None:

@@ -4,7 +4,10 @@
 (the host's /proc, another repository's disks). So `unmount` first finds the mount at the
 path in /proc/self/mountinfo and acts only on a `fuse.rpfs` mount that this repository's
 daemon serves (its lock names the mount point), or served when it died (its lock is free
-and still names the mount point, and the mount answers "not connected").
+and still names the mount point, and the mount answers "not connected"). A bind mount of
+that mount is the same FUSE connection (the same device in the table): `unmount` removes
+it, and refuses to unmount the daemon's own mount while one is left, since the daemon
+would go on serving there.
 """
 
 from __future__ import annotations
@@ -29,6 +32,11 @@ class Mount:
     path: str
     fstype: str
     source: str
+    device: str  # major:minor: one FUSE connection, wherever it is mounted (bind mounts)
+    id: int
+    parent: int
+    root: str  # the directory of the filesystem mounted here
+    peers: str  # its peer group ("shared:N"), if its mounts propagate
 
     @property
     def is_rpfs(self) -> bool:
@@ -40,16 +48,47 @@ def _unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
-def mount_at(path: str) -> Mount | None:
-    """The mount on top at `path` (the last one the table lists there), if any."""
-    found = None
+def _table() -> list[Mount]:
+    """Every mount in /proc/self/mountinfo, in its order."""
+    mounts = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
             ours, _, theirs = line.partition(" - ")
-            if _unescape(ours.split()[4]) == path:
-                fstype, source = theirs.split()[:2]
-                found = Mount(path, _unescape(fstype), _unescape(source))
-    return found
+            fields = ours.split()
+            fstype, source = theirs.split()[:2]
+            peers = next((f for f in fields[6:] if f.startswith("shared:")), "")
+            mounts.append(Mount(_unescape(fields[4]), _unescape(fstype), _unescape(source),
+                                fields[2], int(fields[0]), int(fields[1]),
+                                _unescape(fields[3]), peers))
+    return mounts
+
+
+def _bind_mounts(mount: Mount) -> list[str]:
+    """Where else `mount`'s filesystem is mounted and stays so when `mount` is unmounted.
+
+    Not the copies that propagation made (a mount under a shared mount appears under its
+    peers too, e.g. on systemd hosts): unmounting `mount` removes those with it. A copy
+    sits at the same place of a filesystem whose mount is the same or a peer.
+    """
+    table = _table()
+    by_id = {m.id: m for m in table}
+
+    def place(m: Mount) -> tuple[str, str] | None:
+        up = by_id.get(m.parent)
+        if up is None:
+            return None
+        where = os.path.join(up.root, os.path.relpath(m.path, up.path))
+        return (up.peers or str(up.id), os.path.normpath(where))
+
+    here = place(mount)
+    return [m.path for m in table if m.device == mount.device and m.id != mount.id
+            and (here is None or place(m) != here)]
+
+
+def mount_at(path: str) -> Mount | None:
+    """The mount on top at `path` (the last one the table lists there), if any."""
+    found = [m for m in _table() if m.path == path]
+    return found[-1] if found else None
 
 
 def table_path(path: Path) -> str:
@@ -130,6 +169,14 @@ def unmount(root: Path, mountpoint: Path) -> str:
         )
     running = read_daemon_info(root)
     if running is not None and running.get("mountpoint") == path:
+        # The daemon serves until its last mount is gone: with a bind mount left it would
+        # go on serving there, and the lock with it, after "unmounted".
+        others = _bind_mounts(mount)
+        if others:
+            raise RpfsError(
+                f"{path} is also mounted at {', '.join(others)} (bind mounts); unmount "
+                f"those first ('rpfs umount PATH' does); nothing was unmounted"
+            )
         detail = _fusermount(path)
         if detail is not None:
             if "busy" in detail.lower():
@@ -139,7 +186,18 @@ def unmount(root: Path, mountpoint: Path) -> str:
         deadline = time.monotonic() + UMOUNT_TIMEOUT
         while read_daemon_info(root) and time.monotonic() < deadline:
             time.sleep(0.05)
+        if read_daemon_info(root):  # e.g. a bind mount in another mount namespace
+            raise RpfsError(
+                f"unmounted {path}, but its daemon (pid {running.get('pid', '?')}) still runs "
+                f"after {UMOUNT_TIMEOUT:.0f}s: is it mounted elsewhere too? see {root / 'rpfs.log'}"
+            )
         return f"unmounted {path}"
+    served = mount_at(running.get("mountpoint", "")) if running is not None else None
+    if served is not None and served.device == mount.device:  # a bind mount of ours
+        detail = _fusermount(path)
+        if detail is not None:
+            raise RpfsError(f"cannot unmount {path}: {detail}")
+        return f"unmounted {path} (a bind mount of {served.path}, which stays mounted)"
     last = last_daemon_info(root)  # (if a daemon runs, that is `running`: not at `path`)
     if last.get("mountpoint") == path and is_dead(path):
         if _fusermount(path) is None:

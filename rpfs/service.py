@@ -277,6 +277,12 @@ class DiskService:
                     raise RpfsError(
                         f"a disk named {name!r} already exists; choose another name"
                     )
+                # The origin was read in an earlier transaction: a `disk delete` of it may
+                # have committed since (it saw no dependant yet), and the clone would read
+                # zeros where its origin's blocks were.
+                if parent is not None and self.index.get_lineage(txn, parent[0]) is None:
+                    raise RpfsError(f"cannot clone {origin}: it was deleted meanwhile; "
+                                    f"disk {name} was not created")
                 lineage = LineageRecord(self.index.next_id(txn, "lineage"), disks=[name])
                 if parent is not None:
                     lineage.parent, lineage.parent_gen = parent

@@ -128,7 +128,8 @@ def _is_rpfs_process(pid: int) -> bool:
 
 
 class Mounter:
-    """Mounts the repository with `rpfs mount` and remembers what to clean up."""
+    """Mounts the repository with `rpfs mount` and remembers what to clean up; as a
+    context manager it cleans up on leaving, also on an error."""
 
     def __init__(self, rpfs: Rpfs, tmp_path: Path) -> None:
         self.rpfs = rpfs
@@ -152,6 +153,12 @@ class Mounter:
             assert res.returncode == 0, f"rpfs mount failed: {res.stderr}"
             assert is_fuse_mounted(mnt), f"{mnt} is not a FUSE mount after rpfs mount"
         return mnt, res
+
+    def __enter__(self) -> Mounter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
 
     def daemon_pid(self) -> int:
         return _daemon_info(self.rpfs.repo)["pid"]
@@ -184,11 +191,8 @@ class Mounter:
 @pytest.fixture
 def mount(rpfs: Rpfs, tmp_path: Path) -> Iterator[Mounter]:
     """A factory: `mount(path=None, check=True)`; every mount is undone at teardown."""
-    mounter = Mounter(rpfs, tmp_path)
-    try:
+    with Mounter(rpfs, tmp_path) as mounter:
         yield mounter
-    finally:
-        mounter.cleanup()
 
 
 @pytest.fixture

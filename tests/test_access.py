@@ -50,11 +50,8 @@ def prpfs(public: Path) -> Rpfs:
 @pytest.fixture
 def pmount(prpfs: Rpfs, public: Path) -> Iterator[Mounter]:
     """Mounts of the public repository (at public/mnt by default), undone at teardown."""
-    mounter = Mounter(prpfs, public)
-    try:
+    with Mounter(prpfs, public) as mounter:
         yield mounter
-    finally:
-        mounter.cleanup()
 
 
 @pytest.fixture
@@ -149,6 +146,19 @@ def test_a_group_may_read_points_and_disks_but_not_write(
     assert_same_bytes(mnt / "disks" / "x.img", served)
 
 
+def test_a_mode_without_owner_bits_reaches_the_daemon(prpfs, pmount, served, other_user,
+                                                     tmp_path):
+    # 0040 went to the daemon as "40", which it refused: "see its log".
+    mnt, _ = pmount(None, "--allow-other", "--gid", other_user.group, "--mode", "0040")
+    g = other_user.gid
+    assert modes(mnt) == {"root": (0o050, 0, g), "points": (0o050, 0, g),
+                          "disk dir": (0o050, 0, g), "point": (0o040, 0, g),
+                          "disk": (0o040, 0, g)}
+    out = tmp_path / "read-by-group.img"
+    read_as(other_user, mnt / "disks" / "x.img", out)
+    assert_same_bytes(out, served)
+
+
 def test_the_owner_given_by_name_may_write_its_disk(prpfs, pmount, served, other_user, tmp_path):
     mnt, _ = pmount(None, "--allow-other", "--uid", other_user.name, "--gid",
                     str(other_user.gid), "--mode", "600")
@@ -176,6 +186,12 @@ def test_the_owner_given_by_name_may_write_its_disk(prpfs, pmount, served, other
         (["--allow-other", "--mode", "rw"], ["invalid --mode"]),
         (["--allow-other", "--gid", "no-such-group-rpfs"], ["no group named", "--gid"]),
         (["--allow-other", "--uid", "no-such-user-rpfs"], ["no user named", "--uid"]),
+        # Past the kernel's ids the daemon hung on its own first stat; -1 is "no id".
+        (["--allow-other", "--uid", "4294967296"], ["invalid --uid 4294967296", "4294967294"]),
+        (["--allow-other", "--gid", "4294967295"], ["invalid --gid 4294967295", "4294967294"]),
+        (["--allow-other", "--uid", "99999999999999999999"], ["invalid --uid"]),
+        (["--allow-other", "--uid", "\u00b2"], ["no user named '\u00b2'"]),  # isdigit, not int
+        (["--allow-other", "--gid", "\u0663"], ["no group named '\u0663'"]),  # an Arabic 3
     ],
 )
 def test_bad_access_options_are_one_clear_error(rpfs, repo, mount, options, needles):

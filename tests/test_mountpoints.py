@@ -8,7 +8,7 @@ import errno
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +24,7 @@ from helpers import (
     write_random,
 )
 
+from rpfs.mounts import mount_at
 from rpfs.repo import read_daemon_info
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts)")
@@ -61,11 +62,8 @@ def second(tmp_path: Path) -> Iterator[tuple[Rpfs, Mounter, Path]]:
     src = tmp_path / "vm-b.img"
     write_random(src, MiB, seed=32)
     other.capture("vm", src, "p")
-    mounter = Mounter(other, tmp_path)
-    try:
+    with Mounter(other, tmp_path) as mounter:
         yield other, mounter, src
-    finally:
-        mounter.cleanup()
 
 
 def test_umount_refuses_what_is_not_an_rpfs_mount(rpfs, repo, tmpfs, tmp_path):
@@ -99,6 +97,41 @@ def test_umount_refuses_another_repositorys_mount(rpfs, source, mount, second, t
     other("umount", mnt_b, check=True)
     assert wait_pid_exit(pid_b, 20) and not is_fuse_mounted(mnt_b)
     assert pid_alive(pid) and is_fuse_mounted(mnt)
+    rpfs("umount", mnt, check=True)
+    assert wait_pid_exit(pid, 20) and not is_fuse_mounted(mnt)
+
+
+@pytest.fixture
+def bind(tmp_path: Path) -> Iterator[Callable[[Path], Path]]:
+    """`bind(path)` bind-mounts `path` at tmp/bind; undone at teardown if still there."""
+    where = tmp_path / "bind"
+
+    def make(path: Path) -> Path:
+        where.mkdir()
+        subprocess.run(["mount", "--bind", str(path), str(where)], check=True)
+        return where
+
+    try:
+        yield make
+    finally:  # (os.path.ismount misses a bind mount of a directory of the same filesystem)
+        if mount_at(str(where)) is not None:
+            subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def test_umount_with_a_bind_mount_of_the_mount(rpfs, source, mount, bind):
+    mnt, _ = mount()
+    pid = mount.daemon_pid()
+    other = bind(mnt)
+    # The daemon serves on while any mount of its connection is left: refused, at once
+    # (it waited 60 s, then said "unmounted" with the daemon still serving the bind).
+    res = rpfs("umount", mnt, timeout=30)
+    assert_one_line_error(res, f"{mnt} is also mounted at {other}", "nothing was unmounted")
+    assert is_fuse_mounted(mnt) and pid_alive(pid)
+    assert_same_bytes(point_image(mnt, "vm", "p"), source)
+    res = rpfs("umount", other, check=True)
+    assert res.stdout == f"unmounted {other} (a bind mount of {mnt}, which stays mounted)\n"
+    assert not os.path.ismount(other) and pid_alive(pid)
+    assert_same_bytes(point_image(mnt, "vm", "p"), source)
     rpfs("umount", mnt, check=True)
     assert wait_pid_exit(pid, 20) and not is_fuse_mounted(mnt)
 
@@ -171,6 +204,20 @@ def test_mount_refuses_a_mount_point_in_the_repository(rpfs, source, mount, tmp_
     mnt, _ = mount()
     rpfs("clone", "vm@p", "c", check=True)
     assert_same_bytes(mnt / "disks" / "c.img", source)
+
+
+def test_mount_refuses_a_bind_mount_of_the_repository(rpfs, source, mount, bind):
+    # Under shared propagation (systemd's default) a mount at BIND/packs also covers
+    # REPO/packs: the daemon's reads of packs wait on itself, for ever.
+    repo = rpfs.repo
+    other = bind(repo)
+    for target in (other / "packs", other / "index"):
+        _, res = mount(target, "--nonempty", check=False)
+        assert_one_line_error(res, f"mount point {target} is inside the repository {repo}")
+        assert not is_fuse_mounted(target) and not is_fuse_mounted(repo / target.name)
+        assert read_daemon_info(repo) is None
+    mnt, _ = mount()
+    assert_same_bytes(point_image(mnt, "vm", "p"), source)
 
 
 def test_mount_refuses_a_non_empty_directory_unless_nonempty(rpfs, source, mount, tmp_path):

@@ -1,7 +1,7 @@
 """Commands that change what an image reads (rollback, disk delete) racing open() of the
 image, through the real mount: the command is refused, or the open waits for it and then
 reads the new state; an open file never sees its bytes change (buffered or O_DIRECT), and
-a deleted point's image never reads zeros.
+a deleted point's image never reads zeros. And a clone racing the delete of its origin.
 
 Run as a script (`python test_races.py opener ...`), this file is the opener process.
 """
@@ -90,7 +90,11 @@ import pytest  # noqa: E402
 from helpers import BS, MiB, assert_one_line_error, point_image, write_at  # noqa: E402
 
 from rpfs import cli  # noqa: E402
+from rpfs import service as service_module  # noqa: E402
 from rpfs.control import RemoteService  # noqa: E402
+from rpfs.errors import RpfsError  # noqa: E402
+from rpfs.repo import Repository  # noqa: E402
+from rpfs.service import DiskService  # noqa: E402
 
 HERE = Path(__file__).resolve()
 A = b"A" * BS  # block 0 of the older point
@@ -294,3 +298,43 @@ def test_delete_racing_opens_of_a_point_image(rpfs, repo, mounted, remote, tmp_p
                           f"image read other bytes (A = the point), e.g. {wrong[0]}"
     assert rpfs.points() == []
     assert refused, "no delete was ever refused: the loop raced nothing"
+
+
+def test_clone_racing_the_delete_of_its_origin(rpfs, repo, tmp_path, monkeypatch):
+    """A clone reads its origin's point, then makes its local file, then commits: a
+    `disk delete --with-points` of the origin committed in between (it saw no dependant
+    yet) left a clone whose reads found zeros. The clone must see the deletion."""
+    src = tmp_path / "vm.img"
+    src.write_bytes(os.urandom(MiB))
+    rpfs.capture("vm", src, "p")
+    made, go = threading.Event(), threading.Event()
+
+    def create_then_wait(path: Path, size: int) -> None:  # the clone's window, held open
+        real_create(path, size)
+        made.set()
+        assert go.wait(30)
+
+    real_create = service_module.create_local_file
+    monkeypatch.setattr(service_module, "create_local_file", create_then_wait)
+    outcome: list[object] = []
+    with Repository(repo) as opened:
+        service = DiskService(opened)
+
+        def clone() -> None:
+            try:
+                outcome.append(service.clone("vm@p", "c"))
+            except RpfsError as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=clone)
+        thread.start()
+        try:
+            assert made.wait(30)
+            service.delete("vm", with_points=True)
+        finally:
+            go.set()
+            thread.join(30)
+    assert isinstance(outcome[0], RpfsError), f"the clone was made: {outcome[0]}"
+    assert str(outcome[0]) == "cannot clone vm@p: it was deleted meanwhile; disk c was not created"
+    assert rpfs("disks", "--json", check=True).stdout.strip() == "[]"
+    assert list((repo / "disks").iterdir()) == []  # no orphan local file
