@@ -54,6 +54,7 @@ class Repository:
             ) from None
         except (OSError, ValueError) as exc:
             raise RpfsError(f"cannot read {cfg_path}: {exc}") from None
+        perms.check_owner(root)
         if raw.get("format") != FORMAT:
             raise RpfsError(
                 f"{root} has repository format {raw.get('format')}, this rpfs reads {FORMAT}"
@@ -73,6 +74,8 @@ class Repository:
             )
         if (root / "rpfs.json").exists():
             raise RpfsError(f"{root} is already an rpfs repository; nothing was changed")
+        if root.is_dir():
+            perms.check_owner(root)
         if root.exists() and (not root.is_dir() or any(root.iterdir())):
             raise RpfsError(
                 f"{root} exists and is not an empty directory; choose another path"
