@@ -27,7 +27,7 @@ from .index import DiskRecord, LineageRecord, PointRecord
 from .lineage import allocated_extents, changed_extents
 from .mounts import unmount
 from .names import check_name, fmt_bytes, parse_point_ref, parse_size
-from .perms import open_log
+from .perms import check_owner, open_log
 from .progress import progress_bar
 from .repo import Repository, read_daemon_info, repo_path
 from .restore import restore
@@ -344,6 +344,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         return _serve_foreground(root, mountpoint, args.ready_fd, options)
     read_fd, write_fd = os.pipe()
     log_path = root / "rpfs.log"
+    if root.is_dir():
+        check_owner(root)  # before its log is opened
     stderr = os.fdopen(open_log(root), "ab") if root.is_dir() else subprocess.DEVNULL
     cmd = [sys.executable, "-m", "rpfs.cli", "-r", str(root), "mount", "--foreground",
            "--ready-fd", str(write_fd), *_mount_args(options), "--", str(mountpoint)]

@@ -10,10 +10,14 @@ what an older rpfs, a restore from backup or a careless `chmod` left.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import pwd
 import stat
 from pathlib import Path
+
+from .errors import RpfsError
 
 log = logging.getLogger(__name__)
 
@@ -21,11 +25,42 @@ DIR_MODE = 0o700
 FILE_MODE = 0o600
 
 
+def check_owner(root: Path) -> None:
+    """RpfsError unless the repository directory is this process's user's.
+
+    Its mode does not protect it from its owner, who may rename and replace anything in
+    it: swap in an index or packs of their own, or make `rpfs.log` a symlink to a file
+    of root's, which the daemon then appends to.
+    """
+    uid = os.stat(root).st_uid
+    if uid != os.geteuid():
+        raise RpfsError(
+            f"{root} is owned by {_user(uid)}, not by {_user(os.geteuid())}, who runs rpfs: "
+            "its owner could replace the repository's files; chown it or choose another"
+        )
+
+
+def _user(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
 def open_log(root: Path) -> int:
-    """An fd appending to REPO/rpfs.log, which is created 0600 if missing."""
-    return os.open(
-        root / "rpfs.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE
-    )
+    """An fd appending to REPO/rpfs.log, which is created 0600 if missing; never through
+    a symlink (whoever made it would have root append to the file it names)."""
+    path = root / "rpfs.log"
+    try:
+        return os.open(
+            path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+            FILE_MODE,
+        )
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise RpfsError(f"{path} is a symlink (to {os.readlink(path)}); rpfs logs only to a "
+                        "file of its own: remove the symlink") from None
 
 
 def enforce(root: Path) -> list[str]:

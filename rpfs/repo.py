@@ -145,6 +145,7 @@ class Repository:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.config = load_config(root)
+        perms.check_owner(root)
         self.block_size = self.config.block_size
         self.index = Index(root / "index")
         self.store = PackStore(root / "packs", self.block_size)
@@ -218,6 +219,8 @@ class Repository:
         reserve = parse_reserve(reserve)
         if (root / "rpfs.json").exists():
             raise RpfsError(f"{root} is already an rpfs repository; nothing was changed")
+        if root.is_dir():
+            perms.check_owner(root)
         if root.exists() and (not root.is_dir() or any(root.iterdir())):
             raise RpfsError(
                 f"{root} exists and is not an empty directory; choose another path"

@@ -262,6 +262,39 @@ def test_repository_files_are_private_whatever_the_umask(
         assert_refused(other_user, "cat", path)
 
 
+def test_a_repository_directory_of_another_user_is_refused(
+    prpfs, pmount, other_user, tmp_path
+):
+    # Its owner may rename and replace anything in it, whatever its mode: the index, the
+    # packs, or rpfs.log as a symlink to a file of root's, which rpfs then appended to.
+    repo = prpfs.repo
+    repo.mkdir()
+    os.chown(repo, other_user.uid, other_user.gid)
+    owned = f"{repo} is owned by {other_user.name} (uid {other_user.uid}), not by root"
+    assert_one_line_error(prpfs("init"), owned)
+    assert list(repo.iterdir()) == []
+    os.chown(repo, 0, 0)
+    prpfs("init", check=True)
+    src = tmp_path / "vm.img"
+    write_random(src, MiB, seed=24)
+    prpfs.capture("vm", src, "p")
+    os.chown(repo, other_user.uid, other_user.gid)
+    assert_one_line_error(prpfs("points"), owned)
+    _, res = pmount(None, check=False)
+    assert_one_line_error(res, owned)
+    os.chown(repo, 0, 0)
+    victim = tmp_path / "root-only.txt"
+    victim.write_text("root's\n")
+    (repo / "rpfs.log").unlink(missing_ok=True)
+    (repo / "rpfs.log").symlink_to(victim)
+    _, res = pmount(None, check=False)
+    assert_one_line_error(res, f"{repo / 'rpfs.log'} is a symlink", "remove the symlink")
+    assert victim.read_text() == "root's\n"
+    (repo / "rpfs.log").unlink()
+    mnt, _ = pmount()
+    assert_same_bytes(point_image(mnt, "vm", "p"), src)
+
+
 def test_init_and_the_daemon_correct_modes_and_say_so(rpfs, repo_dir, mount, tmp_path):
     repo_dir.mkdir(mode=0o755)
     repo_dir.chmod(0o755)
