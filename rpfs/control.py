@@ -101,11 +101,6 @@ async def serve_control(root: Path, service: DiskService) -> None:
     # inside the 0700 repository, and every peer's credentials are checked anyway.
     await sock.bind(str(path))
     os.chmod(path, 0o600)
-    owner = root.stat().st_uid
-    if os.geteuid() == 0 and owner != 0:
-        # The mode then says what the peer check does. Not following links: the
-        # directory's owner may have put one in the socket's place.
-        os.chown(path, owner, -1, follow_symlinks=False)
     sock.listen(16)
     try:
         await trio.serve_listeners(
