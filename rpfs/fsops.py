@@ -23,6 +23,7 @@ import pyfuse3
 import trio
 
 from .errors import CorruptChunk
+from .index import IndexDamaged
 from .vfs import Attr, Handle, Tree
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,9 @@ class Operations(pyfuse3.Operations):
         try:
             yield
         except CorruptChunk:
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except IndexDamaged as exc:  # the operator's to repair: one line, no traceback
+            log.error("%s", exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
         except OSError as exc:
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None

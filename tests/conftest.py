@@ -21,6 +21,8 @@ import pytest
 from helpers import MiB, build_tree, is_fuse_mounted, make_ext4, wait_pid_exit
 from livewriter import Live
 
+from rpfs.index import Index
+
 _SCRIPT = Path(sys.executable).parent / "rpfs"
 RPFS_CMD = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "rpfs.cli"]
 
@@ -92,6 +94,16 @@ class Rpfs:
             "allocated_bytes": point.allocated_blocks * bs,
             "block_size": bs,
         }
+
+
+@pytest.fixture
+def index(tmp_path: Path) -> Iterator[Index]:
+    """An empty index of its own (no repository around it), for unit tests."""
+    idx = Index(tmp_path / "index", map_size=64 << 20, create={})
+    try:
+        yield idx
+    finally:
+        idx.close()
 
 
 @pytest.fixture

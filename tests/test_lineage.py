@@ -4,7 +4,6 @@ real Index, each pair of chains compared by resolving every block both ways."""
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
 
@@ -15,15 +14,6 @@ from rpfs.store import digest
 
 NBLOCKS = 40
 VALUES = [ZERO] + [digest(bytes([i])) for i in range(5)]  # few values: lineages often agree
-
-
-@pytest.fixture
-def index(tmp_path: Path):
-    idx = Index(tmp_path / "index", map_size=64 << 20, create={})
-    try:
-        yield idx
-    finally:
-        idx.close()
 
 
 def _write_gen(index: Index, txn, rng: random.Random, lin: LineageRecord) -> None:

@@ -60,15 +60,6 @@ def test_extent_key_orders_lineage_block_then_newest_gen_first():
         assert len(extent_key(*k)) == 24
 
 
-@pytest.fixture
-def index(tmp_path: Path):
-    idx = Index(tmp_path / "index", map_size=64 << 20, create={})
-    try:
-        yield idx
-    finally:
-        idx.close()
-
-
 def _h(label: str) -> bytes:
     return digest(label.encode())
 
