@@ -49,12 +49,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from . import mdbfile
+from .disks.livedisk import ABSENT, DIRTY, FROZEN, PAGE_BLOCKS, PRESENT, load_states
 from .errors import CorruptChunk, RpfsError
 from .index import MAX_GEN, ZERO, DiskRecord, Index, IndexDamaged
-from .livedisk import ABSENT, DIRTY, FROZEN, PAGE_BLOCKS, PRESENT, load_states
 from .repo import Repository, load_config, lock_everything
 from .source import Source, block_runs
-from .store import HEADER, MAGIC, PackStore, _fsync_dir, digest
+from .store.packs import HEADER, MAGIC, PackStore, _fsync_dir, digest
 
 log = logging.getLogger(__name__)
 

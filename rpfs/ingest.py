@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .index import ZERO, ChunkLoc, Index
 from .repo import Repository
-from .store import digest, encode_chunk
+from .store.packs import digest, encode_chunk
 
 
 @dataclass

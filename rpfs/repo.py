@@ -24,7 +24,7 @@ from . import perms
 from .errors import CorruptChunk, RpfsError
 from .index import Index
 from .space import Space, parse_reserve
-from .store import PackStore, decode_chunk
+from .store.packs import PackStore, decode_chunk
 
 log = logging.getLogger(__name__)
 

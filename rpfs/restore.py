@@ -8,8 +8,8 @@ import os
 import stat
 from pathlib import Path
 
+from .disks.point import PointImage
 from .errors import RpfsError
-from .image import PointImage
 from .pipeline import ordered_map
 from .progress import ProgressFn
 

@@ -30,11 +30,12 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-# The very values and code rpfs uses (the bench runs in rpfs's virtualenv).
-from rpfs.daemon import tune_readahead
-from rpfs.fsops import BLKSIZE
-from rpfs.fsops import ENTRY_TIMEOUT as TIMEOUT
 from rpfs.names import parse_size
+
+# The very values and code rpfs uses (the bench runs in rpfs's virtualenv).
+from rpfs.serve.daemon import tune_readahead
+from rpfs.serve.fuse import BLKSIZE
+from rpfs.serve.fuse import ENTRY_TIMEOUT as TIMEOUT
 
 log = logging.getLogger("ceilingfs")
 

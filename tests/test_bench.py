@@ -363,7 +363,7 @@ def test_ceiling_is_read_only_and_tuned_like_rpfs(ceiling):
                 dev = fields[2]
                 assert "fuse.ceilingfs" in line
                 assert "allow_other" in line and "default_permissions" in line
-    from rpfs.daemon import READ_AHEAD_KB
+    from rpfs.serve.daemon import READ_AHEAD_KB
 
     assert int(Path(f"/sys/class/bdi/{dev}/read_ahead_kb").read_text()) == READ_AHEAD_KB
 

@@ -41,10 +41,10 @@ from helpers import (
     write_random,
 )
 
-from rpfs import control
-from rpfs.livedisk import create_local_file
+from rpfs.disks.livedisk import create_local_file
+from rpfs.disks.service import DiskService
 from rpfs.repo import Repository
-from rpfs.service import DiskService
+from rpfs.serve import control
 
 CLIENT_PYTHON = "/usr/bin/python3"  # one the test user may run (the venv's is under /root)
 

@@ -29,9 +29,9 @@ from helpers import (
 )
 
 from rpfs import checkpoint
+from rpfs.disks.service import DiskService
 from rpfs.index import Index
 from rpfs.repo import Repository
-from rpfs.service import DiskService
 
 SEED = 9  # the flipped-bytes cases pick their bytes with random.Random(SEED)
 SIZE = 1 * MiB

@@ -1067,7 +1067,7 @@ def test_disk_create_too_large_is_one_clear_error(rpfs, repo):
 
 
 def test_recreated_disk_shows_its_new_size_at_once(rpfs, repo, mounted):
-    from rpfs.control import RemoteService
+    from rpfs.serve.control import RemoteService
 
     remote = RemoteService(repo / "control.sock")  # what the CLI uses, minus its start-up
     image = mounted / "disks" / "r.img"

@@ -26,10 +26,11 @@ from pathlib import Path
 import pytest
 
 from rpfs.capture import capture
-from rpfs.image import ChunkCache, PointImage
-from rpfs.livedisk import FROZEN
+from rpfs.disks.livedisk import FROZEN
+from rpfs.disks.point import PointImage
+from rpfs.disks.service import DiskService
 from rpfs.repo import Repository
-from rpfs.service import DiskService
+from rpfs.store.cache import ChunkCache
 
 BS = 4096
 NBLOCKS = 40  # a partial last block too

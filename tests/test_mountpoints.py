@@ -24,8 +24,8 @@ from helpers import (
     write_random,
 )
 
-from rpfs.mounts import mount_at
 from rpfs.repo import read_daemon_info
+from rpfs.serve.mounts import mount_at
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts)")
 

@@ -89,12 +89,12 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 from helpers import BS, MiB, assert_one_line_error, point_image, write_at  # noqa: E402
 
-from rpfs import cli  # noqa: E402
-from rpfs import service as service_module  # noqa: E402
-from rpfs.control import RemoteService  # noqa: E402
+from rpfs.cli import main as cli  # noqa: E402
+from rpfs.disks import service as service_module  # noqa: E402
+from rpfs.disks.service import DiskService  # noqa: E402
 from rpfs.errors import RpfsError  # noqa: E402
 from rpfs.repo import Repository  # noqa: E402
-from rpfs.service import DiskService  # noqa: E402
+from rpfs.serve.control import RemoteService  # noqa: E402
 
 HERE = Path(__file__).resolve()
 A = b"A" * BS  # block 0 of the older point

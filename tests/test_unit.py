@@ -12,7 +12,6 @@ import pytest
 
 from rpfs.capture import capture
 from rpfs.errors import CorruptChunk, RpfsError
-from rpfs.image import ChunkCache
 from rpfs.index import (
     MAX_GEN,
     ZERO,
@@ -25,7 +24,8 @@ from rpfs.index import (
 from rpfs.names import check_name, parse_point_ref, parse_size
 from rpfs.repo import Repository
 from rpfs.source import block_runs, load_changed
-from rpfs.store import (
+from rpfs.store.cache import ChunkCache
+from rpfs.store.packs import (
     CODEC_RAW,
     CODEC_ZSTD,
     HEADER,
@@ -273,13 +273,13 @@ def test_get_many_reads_adjacent_records_with_one_pread(tmp_path: Path, monkeypa
         preads.append(n)
         return real_pread(fd, n, offset)
 
-    monkeypatch.setattr("rpfs.store.os.pread", counting_pread)
+    monkeypatch.setattr("rpfs.store.packs.os.pread", counting_pread)
     order = [5, 0, 7, 2, 1, 6, 3, 4]  # asked out of order, answered in the order asked
     wanted = [(locs[i], digest(blocks[i])) for i in order]
     assert store.get_many(wanted) == [blocks[i] for i in order]
     assert preads == [sum(loc.length for loc in locs)]
     preads.clear()
-    monkeypatch.setattr("rpfs.store.READ_SPAN", 2 * BS)  # a run stops at the span
+    monkeypatch.setattr("rpfs.store.packs.READ_SPAN", 2 * BS)  # a run stops at the span
     assert store.get_many(wanted) == [blocks[i] for i in order]
     assert len(preads) > 1 and max(preads) <= 2 * BS + 2 * HEADER.size
     store.close()

@@ -85,7 +85,7 @@ class CliTimer:
 
 
 def _serve() -> None:
-    from rpfs.cli import main as rpfs_main
+    from rpfs.cli.main import main as rpfs_main
 
     for line in sys.stdin:
         argv = json.loads(line)

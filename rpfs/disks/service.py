@@ -17,14 +17,14 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .errors import RpfsError, describe_os_error, stall_reason
-from .image import ChunkCache
-from .index import ZERO, DiskRecord, LineageRecord, PointRecord
+from ..errors import RpfsError, describe_os_error, stall_reason
+from ..index import ZERO, DiskRecord, LineageRecord, PointRecord
+from ..names import check_name, default_point_name, parse_point_ref
+from ..pipeline import ordered_map
+from ..progress import ProgressFn
+from ..repo import Repository
+from ..store.cache import ChunkCache
 from .livedisk import ABSENT, MAX_BLOCKS, LiveDisk, create_local_file, load_states
-from .names import check_name, default_point_name, parse_point_ref
-from .pipeline import ordered_map
-from .progress import ProgressFn
-from .repo import Repository
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import RpfsError
-from .repo import last_daemon_info, read_daemon_info
+from ..errors import RpfsError
+from ..repo import last_daemon_info, read_daemon_info
 
 FSTYPE, SOURCE = "fuse.rpfs", "rpfs"  # what the daemon's fsname and subtype make
 UMOUNT_TIMEOUT = 60.0  # seconds to wait for the daemon to exit after the unmount

@@ -39,13 +39,13 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import perms
-from .errors import SPACE_ERRNOS
-from .image import ChunkCache, Readahead
-from .index import MAX_GEN, ZERO, DiskRecord, Index, LineageRecord, PointRecord
-from .ingest import Ingest, examine
-from .lineage import can_differ, reads_differ
-from .repo import Repository
+from .. import perms
+from ..errors import SPACE_ERRNOS
+from ..index import MAX_GEN, ZERO, DiskRecord, Index, LineageRecord, PointRecord
+from ..ingest import Ingest, examine
+from ..lineage import can_differ, reads_differ
+from ..repo import Repository
+from ..store.cache import ChunkCache, Readahead
 
 log = logging.getLogger(__name__)
 

@@ -17,21 +17,22 @@ import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 
-from . import __version__, checkpoint
-from .capture import capture
-from .control import RemoteService, disk_service, socket_path
-from .daemon import MountOptions, serve
-from .errors import RpfsError, describe_os_error, is_expected
-from .image import ChunkCache, open_point
-from .index import DiskRecord, LineageRecord, PointRecord
-from .lineage import allocated_extents, changed_extents
-from .mounts import unmount
-from .names import check_name, fmt_bytes, parse_point_ref, parse_size
-from .perms import check_owner, open_log
-from .progress import progress_bar
-from .repo import Repository, read_daemon_info, repo_path
-from .restore import restore
-from .vfs import Access
+from .. import __version__, checkpoint
+from ..capture import capture
+from ..disks.point import open_point
+from ..errors import RpfsError, describe_os_error, is_expected
+from ..index import DiskRecord, LineageRecord, PointRecord
+from ..lineage import allocated_extents, changed_extents
+from ..names import check_name, fmt_bytes, parse_point_ref, parse_size
+from ..perms import check_owner, open_log
+from ..progress import progress_bar
+from ..repo import Repository, read_daemon_info, repo_path
+from ..restore import restore
+from ..serve.control import RemoteService, disk_service, socket_path
+from ..serve.daemon import MountOptions, serve
+from ..serve.mounts import unmount
+from ..serve.vfs import Access
+from ..store.cache import ChunkCache
 
 log = logging.getLogger("rpfs")
 
@@ -690,6 +691,3 @@ def _internal_error(exc: Exception, root: Path, verbose: bool) -> int:
           f"is {where}", file=sys.stderr)
     return 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -22,8 +22,8 @@ from typing import TypeVar
 import pyfuse3
 import trio
 
-from .errors import CorruptChunk
-from .index import IndexDamaged
+from ..errors import CorruptChunk
+from ..index import IndexDamaged
 from .vfs import Attr, Handle, Tree
 
 log = logging.getLogger(__name__)

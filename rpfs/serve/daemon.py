@@ -17,14 +17,14 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from . import checkpoint, perms
+from .. import checkpoint, perms
+from ..disks.service import DiskService
+from ..errors import RpfsError
+from ..repo import Repository
+from ..store.cache import ChunkCache
 from .control import serve_control
-from .errors import RpfsError
-from .fsops import Operations
-from .image import ChunkCache
+from .fuse import Operations
 from .mounts import is_dead, mount_at, table_path
-from .repo import Repository
-from .service import DiskService
 from .vfs import Access, Tree
 
 log = logging.getLogger(__name__)

@@ -25,8 +25,8 @@ from pathlib import Path
 import blake3
 import zstandard
 
-from .errors import CorruptChunk
-from .index import ChunkLoc
+from ..errors import CorruptChunk
+from ..index import ChunkLoc
 
 HEADER = struct.Struct(">4sB32sI")
 MAGIC = b"RPC1"

@@ -20,12 +20,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .errors import RpfsError
-from .image import ChunkCache, PointImage
-from .index import DiskRecord, PointRecord
-from .livedisk import LiveDisk
-from .repo import Repository
-from .service import DiskService
+from ..disks.livedisk import LiveDisk
+from ..disks.point import PointImage
+from ..disks.service import DiskService
+from ..errors import RpfsError
+from ..index import DiskRecord, PointRecord
+from ..repo import Repository
+from ..store.cache import ChunkCache
 
 log = logging.getLogger(__name__)
 

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import trio
 
-from .errors import RpfsError, describe_os_error, is_expected
-from .progress import ProgressFn
-from .repo import Repository, read_daemon_info
-from .service import DiskService
+from ..disks.service import DiskService
+from ..errors import RpfsError, describe_os_error, is_expected
+from ..progress import ProgressFn
+from ..repo import Repository, read_daemon_info
 
 log = logging.getLogger(__name__)
 

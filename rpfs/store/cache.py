@@ -1,5 +1,5 @@
-"""Reading a point as a disk image: blocks resolved through the index, chunks fetched
-from the store through one shared cache of decompressed blocks.
+"""The shared cache of decompressed blocks, and the prefetch pool that fills it ahead of
+a sequential reader.
 
 Everything here blocks (LMDB, pread, zstd): the FUSE layer calls it from worker threads.
 """
@@ -11,11 +11,10 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Protocol
 
-from .errors import CorruptChunk, RpfsError
-from .index import ZERO, PointRecord
-from .repo import Repository
+from ..errors import CorruptChunk
+from ..index import ZERO
+from ..repo import Repository
 
 log = logging.getLogger(__name__)
 
@@ -193,111 +192,3 @@ class Readahead:
             return None
         self._ahead = stop
         return range(start, stop)
-
-
-class FrozenSource(Protocol):
-    def frozen_block(self, block: int, gen: int) -> bytes | None: ...
-
-
-class PointImage:
-    """A read-only view of one point: `read(offset, length)` returns its bytes.
-
-    A point still being archived reads its not-yet-archived blocks from the live disk's
-    local file (`overlay`), which copy-before-write keeps equal to the point.
-    """
-
-    def __init__(
-        self, repo: Repository, cache: ChunkCache, point: PointRecord,
-        overlay: FrozenSource | None = None,
-    ) -> None:
-        self.repo = repo
-        self.cache = cache
-        self.point = point
-        self.overlay = overlay
-        self.size = point.size
-        self.bs = repo.block_size
-        self._zero = bytes(self.bs)
-        with repo.index.read() as txn:
-            self.chain = repo.index.chain(txn, point.lineage, point.gen)
-        self.readahead = Readahead(-(-self.size // self.bs))
-
-    def read(self, offset: int, length: int) -> bytes:
-        """Bytes [offset, offset+length) clipped to the image size; CorruptChunk on bad data."""
-        return self._read(offset, length, fetch=True)  # type: ignore[return-value]
-
-    def read_cached(self, offset: int, length: int, fetch: bool = False) -> bytes | None:
-        """The same bytes if every block is zero or decoded in the cache, else None; with
-        `fetch`, missing chunks are loaded on the calling thread instead.
-
-        Meant for the trio thread: a sequential reader whose next blocks the prefetcher has
-        decoded is answered without a thread hand-off, and so is a lone small read (`fetch`),
-        for which the hand-off would cost more than the work. A point still being archived
-        may wait on its disk's locks, so it always answers None.
-        """
-        if self.overlay is not None:
-            return None
-        return self._read(offset, length, fetch)
-
-    def _read(self, offset: int, length: int, fetch: bool) -> bytes | None:
-        end = min(offset + length, self.size)
-        if offset >= end:
-            return b""
-        bs = self.bs
-        first, last = offset // bs, (end - 1) // bs
-        if self.overlay is not None:
-            self._read_ahead(offset, end, last)
-            parts = [self._archiving_block(block) for block in range(first, last + 1)]
-        else:
-            with self.repo.index.read() as txn:
-                values = [
-                    self.repo.index.resolve(txn, self.chain, b) for b in range(first, last + 1)
-                ]
-                if fetch:
-                    # Before this read waits for its own blocks, so the ones ahead load
-                    # meanwhile.
-                    self._read_ahead(offset, end, last)
-                    parts = self._decoded(txn, first, values)
-                else:
-                    parts = [self._zero if v == ZERO else self.cache.peek(v) for v in values]
-                    if None in parts:
-                        return None
-                    self._read_ahead(offset, end, last)
-        data = b"".join(parts) if len(parts) > 1 else parts[0]
-        start = offset - first * bs
-        return data[start : start + (end - offset)]
-
-    def _read_ahead(self, offset: int, end: int, last: int) -> None:
-        ahead = self.readahead.after_read(offset, end, last)
-        if ahead is not None:
-            self.cache.prefetch(self.chain, list(ahead))
-
-    def _archiving_block(self, block: int) -> bytes:
-        """A block of a point still being archived: from the local file while frozen,
-        else through a read transaction begun after that check (so it sees the extent
-        the archiver committed before it unfroze the block)."""
-        data = self.overlay.frozen_block(block, self.point.gen)
-        if data is not None:
-            return data
-        with self.repo.index.read() as txn:
-            return self._decoded(txn, block, [self.repo.index.resolve(txn, self.chain, block)])[0]
-
-    def _decoded(self, txn, first: int, values: list[bytes]) -> list[bytes]:
-        """The blocks first, first+1, ... whose resolved values are `values`."""
-        where = f"disk {self.point.disk} point {self.point.name}"
-        blocks = self.cache.load(txn, range(first, first + len(values)), values, where)
-        return [self._zero if data is None else data for data in blocks]
-
-
-def open_point(repo: Repository, cache: ChunkCache, disk: str, name: str) -> PointImage:
-    with repo.index.read() as txn:
-        point = repo.index.get_point(txn, disk, name)
-        if point is None:
-            if repo.index.get_disk(txn, disk) is None:
-                raise RpfsError(f"no disk named {disk!r}; 'rpfs points' lists disks and points")
-            raise RpfsError(f"disk {disk} has no point {name!r}; 'rpfs points {disk}' lists them")
-    if point.state != "complete":
-        raise RpfsError(
-            f"point {disk}@{name} is still being archived; run 'rpfs mount' (the daemon "
-            "finishes it) and try again when 'rpfs points' shows it complete"
-        )
-    return PointImage(repo, cache, point)

@@ -1,0 +1,1 @@
+"""The `rpfs` command: parses arguments, asks the library, prints."""

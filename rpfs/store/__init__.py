@@ -1,0 +1,1 @@
+"""The pack store: record format, the pack backend seam, packs, and the chunk cache."""
