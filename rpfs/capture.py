@@ -24,7 +24,7 @@ from . import checkpoint
 from .errors import SPACE_ERRNOS, NoSpace, RpfsError
 from .index import ZERO, DiskRecord, LineageRecord, PointRecord
 from .ingest import Change, Ingest, examine
-from .names import check_name, default_point_name, fmt_bytes
+from .names import ceil_div, check_name, default_point_name, fmt_bytes
 from .pipeline import ordered_map
 from .progress import ProgressFn
 from .repo import Repository
@@ -105,7 +105,7 @@ class _Capture:
         self.disk = disk
         self.point = point
         self.src = src
-        self.nblocks = -(-src.size // self.bs)
+        self.nblocks = ceil_div(src.size, self.bs)
         self.changed = load_changed(changed, src.size) if changed is not None else None
         self.progress = progress or (lambda done, total: None)
         self.zero_block = bytes(self.bs)

@@ -51,7 +51,8 @@ from pathlib import Path
 from . import mdbfile
 from .disks.livedisk import ABSENT, DIRTY, FROZEN, PAGE_BLOCKS, PRESENT, load_states
 from .errors import CorruptChunk, RpfsError
-from .index import MAX_GEN, ZERO, DiskRecord, Index, IndexDamaged
+from .index import MAX_GEN, ZERO, DiskRecord, Index, IndexDamaged, PointState
+from .names import ceil_div
 from .repo import Repository, load_config, lock_everything
 from .source import Source, block_runs
 from .store.packs import HEADER, MAGIC, PackStore, _fsync_dir, digest
@@ -201,7 +202,7 @@ def probe(
             emit("points", index.salvage_points(txn))
             for disk in index.list_disks(txn) if block_size else ():
                 if disk.writable:
-                    states = load_states(index, txn, disk.file_id, -(-disk.size // block_size))
+                    states = load_states(index, txn, disk.file_id, ceil_div(disk.size, block_size))
                     emit(f"map:{disk.name}", (disk.lineage, disk.file_id, bytes(states)))
         index.verify_records()
         index.walk()
@@ -406,11 +407,11 @@ def _fix_disk(
     fix = DiskFix(disk.name)
     disk.clean = False
     index.put_disk(txn, disk)
-    nblocks = -(-disk.size // bs)
+    nblocks = ceil_div(disk.size, bs)
     states = load_states(index, txn, disk.file_id, nblocks)
     before = bytes(states)
     pending = [p for p in index.list_points(txn, disk.name)
-               if p.state != "complete" and p.lineage == disk.lineage]
+               if p.state != PointState.COMPLETE and p.lineage == disk.lineage]
     if pending:
         # Undo the snapshot: its points go, what it archived goes back to DIRTY.
         oldest = min(p.gen for p in pending)
@@ -449,7 +450,7 @@ def _fix_disk(
                     fix.ambiguous += 1
     finally:
         src.close()
-    for page in range(-(-nblocks // PAGE_BLOCKS)):
+    for page in range(ceil_div(nblocks, PAGE_BLOCKS)):
         window = slice(page * PAGE_BLOCKS, (page + 1) * PAGE_BLOCKS)
         if states[window] != before[window]:
             index.put_map_page(txn, disk.file_id, page, bytes(states[window]))

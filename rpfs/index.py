@@ -26,6 +26,7 @@ import os
 import struct
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 import lmdb
@@ -124,6 +125,13 @@ class DiskRecord:
         return json.dumps(asdict(self)).encode()
 
 
+class PointState(StrEnum):
+    """Where a point is in its life; stored as the plain string in its record."""
+
+    COMPLETE = "complete"  # every block is in the index
+    ARCHIVING = "archiving"  # a live point whose frozen blocks are still being copied
+
+
 @dataclass
 class PointRecord:
     """A recovery point: one frozen generation of a lineage, with its storage figures."""
@@ -138,15 +146,18 @@ class PointRecord:
     allocated_blocks: int = 0
     bytes_stored: int = 0
     method: str = "full"  # full, incremental, changed-list; tracked, full-compare (live)
-    state: str = "complete"  # "archiving" while a live point's frozen blocks are copied
+    state: PointState = PointState.COMPLETE
     frozen_blocks: int = 0
     archived_blocks: int = 0
+
+    def __post_init__(self) -> None:
+        self.state = PointState(self.state)  # records decode it as a plain string
 
     @property
     def rides(self) -> bool:
         """Taken with nothing written since a point still archiving: it has no frozen
         blocks of its own and completes with that point."""
-        return self.state == "archiving" and not self.frozen_blocks
+        return self.state == PointState.ARCHIVING and not self.frozen_blocks
 
     @property
     def ref(self) -> str:
@@ -474,6 +485,13 @@ class Index:
         return self._record(DiskRecord, txn.get(name.encode(), db=self.db["disks"]),
                             f"disks/{name}")
 
+    def disk_named(self, txn: lmdb.Transaction, name: str) -> DiskRecord:
+        """The disk `name`; the one error every command gives for a disk that is not there."""
+        disk = self.get_disk(txn, name)
+        if disk is None:
+            raise RpfsError(f"no disk named {name!r}; 'rpfs disks' lists them")
+        return disk
+
     def put_disk(self, txn: lmdb.Transaction, disk: DiskRecord) -> None:
         txn.put(disk.name.encode(), disk.encode(), db=self.db["disks"])
 
@@ -499,6 +517,15 @@ class Index:
     def get_point(self, txn: lmdb.Transaction, disk: str, name: str) -> PointRecord | None:
         return self._record(PointRecord, txn.get(_point_key(disk, name), db=self.db["points"]),
                             f"points/{disk}@{name}")
+
+    def point_named(self, txn: lmdb.Transaction, disk: str, name: str) -> PointRecord:
+        """The point DISK@NAME; the one error every command gives for a point (or its disk)
+        that is not there."""
+        point = self.get_point(txn, disk, name)
+        if point is None:
+            self.disk_named(txn, disk)
+            raise RpfsError(f"disk {disk} has no point {name!r}; 'rpfs points {disk}' lists them")
+        return point
 
     def put_point(self, txn: lmdb.Transaction, point: PointRecord) -> None:
         txn.put(_point_key(point.disk, point.name), point.encode(), db=self.db["points"])

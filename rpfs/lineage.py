@@ -17,7 +17,7 @@ from __future__ import annotations
 import lmdb
 
 from .errors import RpfsError
-from .index import ZERO, Index, PointRecord
+from .index import ZERO, Index, PointRecord, PointState
 from .names import parse_point_ref
 
 Chain = list[tuple[int, int]]
@@ -104,10 +104,8 @@ def complete_point(index: Index, txn: lmdb.Transaction, ref: str) -> PointRecord
     """The point DISK@POINT names; an error if there is none or it is still archiving
     (its frozen blocks are not all in the index yet)."""
     disk, name = parse_point_ref(ref)
-    point = index.get_point(txn, disk, name)
-    if point is None:
-        raise RpfsError(f"no point {ref}; 'rpfs points' lists them")
-    if point.state != "complete":
+    point = index.point_named(txn, disk, name)
+    if point.state != PointState.COMPLETE:
         raise RpfsError(f"point {ref} is still being archived; try again when it is complete")
     return point
 

@@ -1,4 +1,5 @@
-"""Parsing and validation of user-supplied names, sizes and DISK@POINT references."""
+"""Parsing and validation of user-supplied names, sizes and DISK@POINT references, and the
+one rounding of a size up to whole blocks."""
 
 import re
 from datetime import UTC, datetime
@@ -60,3 +61,8 @@ def fmt_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError
+
+
+def ceil_div(size: int, unit: int) -> int:
+    """How many `unit`s cover `size` (blocks of a disk, pages of a block map)."""
+    return -(-size // unit)

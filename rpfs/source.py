@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import RpfsError
+from .names import ceil_div
 
 BLKGETSIZE64 = 0x80081272
 
@@ -116,7 +117,7 @@ def load_changed(path: Path, disk_size: int) -> list[Extent]:
 def block_runs(extents: list[Extent], block_size: int, nblocks: int) -> list[tuple[int, int]]:
     """Cover byte extents with whole blocks: sorted, merged (first block, end block) runs."""
     runs = sorted(
-        (start // block_size, min(nblocks, -(-(start + length) // block_size)))
+        (start // block_size, min(nblocks, ceil_div(start + length, block_size)))
         for start, length in extents
         if length
     )

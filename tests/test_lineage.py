@@ -9,7 +9,7 @@ import pytest
 
 from rpfs import lineage
 from rpfs.errors import RpfsError
-from rpfs.index import MAX_GEN, ZERO, Index, LineageRecord, PointRecord
+from rpfs.index import MAX_GEN, ZERO, DiskRecord, Index, LineageRecord, PointRecord
 from rpfs.store.packs import digest
 
 NBLOCKS = 40
@@ -119,9 +119,13 @@ def test_byte_extents_merge_adjacent_blocks_and_clip_the_last():
 
 def test_point_lookup_names_missing_and_archiving_points(index: Index):
     with index.write() as txn:
+        index.put_disk(txn, DiskRecord("d", 4096, 1, 0.0))
         index.put_point(txn, PointRecord("d", "a", 1, 1, 0.0, 4096, state="archiving"))
     with index.read() as txn:
-        with pytest.raises(RpfsError, match=r"^no point d@b; 'rpfs points' lists them$"):
+        with pytest.raises(RpfsError, match=r"^no disk named 'e'; 'rpfs disks' lists them$"):
+            lineage.complete_point(index, txn, "e@b")
+        missing = r"^disk d has no point 'b'; 'rpfs points d' lists them$"
+        with pytest.raises(RpfsError, match=missing):
             lineage.complete_point(index, txn, "d@b")
         with pytest.raises(RpfsError, match="point d@a is still being archived"):
             lineage.complete_point(index, txn, "d@a")

@@ -21,7 +21,7 @@ from .. import __version__, checkpoint
 from ..capture import capture
 from ..disks.point import open_point
 from ..errors import RpfsError, describe_os_error, is_expected
-from ..index import DiskRecord, LineageRecord, PointRecord
+from ..index import DiskRecord, LineageRecord, PointRecord, PointState
 from ..lineage import allocated_extents, changed_extents
 from ..names import check_name, fmt_bytes, parse_point_ref, parse_size
 from ..perms import check_owner, open_log
@@ -81,12 +81,12 @@ def cmd_capture(args: argparse.Namespace) -> int:
 
 
 def _state(p: PointRecord, points: list[PointRecord], stalls: dict[str, str]) -> str:
-    if p.state == "complete":
+    if p.state == PointState.COMPLETE:
         return "complete"
     stalled = f" (stalled: {stalls[p.disk]})" if p.disk in stalls else ""
     if p.rides:
         pending = [q for q in points if q.disk == p.disk and q.lineage == p.lineage
-                   and q.state == "archiving" and not q.rides and q.gen < p.gen]
+                   and q.state == PointState.ARCHIVING and not q.rides and q.gen < p.gen]
         if pending:
             return f"archiving with {pending[0].name}{stalled}"
     return f"archiving {100 * p.archived_blocks // max(1, p.frozen_blocks)}%{stalled}"
@@ -98,9 +98,7 @@ def cmd_points(args: argparse.Namespace) -> int:
         stalls = _stalls(root)
         disk = None
         if args.disk is not None:
-            disk = repo.index.get_disk(txn, check_name(args.disk))
-            if disk is None:
-                raise RpfsError(f"no disk named {args.disk!r}; 'rpfs points' lists all disks")
+            disk = repo.index.disk_named(txn, check_name(args.disk))
         points = repo.index.list_points(txn, args.disk)
         bs = repo.block_size
         if args.tree:
@@ -111,7 +109,7 @@ def cmd_points(args: argparse.Namespace) -> int:
     if args.json:
         out = [
             {**vars(p), "allocated_bytes": p.allocated_blocks * bs, "block_size": bs,
-             **({"stalled": stalls[p.disk]} if p.state != "complete" and p.disk in stalls
+             **({"stalled": stalls[p.disk]} if p.state != PointState.COMPLETE and p.disk in stalls
                 else {})}
             for p in points
         ]
@@ -237,7 +235,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     disk = parse_point_ref(args.point)[0]
     with Repository(root) as repo, repo.index.read() as txn:
         pending = [p for p in repo.index.list_points(txn, disk)
-                   if p.state == "archiving" and not p.rides]
+                   if p.state == PointState.ARCHIVING and not p.rides]
     for p in pending:  # the rollback waits for them: say why it takes a while
         print(f"rpfs: {p.disk}@{p.name} is still being archived ({p.archived_blocks} of "
               f"{p.frozen_blocks} blocks); the rollback waits for it", file=sys.stderr)

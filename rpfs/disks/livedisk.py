@@ -41,9 +41,10 @@ from pathlib import Path
 
 from .. import perms
 from ..errors import SPACE_ERRNOS
-from ..index import MAX_GEN, ZERO, DiskRecord, Index, LineageRecord, PointRecord
+from ..index import MAX_GEN, ZERO, DiskRecord, Index, LineageRecord, PointRecord, PointState
 from ..ingest import Ingest, examine
 from ..lineage import can_differ, reads_differ
+from ..names import ceil_div
 from ..repo import Repository
 from ..store.cache import ChunkCache, Readahead
 
@@ -113,7 +114,7 @@ class LiveDisk:
         self.record = record
         self.size = record.size
         self.bs = repo.block_size
-        self.nblocks = -(-self.size // self.bs)
+        self.nblocks = ceil_div(self.size, self.bs)
         self.path = repo.root / record.file
         self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
         with self.index.read() as txn:
@@ -161,7 +162,7 @@ class LiveDisk:
         with self.index.read() as txn:
             pending = sorted(
                 (p for p in self.index.list_points(txn, self.name)
-                 if p.state == "archiving" and p.lineage == self.record.lineage),
+                 if p.state == PointState.ARCHIVING and p.lineage == self.record.lineage),
                 key=lambda p: p.gen,
             )
             if not pending:
@@ -410,7 +411,7 @@ class LiveDisk:
                 _FREEZE_DIRTY if self.tracked else _FREEZE_ALL
             )
             frozen = self.states.count(FROZEN)
-            for p in range(-(-self.nblocks // PAGE_BLOCKS)):
+            for p in range(ceil_div(self.nblocks, PAGE_BLOCKS)):
                 window = slice(p * PAGE_BLOCKS, (p + 1) * PAGE_BLOCKS)
                 if old[window] != self.states[window]:
                     self._pages.add(p)
@@ -420,7 +421,7 @@ class LiveDisk:
             disk=self.name, name=name, lineage=lineage.id, gen=lineage.head_gen, created=now,
             size=self.size, allocated_blocks=base.allocated_blocks if base else 0,
             method="tracked" if self.tracked else "full-compare",
-            state="archiving" if frozen or self.archiving else "complete",
+            state=PointState.ARCHIVING if frozen or self.archiving else PointState.COMPLETE,
             frozen_blocks=frozen,
         )
         index.put_point(txn, point)
@@ -436,7 +437,7 @@ class LiveDisk:
     def unfreeze(self) -> None:
         """The freeze's transaction did not commit: take back its state changes."""
         self.states[:] = self._before_freeze
-        self._pages.update(range(-(-self.nblocks // PAGE_BLOCKS)))
+        self._pages.update(range(ceil_div(self.nblocks, PAGE_BLOCKS)))
 
     def frozen(self, point: PointRecord) -> None:
         """The freeze committed: start tracking writes anew and archive `point` (or let
@@ -445,7 +446,7 @@ class LiveDisk:
         if self.archiving is not None:
             self.riders.append(point)
         else:
-            self.archiving = point if point.state == "archiving" else None
+            self.archiving = point if point.state == PointState.ARCHIVING else None
 
     def archive_batch(self, limit: int = ARCHIVE_BATCH) -> int:
         """Archive up to `limit` frozen blocks; 0 once the point is complete."""
@@ -553,11 +554,11 @@ class LiveDisk:
                 return
             with self.index.write() as txn:
                 rec = self.index.get_point(txn, point.disk, point.name)
-                rec.state = "complete"
+                rec.state = PointState.COMPLETE
                 self.index.put_point(txn, rec)
                 for rider in self.riders:
                     other = self.index.get_point(txn, rider.disk, rider.name)
-                    other.state, other.allocated_blocks = "complete", rec.allocated_blocks
+                    other.state, other.allocated_blocks = PointState.COMPLETE, rec.allocated_blocks
                     self.index.put_point(txn, other)
             self.archiving, riders, self.riders = None, self.riders, []
         log.info("disk %s: point %s archived (%d blocks written, %d bytes stored)",
@@ -601,7 +602,7 @@ class LiveDisk:
                     self._put_pages(txn, self._take_pages())
             except BaseException:  # the disk stays as it was: its local blocks too
                 self.states[:] = before
-                self._pages.update(range(-(-self.nblocks // PAGE_BLOCKS)))
+                self._pages.update(range(ceil_div(self.nblocks, PAGE_BLOCKS)))
                 raise
             self.record = record
             self.reload_chain()

@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Protocol
 
 from ..errors import RpfsError
-from ..index import ZERO, PointRecord
+from ..index import ZERO, PointRecord, PointState
+from ..names import ceil_div
 from ..repo import Repository
 from ..store.cache import ChunkCache, Readahead
 
@@ -38,7 +39,7 @@ class PointImage:
         self._zero = bytes(self.bs)
         with repo.index.read() as txn:
             self.chain = repo.index.chain(txn, point.lineage, point.gen)
-        self.readahead = Readahead(-(-self.size // self.bs))
+        self.readahead = Readahead(ceil_div(self.size, self.bs))
 
     def read(self, offset: int, length: int) -> bytes:
         """Bytes [offset, offset+length) clipped to the image size; CorruptChunk on bad data."""
@@ -109,12 +110,8 @@ class PointImage:
 
 def open_point(repo: Repository, cache: ChunkCache, disk: str, name: str) -> PointImage:
     with repo.index.read() as txn:
-        point = repo.index.get_point(txn, disk, name)
-        if point is None:
-            if repo.index.get_disk(txn, disk) is None:
-                raise RpfsError(f"no disk named {disk!r}; 'rpfs points' lists disks and points")
-            raise RpfsError(f"disk {disk} has no point {name!r}; 'rpfs points {disk}' lists them")
-    if point.state != "complete":
+        point = repo.index.point_named(txn, disk, name)
+    if point.state != PointState.COMPLETE:
         raise RpfsError(
             f"point {disk}@{name} is still being archived; run 'rpfs mount' (the daemon "
             "finishes it) and try again when 'rpfs points' shows it complete"

@@ -15,11 +15,10 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 from ..errors import RpfsError, describe_os_error, stall_reason
-from ..index import ZERO, DiskRecord, LineageRecord, PointRecord
-from ..names import check_name, default_point_name, parse_point_ref
+from ..index import ZERO, DiskRecord, LineageRecord, PointRecord, PointState
+from ..names import ceil_div, check_name, default_point_name, parse_point_ref
 from ..pipeline import ordered_map
 from ..progress import ProgressFn
 from ..repo import Repository
@@ -77,10 +76,7 @@ class DiskService:
         if txn is None:
             with self.index.read() as txn:
                 return self._record(name, txn)
-        disk = self.index.get_disk(txn, name)
-        if disk is None:
-            raise RpfsError(f"no disk named {name!r}; 'rpfs disks' lists them")
-        return disk
+        return self.index.disk_named(txn, name)
 
     def acquire(self, name: str, handle: bool = False) -> LiveDisk:
         """Open (or share) the writable disk `name`; pair with release().
@@ -236,15 +232,8 @@ class DiskService:
             source = f"{point['disk']}@{point['name']}"
         src_disk, src_point = parse_point_ref(source)
         with self.index.read() as txn:
-            point = self.index.get_point(txn, src_disk, src_point)
-            if point is None:
-                if self.index.get_disk(txn, src_disk) is None:
-                    raise RpfsError(f"cannot clone {source}: no disk named {src_disk!r}")
-                raise RpfsError(
-                    f"cannot clone {source}: disk {src_disk} has no point {src_point!r}; "
-                    f"'rpfs points {src_disk}' lists them"
-                )
-        if point.state != "complete":  # the clone reads through the index: archive first
+            point = self.index.point_named(txn, src_disk, src_point)
+        if point.state != PointState.COMPLETE:  # the clone reads through the index: archive first
             self._join_archiver(src_disk)
             disk = self.acquire(src_disk)
             try:
@@ -269,7 +258,8 @@ class DiskService:
         # The local file is durable before the record that names it commits; a crash in
         # between leaves an orphan file, never a record without its file. A commit that
         # fails (the name taken meanwhile, a full index) takes the file away again.
-        path = self.repo.root / f"disks/{file_id:08d}.raw"
+        record = DiskRecord(name, size, 0, time.time(), origin, file_id)  # lineage below
+        path = self.repo.root / record.file
         try:
             create_local_file(path, size)
             with self.index.write() as txn:
@@ -287,7 +277,7 @@ class DiskService:
                 if parent is not None:
                     lineage.parent, lineage.parent_gen = parent
                 self.index.put_lineage(txn, lineage)
-                record = DiskRecord(name, size, lineage.id, time.time(), origin, file_id)
+                record.lineage = lineage.id
                 self.index.put_disk(txn, record)
         except BaseException as exc:
             path.unlink(missing_ok=True)
@@ -318,7 +308,7 @@ class DiskService:
             states = entry.disk.states if entry else None
             handles = entry.handles if entry else 0
         if states is None:
-            nblocks = -(-record.size // self.repo.block_size)
+            nblocks = ceil_div(record.size, self.repo.block_size)
             with self.index.read() as txn:
                 states = load_states(self.index, txn, record.file_id, nblocks)
         absent = states.count(ABSENT) if record.origin else 0
@@ -478,7 +468,7 @@ class DiskService:
         or for `disk` only, whose archiver was stopped, if none runs."""
         with self.index.read() as txn:
             pending = {p.disk for p in self.index.list_points(txn, disk)
-                       if p.state == "archiving"}
+                       if p.state == PointState.ARCHIVING}
         for name in sorted(pending):
             with self._lock:
                 running = name in self._archivers
@@ -495,10 +485,7 @@ class DiskService:
                 f"'rpfs restore {point} TARGET' or clone it"
             )
         with self.index.read() as txn:
-            target = self.index.get_point(txn, disk_name, point_name)
-        if target is None:
-            raise RpfsError(f"disk {disk_name} has no point {point_name!r}; "
-                            f"'rpfs points {disk_name}' lists them")
+            target = self.index.point_named(txn, disk_name, point_name)
         self._check_closed(disk_name, "roll it back")  # before waiting for the archive
         self._join_archiver(disk_name)
         with self._claim(disk_name, "roll it back"):
@@ -632,7 +619,7 @@ class DiskService:
                     self.index.drop_map(txn, record.file_id)
                 self.index.delete_disk(txn, name)
             if record.writable:
-                Path(self.repo.root / record.file).unlink(missing_ok=True)
+                (self.repo.root / record.file).unlink(missing_ok=True)
         finally:
             os.close(lock_fd)
         return points, dependants
@@ -656,7 +643,7 @@ class DiskService:
         its origin, so `size` is the deleted disk's.)
         """
         chain = self.index.chain(txn, lin.parent, lin.parent_gen)
-        for block in range(-(-size // self.repo.block_size)):
+        for block in range(ceil_div(size, self.repo.block_size)):
             value = self.index.resolve(txn, chain, block)
             if value != ZERO and self.index.lookup(txn, lin.id, block, 0) is None:
                 self.index.put_extent(txn, lin.id, block, 0, value)

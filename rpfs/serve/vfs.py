@@ -24,7 +24,7 @@ from ..disks.livedisk import LiveDisk
 from ..disks.point import PointImage
 from ..disks.service import DiskService
 from ..errors import RpfsError
-from ..index import DiskRecord, PointRecord
+from ..index import DiskRecord, PointRecord, PointState
 from ..repo import Repository
 from ..store.cache import ChunkCache
 
@@ -226,7 +226,8 @@ class Tree:
         try:
             self._current(ino)
             point = self._point(key)
-            overlay = self.service.acquire(point.disk) if point.state != "complete" else None
+            archiving = point.state != PointState.COMPLETE
+            overlay = self.service.acquire(point.disk) if archiving else None
         except BaseException:
             self.service.point_opened(key[1], -1)
             raise
