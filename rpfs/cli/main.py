@@ -32,7 +32,17 @@ from .points import cmd_allocated, cmd_capture, cmd_changed, cmd_points, cmd_res
 from .repository import cmd_index_restore, cmd_init
 
 
+def _command(sub: argparse._SubParsersAction, name: str, summary: str,
+             common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """A subcommand whose one-line summary shows both in its group's list and atop its
+    own --help."""
+    return sub.add_parser(name, parents=[common], help=summary,
+                          description=f"{summary[0].upper()}{summary[1:]}.")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """Every command and its arguments. Positionals are named DISK (an existing disk),
+    DISK@POINT, NAME (a new one), SOURCE and TARGET; every one has a help text."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "-r", "--repo", default=argparse.SUPPRESS,
@@ -45,85 +55,95 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rpfs {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    extents_json = ('print the extents as one JSON list [{"start": bytes, "length": bytes}, '
+                    "...], the form capture --changed reads")
 
-    p = sub.add_parser("init", parents=[common], help="create a repository")
-    p.add_argument("--block-size", default="64K", help="block size, 4K..4M (default 64K)")
+    p = _command(sub, "init", "create a repository", common)
+    p.add_argument("--block-size", default="64K",
+                   help="block size, a power of two from 4K to 4M (default 64K)")
     p.add_argument("--reserve", metavar="SIZE|N%",
                    help="free space to keep on the repository's filesystem (default: the "
                         "smaller of 1%% and 256M)")
     p.set_defaults(func=cmd_init)
 
-    p = sub.add_parser("capture", parents=[common], help="capture an image or device as a point")
-    p.add_argument("disk", help="disk name (created by its first capture)")
-    p.add_argument("source", help="raw image file or block device")
+    p = _command(sub, "capture", "capture an image or device as a point", common)
+    p.add_argument("disk", metavar="DISK", help="disk name (created by its first capture)")
+    p.add_argument("source", metavar="SOURCE", help="raw image file or block device")
     p.add_argument("--name", help="point name (default: UTC timestamp)")
     p.add_argument("--changed", metavar="FILE",
                    help='read only these extents: JSON [{"start": bytes, "length": bytes}, ...]')
     p.set_defaults(func=cmd_capture)
 
-    p = sub.add_parser("points", parents=[common], help="list recovery points")
-    p.add_argument("disk", nargs="?", help="only this disk's points")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = _command(sub, "points", "list recovery points", common)
+    p.add_argument("disk", nargs="?", metavar="DISK", help="only this disk's points")
+    p.add_argument("--json", action="store_true",
+                   help="print the points as a JSON list of their records, each with "
+                        "allocated_bytes and block_size (and stalled, if its archive waits)")
     p.add_argument("--tree", action="store_true", help="show branches left by rollbacks")
     p.set_defaults(func=cmd_points)
 
-    p = sub.add_parser("restore", parents=[common], help="write a point to a file or device")
-    p.add_argument("point", metavar="DISK@POINT")
-    p.add_argument("target", help="file or block device to write")
+    p = _command(sub, "restore", "write a point to a file or device", common)
+    p.add_argument("point", metavar="DISK@POINT", help="the point to write")
+    p.add_argument("target", metavar="TARGET", help="file or block device to write")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty target file")
     p.set_defaults(func=cmd_restore)
 
-    p = sub.add_parser("clone", parents=[common], help="new writable disk from a point, at once")
-    p.add_argument("source", metavar="DISK@POINT|DISK",
-                   help="a point, or a writable disk (a point of it is taken first)")
-    p.add_argument("name", help="name of the new disk")
+    p = _command(sub, "clone", "new writable disk from a point, at once", common)
+    p.add_argument("source", metavar="SOURCE",
+                   help="DISK@POINT, or a writable DISK (a point of it is taken first)")
+    p.add_argument("name", metavar="NAME", help="name of the new disk")
     p.set_defaults(func=cmd_clone)
 
-    p = sub.add_parser("disk", parents=[common], help="create or delete writable disks")
+    p = _command(sub, "disk", "create or delete writable disks", common)
     disk_sub = p.add_subparsers(dest="disk_command", required=True, metavar="ACTION")
-    q = disk_sub.add_parser("create", parents=[common], help="an empty writable disk")
-    q.add_argument("name")
+    q = _command(disk_sub, "create", "create an empty writable disk", common)
+    q.add_argument("name", metavar="NAME", help="name of the new disk")
     q.add_argument("--size", required=True, help="size, e.g. 20G")
     q.set_defaults(func=cmd_disk_create)
-    q = disk_sub.add_parser("delete", parents=[common], help="delete a disk and its points")
-    q.add_argument("name")
+    q = _command(disk_sub, "delete", "delete a disk and its points", common)
+    q.add_argument("name", metavar="DISK", help="the disk to delete")
     q.add_argument("--force", action="store_true",
                    help="first copy what clones of it still read from it into them")
     q.add_argument("--with-points", action="store_true",
                    help="delete its points too (required when it has any)")
     q.set_defaults(func=cmd_disk_delete)
 
-    p = sub.add_parser("disks", parents=[common], help="list disks")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = _command(sub, "disks", "list disks", common)
+    p.add_argument("--json", action="store_true",
+                   help="print the disks as a JSON list: name, size, origin, writable, "
+                        "created, hydrated_pct, state and stalled of each")
     p.set_defaults(func=cmd_disks)
 
-    p = sub.add_parser("snapshot", parents=[common],
-                       help="instant point of writable disks (several: one instant)")
-    p.add_argument("disks", nargs="+", metavar="DISK")
+    p = _command(sub, "snapshot", "instant point of writable disks (several: one instant)",
+                 common)
+    p.add_argument("disks", nargs="+", metavar="DISK",
+                   help="a writable disk (several are taken at one instant)")
     p.add_argument("--name", help="point name (default: UTC timestamp)")
     p.set_defaults(func=cmd_snapshot)
 
-    p = sub.add_parser("rollback", parents=[common], help="bring a closed disk back to a point")
-    p.add_argument("point", metavar="DISK@POINT")
+    p = _command(sub, "rollback", "bring a closed disk back to a point", common)
+    p.add_argument("point", metavar="DISK@POINT",
+                   help="the point to go back to (newer points stay, as a branch)")
     p.set_defaults(func=cmd_rollback)
 
-    p = sub.add_parser("changed", parents=[common], help="extents that differ between points")
-    p.add_argument("a", metavar="DISK@POINT")
-    p.add_argument("b", metavar="DISK@POINT")
-    p.add_argument("--json", action="store_true", help='[{"start": bytes, "length": bytes}]')
+    p = _command(sub, "changed", "extents that differ between points", common)
+    p.add_argument("a", metavar="DISK@POINT", help="one point")
+    p.add_argument("b", metavar="DISK@POINT", help="the other, of the same disk history")
+    p.add_argument("--json", action="store_true", help=extents_json)
     p.set_defaults(func=cmd_changed)
 
-    p = sub.add_parser("allocated", parents=[common], help="extents of a point that hold data")
-    p.add_argument("point", metavar="DISK@POINT")
-    p.add_argument("--json", action="store_true", help='[{"start": bytes, "length": bytes}]')
+    p = _command(sub, "allocated", "extents of a point that hold data", common)
+    p.add_argument("point", metavar="DISK@POINT", help="the point")
+    p.add_argument("--json", action="store_true", help=extents_json)
     p.set_defaults(func=cmd_allocated)
 
-    p = sub.add_parser("hydrate", parents=[common], help="copy all of a clone's blocks locally")
-    p.add_argument("name")
+    p = _command(sub, "hydrate", "copy all of a clone's blocks locally", common)
+    p.add_argument("name", metavar="DISK", help="the clone to copy into its local file")
     p.set_defaults(func=cmd_hydrate)
 
-    p = sub.add_parser("mount", parents=[common], help="serve the repository at MOUNTPOINT")
-    p.add_argument("mountpoint")
+    p = _command(sub, "mount", "serve the repository at MOUNTPOINT", common)
+    p.add_argument("mountpoint", metavar="MOUNTPOINT",
+                   help="an empty directory (see --nonempty) to show the disk images in")
     p.add_argument("-f", "--foreground", action="store_true", help="serve in this process")
     p.add_argument("--hydrate", action="store_true",
                    help="copy clones' missing blocks locally in the background")
@@ -137,10 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_mount)
 
-    p = sub.add_parser("index", parents=[common], help="the index's checkpoints")
+    p = _command(sub, "index", "list or restore the index's checkpoints", common)
     index_sub = p.add_subparsers(dest="index_command", required=True, metavar="ACTION")
-    q = index_sub.add_parser("restore", parents=[common],
-                             help="put the newest good checkpoint back as the index")
+    q = _command(index_sub, "restore", "put the newest good checkpoint back as the index",
+                 common)
     q.add_argument("--list", action="store_true",
                    help="only list the checkpoints and whether each reads cleanly")
     q.add_argument("--force", action="store_true",
@@ -149,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode and hash every chunk, not only check its record header")
     q.set_defaults(func=cmd_index_restore)
 
-    p = sub.add_parser("umount", parents=[common], help="unmount and stop the daemon")
-    p.add_argument("mountpoint")
+    p = _command(sub, "umount", "unmount and stop the daemon", common)
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="where the repository is mounted")
     p.set_defaults(func=cmd_umount)
     return parser
 
