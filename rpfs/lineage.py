@@ -19,6 +19,7 @@ import lmdb
 from .errors import RpfsError
 from .index import ZERO, Index, PointRecord, PointState
 from .names import parse_point_ref
+from .repo import Repository
 
 Chain = list[tuple[int, int]]
 
@@ -110,16 +111,18 @@ def complete_point(index: Index, txn: lmdb.Transaction, ref: str) -> PointRecord
     return point
 
 
-def allocated_extents(index: Index, ref: str, block_size: int) -> list[dict]:
+def allocated_extents(repo: Repository, ref: str) -> list[dict]:
     """Byte extents of a point that hold data (every non-zero block, no zero one)."""
+    index = repo.index
     with index.read() as txn:
         point = complete_point(index, txn, ref)
         blocks = allocated(index, txn, index.chain(txn, point.lineage, point.gen))
-    return byte_extents(blocks, block_size, point.size)
+    return byte_extents(blocks, repo.block_size, point.size)
 
 
-def changed_extents(index: Index, ref_a: str, ref_b: str, block_size: int) -> list[dict]:
+def changed_extents(repo: Repository, ref_a: str, ref_b: str) -> list[dict]:
     """Byte extents whose content differs between two points of one disk history."""
+    index = repo.index
     with index.read() as txn:
         a, b = complete_point(index, txn, ref_a), complete_point(index, txn, ref_b)
         chain_a = index.chain(txn, a.lineage, a.gen)
@@ -130,4 +133,4 @@ def changed_extents(index: Index, ref_a: str, ref_b: str, block_size: int) -> li
                 "common capture, clone or rollback)"
             )
         blocks = changed(index, txn, chain_a, chain_b)
-    return byte_extents(blocks, block_size, a.size)
+    return byte_extents(blocks, repo.block_size, a.size)

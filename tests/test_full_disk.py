@@ -352,7 +352,7 @@ def test_a_bug_is_one_line_with_the_log_path(rpfs, repo):
 def test_a_log_that_cannot_be_written_is_one_line(small_fs, capsys):
     """The daemon's log handler on a full filesystem: no '--- Logging error ---'
     traceback per message, one line on stderr, and a note once it writes again."""
-    from rpfs.cli.main import file_log
+    from rpfs.cli.logs import file_log
 
     path = small_fs / "rpfs.log"
     handler = file_log(small_fs)

@@ -47,6 +47,7 @@ from ..lineage import can_differ, reads_differ
 from ..names import ceil_div
 from ..repo import Repository
 from ..store.cache import ChunkCache, Readahead
+from .catalog import archiving_and_riders
 
 log = logging.getLogger(__name__)
 
@@ -160,16 +161,13 @@ class LiveDisk:
         """The point whose frozen blocks are still to archive (the oldest pending one);
         newer pending points of the lineage are its riders."""
         with self.index.read() as txn:
-            pending = sorted(
-                (p for p in self.index.list_points(txn, self.name)
-                 if p.state == PointState.ARCHIVING and p.lineage == self.record.lineage),
-                key=lambda p: p.gen,
-            )
-            if not pending:
+            archiving, riders = archiving_and_riders(
+                self.index.list_points(txn, self.name), self.record.lineage)
+            if archiving is None:
                 return None
-            self._prev_chain = self.index.chain(txn, pending[0].lineage, pending[0].gen - 1)
-        self.riders = pending[1:]
-        return pending[0]
+            self._prev_chain = self.index.chain(txn, archiving.lineage, archiving.gen - 1)
+        self.riders = riders
+        return archiving
 
     # -- state bookkeeping ----------------------------------------------------------------
 

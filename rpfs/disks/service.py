@@ -323,7 +323,8 @@ class DiskService:
     # -- points of writable disks --------------------------------------------------------
 
     def snapshot(self, disks: list[str], name: str | None = None) -> list[dict]:
-        """One point of each disk, all at the same instant, archived in the background."""
+        """One point of each disk, all at the same instant, archived in the background;
+        each point's record, and whether it `rides` (completes with a pending point)."""
         point_name = check_name(name, "point name") if name is not None else default_point_name()
         names = sorted({check_name(d, "disk name") for d in disks})
         if not names:
@@ -361,7 +362,7 @@ class DiskService:
         finally:
             for disk in opened:
                 self.release(disk.name)
-        return [vars(p) for p in points]
+        return [{**vars(p), "rides": p.rides} for p in points]
 
     def _freeze_all(self, opened: list[LiveDisk], point_name: str) -> list[PointRecord]:
         """Take the point of every disk in one transaction (caller holds their barriers)."""

@@ -1,0 +1,76 @@
+"""The commands on the repository itself: init, and index restore (its checkpoints)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import checkpoint
+from ..names import fmt_bytes, parse_size
+from ..repo import Repository, repo_path
+from .output import fmt_time, print_table
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    root = repo_path(args.repo)
+    with Repository.init(root, parse_size(args.block_size), args.reserve) as repo:
+        free, floor = repo.space.figures()
+    print(f"initialised rpfs repository at {root} (block size {args.block_size}, "
+          f"reserve {fmt_bytes(floor)} of {fmt_bytes(free)} free)")
+    return 0
+
+
+def cmd_index_restore(args: argparse.Namespace) -> int:
+    root = repo_path(args.repo)
+    if args.list:
+        rows = [
+            [c.path.name, fmt_time(c.created), fmt_bytes(c.size),
+             "-" if p.points is None else str(len(p.points)),
+             "good" if p.good else f"bad: {p.problem}"]
+            for c, p in checkpoint.survey(root)
+        ]
+        if not rows:
+            print(f"no index checkpoints in {root / checkpoint.CHECKPOINTS}")
+            return 0
+        print_table(["CHECKPOINT", "TAKEN", "SIZE", "POINTS", "STATE"], rows)
+        return 0
+    r = checkpoint.restore(root, force=args.force, verify_data=args.verify_data)
+    taken = fmt_time(r.checkpoint.created)
+    print(f"restored the index from checkpoint {r.checkpoint.path.name} (taken {taken}; "
+          f"points: {r.points})")
+    if r.kept_at is not None:
+        print(f"the index it replaced is kept at {r.kept_at} ({r.damage})")
+    for c, problem in r.skipped:
+        print(f"skipped newer checkpoint {c.path.name}: {problem}")
+    if r.lost is None:
+        print(f"lost: the points taken after {taken}; which ones cannot be known (neither "
+              "the damaged index nor a newer checkpoint can be read)")
+    else:
+        print(f"lost (points newer than the checkpoint, per {' and '.join(r.lost_from)}): "
+              f"{', '.join(r.lost) or 'none'}")
+    for d in r.disks:
+        line = (f"disk {d.name}: marked unclean (its next point compares every block); "
+                f"blocks written after the checkpoint, kept: {d.kept_writes}")
+        if d.dropped_points:
+            line += (f"; dropped {', '.join(d.dropped_points)} (still being archived at the "
+                     "checkpoint: its content is not known; its blocks stay in the disk)")
+        print(line)
+        if d.ambiguous:
+            print(f"rpfs: warning: disk {d.name}: {d.ambiguous} blocks hold local bytes that "
+                  "a rollback before the checkpoint had dropped, or writes made after it; "
+                  "they stay dropped (read from the rollback's point): check the disk",
+                  file=sys.stderr)
+        if d.missing_file:
+            print(f"rpfs: warning: disk {d.name}: its local file is missing (deleted after "
+                  "the checkpoint?); delete the disk with 'rpfs disk delete'", file=sys.stderr)
+    if r.orphans:
+        print(f"local files of disks made after the checkpoint, kept: {', '.join(r.orphans)}")
+    if r.bad_chunks:
+        print(f"rpfs: warning: {len(r.bad_chunks)} of {r.chunks} chunks the index names are "
+              f"not in the packs as it says: {', '.join(r.bad_chunks[:5])}"
+              f"{' ...' if len(r.bad_chunks) > 5 else ''}; their blocks read as errors",
+              file=sys.stderr)
+    else:
+        checked = "decoded and hashed" if args.verify_data else "checked against the packs"
+        print(f"{r.chunks} chunks {checked}: all there")
+    return 0
