@@ -46,6 +46,7 @@ from ..ingest import Ingest, examine
 from ..lineage import can_differ, reads_differ
 from ..repo import Repository
 from ..store.cache import ChunkCache, Readahead
+from ..store.local import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -656,11 +657,7 @@ def create_local_file(path: Path, size: int) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(path.parent)
     except BaseException as exc:
         path.unlink()
         if isinstance(exc, OSError):
