@@ -292,8 +292,8 @@ class _Capture:
         with self.index.write() as txn:
             self.index.drop_staged(txn, capture_id)
             packs = self.ingest.forget(txn)
-        for path in packs:
-            path.unlink(missing_ok=True)
+        for pack in packs:
+            self.ingest.store.delete(pack)
 
     def _no_space(self, exc: OSError, total: int) -> NoSpace:
         """How much the capture needed: what it stored plus the rest of the source at the

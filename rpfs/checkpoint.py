@@ -53,9 +53,12 @@ from .disks.livedisk import ABSENT, DIRTY, FROZEN, PAGE_BLOCKS, PRESENT, load_st
 from .errors import CorruptChunk, RpfsError
 from .index import MAX_GEN, ZERO, DiskRecord, Index, IndexDamaged, PointState
 from .names import ceil_div
-from .repo import Repository, load_config, lock_everything
+from .repo import Repository, load_config, lock_everything, pack_backend
 from .source import Source, block_runs
-from .store.packs import HEADER, MAGIC, PackStore, _fsync_dir, digest
+from .store.backend import PackMissing
+from .store.format import HEADER, MAGIC, digest, pack_name
+from .store.local import fsync_dir
+from .store.packs import PackStore
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +137,7 @@ def take(repo: Repository) -> Checkpoint:
             finally:
                 copy.close()
             os.rename(tmp, path)
-            _fsync_dir(folder)
+            fsync_dir(folder)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise RpfsError(
@@ -371,7 +374,7 @@ def _build(
             report.disks = [
                 _fix_disk(root, index, txn, d, block_size, live.maps.get(d.name)) for d in disks
             ]
-            index.raise_counter(txn, "pack", _highest(root / "packs", ".pack"))
+            index.raise_counter(txn, "pack", max(pack_backend(root).list(), default=0))
             index.raise_counter(txn, "file", _highest(root / "disks", ".raw"))
             report.points = len(index.list_points(txn))
         named = {d.file for d in disks}
@@ -384,12 +387,12 @@ def _build(
         index.close()
     with open(work / "data.mdb", "rb") as f:  # the copied pages, not only the fixes
         os.fsync(f.fileno())
-    _fsync_dir(work)
+    fsync_dir(work)
     if (root / "index").exists():
         report.kept_at = root / f"index.damaged-{datetime.now(UTC):%Y%m%dT%H%M%S}Z"
         os.rename(root / "index", report.kept_at)
     os.rename(work, root / "index")
-    _fsync_dir(root)
+    fsync_dir(root)
     log.info("index restored from checkpoint %s", report.checkpoint.path.name)
 
 
@@ -461,32 +464,38 @@ def _check_packs(
     root: Path, index: Index, block_size: int, verify_data: bool
 ) -> tuple[int, list[str]]:
     """Check every chunk the index names against its pack record: there, with the header
-    the index expects (with `verify_data`: also decoded and its BLAKE3 compared)."""
+    the index expects (with `verify_data`: also decoded and its BLAKE3 compared). The bad
+    ones are marked for verify in `index`. A pack that cannot be read now (an I/O error)
+    stops the check: its chunks are not known to be bad, and a retry may read them."""
     with index.read() as txn:
         chunks = sorted(index.iter_chunks(txn), key=lambda c: (c[1].pack, c[1].offset))
-    store = PackStore(root / "packs", block_size)
-    bad: list[str] = []
+    store = PackStore(pack_backend(root), block_size)
+    bad: list[tuple[bytes, str]] = []
     try:
         for chunk_digest, loc in chunks:
-            where = f"{loc.pack:08d}.pack:{loc.offset}"
+            where = f"{pack_name(loc.pack)}:{loc.offset}"
             try:
                 if verify_data:
                     store.get(loc, chunk_digest)
                     continue
-                with open(store.path(loc.pack), "rb") as f:
-                    head = os.pread(f.fileno(), HEADER.size, loc.offset)
-            except FileNotFoundError:
-                bad.append(f"{where} (the pack file is missing)")
+                head = store.backend.read(loc.pack, loc.offset, HEADER.size)
+            except PackMissing:
+                bad.append((chunk_digest, f"{where} (the pack file is missing)"))
                 continue
             except CorruptChunk as exc:
-                bad.append(f"{where} ({exc.reason})")
+                bad.append((chunk_digest, f"{where} ({exc.reason})"))
                 continue
             if len(head) < HEADER.size:
-                bad.append(f"{where} (past the end of the pack)")
+                bad.append((chunk_digest, f"{where} (past the end of the pack)"))
                 continue
             magic, _, stored, length = HEADER.unpack(head)
             if magic != MAGIC or stored != chunk_digest or HEADER.size + length != loc.length:
-                bad.append(f"{where} (the record header does not match the index)")
+                bad.append((chunk_digest, f"{where} (the record header does not match the index)"))
     finally:
         store.close()
-    return len(chunks), bad
+    if bad:
+        now = time.time()
+        with index.write() as txn:
+            for chunk_digest, _ in bad:
+                index.mark_suspect(txn, chunk_digest, now)
+    return len(chunks), [what for _, what in bad]

@@ -1,8 +1,11 @@
 """Exceptions that cross module boundaries, and what to tell the operator about OS errors.
 
 `RpfsError` carries a message meant for the operator: the CLI prints it as one line and
-exits non-zero. `CorruptChunk` is raised by the chunk store when stored bytes fail their
-hash check; the read path turns it into EIO after logging disk, point, block and pack.
+exits non-zero. A chunk that cannot be read back is one of two `ChunkError`s, told apart
+all the way up: `CorruptChunk`, the stored bytes are bad (they fail their hash check, or
+their pack is gone), and `ChunkUnavailable`, they could not be read now (an I/O error; a
+retry may succeed). The read path turns either into EIO after logging disk, point, block
+and pack; only a corrupt chunk is marked for verify.
 `NoSpace` is both: an operator's message and an ENOSPC `OSError`, so the FUSE layer
 answers a refused write with ENOSPC while the CLI prints the message.
 
@@ -20,14 +23,33 @@ class RpfsError(Exception):
     """An error the user can act on; its message says what was wrong and what to do."""
 
 
-class CorruptChunk(RpfsError):
-    """Stored chunk bytes do not match their hash (or cannot be decoded)."""
+class ChunkError(RpfsError):
+    """A chunk record could not be read back (one of the two kinds below)."""
 
-    def __init__(self, pack: str, offset: int, reason: str) -> None:
-        super().__init__(f"corrupt chunk in pack {pack} at offset {offset}: {reason}")
+    def __init__(self, message: str, pack: str, offset: int, reason: str) -> None:
+        super().__init__(message)
         self.pack = pack
         self.offset = offset
         self.reason = reason
+
+
+class CorruptChunk(ChunkError):
+    """The bytes are bad: stored chunk bytes do not match their hash, cannot be decoded,
+    or their pack is missing. Permanent: reading again returns the same bad bytes."""
+
+    def __init__(self, pack: str, offset: int, reason: str) -> None:
+        super().__init__(f"corrupt chunk in pack {pack} at offset {offset}: {reason}",
+                         pack, offset, reason)
+
+
+class ChunkUnavailable(ChunkError):
+    """The bytes could not be read now (the storage answered with an error, not with bad
+    bytes): nothing is known to be wrong with them, and a retry may succeed."""
+
+    def __init__(self, pack: str, offset: int, reason: str) -> None:
+        super().__init__(f"cannot read pack {pack} at offset {offset} now: {reason} (the "
+                         "bytes are not known to be bad; a retry may succeed)",
+                         pack, offset, reason)
 
 
 class NoSpace(RpfsError, OSError):

@@ -11,6 +11,7 @@ Named databases (see docs/design.md for the reasoning):
     points    disk ‖ 0x00 ‖ name  ->  JSON PointRecord
     lineages  lineage(8)  ->  JSON LineageRecord
     meta      counter name  ->  int(8);  "config"  ->  JSON {block_size, hash, codec}
+              "suspect/" ‖ chunk hash(32)  ->  time first found corrupt (8): for verify
 
 All integers are big-endian so that LMDB's byte order is numeric order. Inverting the
 generation makes the newest write at or before a generation the first key at or after
@@ -38,6 +39,9 @@ ZERO = b""  # extent value of a block that reads as zeros
 MAX_GEN = (1 << 64) - 1
 MAP_SIZE = 1 << 40
 CONFIG_KEY = b"config"  # in `meta`: what rpfs.json must say (written by init)
+# In `meta`: chunks a read found corrupt, for `rpfs verify`. Its values are u64 like the
+# counters', so an rpfs that predates it still opens and checks the index.
+SUSPECT_PREFIX = b"suspect/"
 
 _EXTENT_KEY = struct.Struct(">QQQ")
 _BLOCK_PREFIX = struct.Struct(">QQ")
@@ -365,6 +369,16 @@ class Index:
         for key, _ in entries:
             txn.delete(key, db=self.db[db])
         return [value for _, value in entries]
+
+    # -- suspect chunks -------------------------------------------------------------------
+
+    def mark_suspect(self, txn: lmdb.Transaction, digest: bytes, when: float) -> None:
+        """Record that chunk `digest` was found corrupt (first time kept)."""
+        txn.put(SUSPECT_PREFIX + digest, u64(int(when)), db=self.db["meta"], overwrite=False)
+
+    def suspects(self, txn: lmdb.Transaction) -> list[bytes]:
+        """The chunks marked by `mark_suspect`, in hash order."""
+        return [key[len(SUSPECT_PREFIX) :] for key, _ in self._scan(txn, "meta", SUSPECT_PREFIX)]
 
     # -- extents --------------------------------------------------------------------------
 

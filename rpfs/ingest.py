@@ -9,11 +9,10 @@ matters: pack bytes are fsynced before the index transaction that names them com
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from .index import ZERO, ChunkLoc, Index
 from .repo import Repository
-from .store.packs import digest, encode_chunk
+from .store.format import digest, encode_chunk
 
 
 @dataclass
@@ -86,10 +85,10 @@ class Ingest:
         self.pending_bytes = 0
         self.writer.discard()
 
-    def forget(self, txn) -> list[Path]:
+    def forget(self, txn) -> list[int]:
         """Drop the chunk records of this writer's packs that no extent names yet, a whole
         pack at a time (a pack with a referenced chunk stays as it is); returns the packs
-        to unlink once `txn` has committed. For a writer that gives up (a failed
+        to delete once `txn` has committed. For a writer that gives up (a failed
         capture): its packs would otherwise stay as garbage that nothing frees. Call
         after `discard`; the records are found through the packs' own headers."""
         doomed = []
@@ -103,7 +102,7 @@ class Ingest:
                 continue  # another writer deduplicated against it meanwhile: keep it
             for value, _ in ours:
                 self.index.delete_chunk(txn, value)
-            doomed.append(self.store.path(pack))
+            doomed.append(pack)
         return doomed
 
     def close(self) -> None:

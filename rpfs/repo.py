@@ -3,7 +3,7 @@
     REPO/rpfs.json     format version, block size, hash and codec (written last by init)
     REPO/index/        LMDB environment (rpfs.index); it records block size, hash and codec too
     REPO/index-checkpoints/   recent consistent copies of the index (rpfs.checkpoint)
-    REPO/packs/        NNNNNNNN.pack files (rpfs.store)
+    REPO/packs/        NNNNNNNN.pack files (rpfs.store.local)
     REPO/locks/        fcntl locks: daemon.lock, disk-NAME.lock
     REPO/rpfs.log      the daemon's log
 """
@@ -24,7 +24,9 @@ from . import perms
 from .errors import CorruptChunk, RpfsError
 from .index import Index
 from .space import Space, parse_reserve
-from .store.packs import PackStore, decode_chunk
+from .store.format import decode_chunk, pack_name
+from .store.local import LocalBackend
+from .store.packs import PackStore
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,11 @@ DEFAULT_REPO = "/var/lib/rpfs"
 MIN_BLOCK, MAX_BLOCK = 4 << 10, 4 << 20
 HASH, CODEC = "blake3", "zstd"
 _PERCENT = re.compile(r"(\d+(\.\d+)?)%")
+
+
+def pack_backend(root: Path) -> LocalBackend:
+    """Where the packs of the repository at `root` are kept: the one place that says so."""
+    return LocalBackend(root / "packs")
 
 
 def repo_path(arg: str | None) -> Path:
@@ -148,7 +155,7 @@ class Repository:
         perms.check_owner(root)
         self.block_size = self.config.block_size
         self.index = Index(root / "index")
-        self.store = PackStore(root / "packs", self.block_size)
+        self.store = PackStore(pack_backend(root), self.block_size)
         self.space = Space(root, self.config.reserve)
         try:
             self._check_recorded()
@@ -199,10 +206,9 @@ class Repository:
         if first is None:
             return None
         digest, loc = first
-        where = (f"{loc.pack:08d}.pack", loc.offset)
+        where = (pack_name(loc.pack), loc.offset)
         try:
-            with open(self.store.path(loc.pack), "rb") as f:
-                record = os.pread(f.fileno(), loc.length, loc.offset)
+            record = self.store.backend.read(loc.pack, loc.offset, loc.length)
             return len(decode_chunk(record, digest, MAX_BLOCK, where))
         except (OSError, CorruptChunk) as exc:
             log.warning("%s: cannot check the block size against pack %s: %s",

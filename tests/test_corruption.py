@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from helpers import BS, MiB, assert_same_bytes, point_image, read_at
 
-from rpfs.store.packs import CODEC_RAW, CODEC_ZSTD, HEADER, digest
+from rpfs.store.format import CODEC_RAW, CODEC_ZSTD, HEADER, digest
 
 NBLOCKS = 256  # 16 MiB
 

@@ -10,7 +10,7 @@ import pytest
 from rpfs import lineage
 from rpfs.errors import RpfsError
 from rpfs.index import MAX_GEN, ZERO, DiskRecord, Index, LineageRecord, PointRecord
-from rpfs.store.packs import digest
+from rpfs.store.format import digest
 
 NBLOCKS = 40
 VALUES = [ZERO] + [digest(bytes([i])) for i in range(5)]  # few values: lineages often agree

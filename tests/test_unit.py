@@ -25,16 +25,17 @@ from rpfs.names import check_name, parse_point_ref, parse_size
 from rpfs.repo import Repository
 from rpfs.source import block_runs, load_changed
 from rpfs.store.cache import ChunkCache
-from rpfs.store.packs import (
+from rpfs.store.format import (
     CODEC_RAW,
     CODEC_ZSTD,
     HEADER,
     MAGIC,
-    PackStore,
     decode_chunk,
     digest,
     encode_chunk,
 )
+from rpfs.store.local import LocalBackend
+from rpfs.store.packs import PackStore
 
 BS = 64 << 10
 
@@ -200,7 +201,7 @@ def _blocks() -> list[bytes]:
 def test_chunk_round_trip_and_codecs(tmp_path: Path):
     packs = tmp_path / "packs"
     packs.mkdir()
-    store = PackStore(packs, BS)
+    store = PackStore(LocalBackend(packs), BS)
     writer = store.writer(_Counter())
     blocks = _blocks()
     locs = []
@@ -223,7 +224,7 @@ def test_chunk_round_trip_and_codecs(tmp_path: Path):
 def test_chunk_corruption_is_detected(tmp_path: Path, which: str):
     packs = tmp_path / "packs"
     packs.mkdir()
-    store = PackStore(packs, BS)
+    store = PackStore(LocalBackend(packs), BS)
     writer = store.writer(_Counter())
     blocks = _blocks()
     locs = [writer.append(encode_chunk(b, digest(b))) for b in blocks]
@@ -236,7 +237,7 @@ def test_chunk_corruption_is_detected(tmp_path: Path, which: str):
         "header-digest": loc.offset + 10,
         "magic": loc.offset,
     }[which]
-    path = store.path(loc.pack)
+    path = store.backend.path(loc.pack)
     with open(path, "r+b") as f:
         f.seek(pos)
         byte = f.read(1)
@@ -261,7 +262,7 @@ def test_chunk_corruption_is_detected(tmp_path: Path, which: str):
 def test_get_many_reads_adjacent_records_with_one_pread(tmp_path: Path, monkeypatch):
     packs = tmp_path / "packs"
     packs.mkdir()
-    store = PackStore(packs, BS)
+    store = PackStore(LocalBackend(packs), BS)
     writer = store.writer(_Counter())
     blocks = _blocks() * 2
     locs = [writer.append(encode_chunk(b, digest(b))) for b in blocks]
@@ -273,7 +274,7 @@ def test_get_many_reads_adjacent_records_with_one_pread(tmp_path: Path, monkeypa
         preads.append(n)
         return real_pread(fd, n, offset)
 
-    monkeypatch.setattr("rpfs.store.packs.os.pread", counting_pread)
+    monkeypatch.setattr("rpfs.store.local.os.pread", counting_pread)
     order = [5, 0, 7, 2, 1, 6, 3, 4]  # asked out of order, answered in the order asked
     wanted = [(locs[i], digest(blocks[i])) for i in order]
     assert store.get_many(wanted) == [blocks[i] for i in order]
@@ -308,12 +309,12 @@ def test_decode_chunk_rejects_mismatches():
 def test_store_read_past_end_of_pack_is_corrupt(tmp_path: Path):
     packs = tmp_path / "packs"
     packs.mkdir()
-    store = PackStore(packs, BS)
+    store = PackStore(LocalBackend(packs), BS)
     writer = store.writer(_Counter())
     block = os.urandom(BS)
     loc = writer.append(encode_chunk(block, digest(block)))
     writer.close()
-    os.truncate(store.path(loc.pack), loc.length - 10)
+    os.truncate(store.backend.path(loc.pack), loc.length - 10)
     with pytest.raises(CorruptChunk):
         store.get(loc, digest(block))
     store.close()
@@ -457,7 +458,7 @@ def test_chunk_cache_loads_once_and_reports_each_bad_chunk(tmp_path: Path):
         with repo.index.read() as txn:
             loc = repo.index.get_chunk(txn, digests[3])
         assert loc.length > HEADER.size + 200
-        with open(repo.store.path(loc.pack), "r+b") as f:
+        with open(repo.store.backend.path(loc.pack), "r+b") as f:
             f.seek(loc.offset + HEADER.size + 100)
             f.write(b"\xff" * 8)
         with repo.index.read() as txn:

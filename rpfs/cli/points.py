@@ -117,8 +117,9 @@ def _print_tree(disk: DiskRecord, catalog: Catalog) -> None:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     disk, name = parse_point_ref(args.point)
-    with Repository(repo_path(args.repo)) as repo, progress_bar(f"restore {args.point}") as bar:
-        image = open_point(repo, ChunkCache(repo), disk, name)
+    with Repository(repo_path(args.repo)) as repo, ChunkCache(repo) as cache, \
+            progress_bar(f"restore {args.point}") as bar:
+        image = open_point(repo, cache, disk, name)
         restore(image, Path(args.target), args.force, bar)
     print(f"restored {args.point} to {args.target} ({fmt_bytes(image.size)})")
     return 0

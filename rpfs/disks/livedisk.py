@@ -47,6 +47,7 @@ from ..lineage import can_differ, reads_differ
 from ..names import ceil_div
 from ..repo import Repository
 from ..store.cache import ChunkCache, Readahead
+from ..store.local import fsync_dir
 from .catalog import archiving_and_riders
 
 log = logging.getLogger(__name__)
@@ -655,11 +656,7 @@ def create_local_file(path: Path, size: int) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(path.parent)
     except BaseException as exc:
         path.unlink()
         if isinstance(exc, OSError):

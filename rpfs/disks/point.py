@@ -42,7 +42,8 @@ class PointImage:
         self.readahead = Readahead(ceil_div(self.size, self.bs))
 
     def read(self, offset: int, length: int) -> bytes:
-        """Bytes [offset, offset+length) clipped to the image size; CorruptChunk on bad data."""
+        """Bytes [offset, offset+length) clipped to the image size; CorruptChunk on bad
+        data, ChunkUnavailable on data that could not be read now."""
         return self._read(offset, length, fetch=True)  # type: ignore[return-value]
 
     def read_cached(self, offset: int, length: int, fetch: bool = False) -> bytes | None:

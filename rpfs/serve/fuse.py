@@ -22,7 +22,7 @@ from typing import TypeVar
 import pyfuse3
 import trio
 
-from ..errors import CorruptChunk
+from ..errors import ChunkError
 from ..index import IndexDamaged
 from .vfs import Attr, Handle, Tree
 
@@ -62,10 +62,11 @@ class Operations(pyfuse3.Operations):
 
     @contextlib.contextmanager
     def _errors(self, fn: Callable) -> Iterator[None]:
-        """Map what `fn` raised to a FUSEError: EIO for bad data and internal errors."""
+        """Map what `fn` raised to a FUSEError: EIO for bad or unreadable data (logged where
+        it was met, with disk, point and block) and for internal errors."""
         try:
             yield
-        except CorruptChunk:
+        except ChunkError:  # CorruptChunk or ChunkUnavailable
             raise pyfuse3.FUSEError(errno.EIO) from None
         except IndexDamaged as exc:  # the operator's to repair: one line, no traceback
             log.error("%s", exc)

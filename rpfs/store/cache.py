@@ -2,17 +2,21 @@
 a sequential reader.
 
 Everything here blocks (LMDB, pread, zstd): the FUSE layer calls it from worker threads.
+A chunk found corrupt is marked for verify in the index by a thread of its own, never
+by the reader: a read may run on the trio thread, and a damaged or full index must not
+turn a failed read into a different failure.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from ..errors import CorruptChunk
+from ..errors import ChunkUnavailable, CorruptChunk
 from ..index import ZERO
 from ..repo import Repository
 
@@ -30,18 +34,21 @@ class ChunkCache:
     with one pread) because a thread hand-off per 64 KiB block cost more than it bought:
     two threads decoding one block per task were slower than one thread (measured).
     `prefetch()` hands a sequential reader's next blocks to a small pool in such batches,
-    so the reader finds them decoded (or in flight) when it gets there.
+    so the reader finds them decoded (or in flight) when it gets there; the pool has as
+    many threads as the pack backend takes concurrent requests.
     """
 
-    def __init__(
-        self, repo: Repository, capacity_bytes: int = 32 << 20, prefetch_workers: int = 2
-    ) -> None:
+    def __init__(self, repo: Repository, capacity_bytes: int = 32 << 20) -> None:
         self.repo = repo
         self.capacity = max(1, capacity_bytes // repo.block_size)
         self._blocks: OrderedDict[bytes, bytes] = OrderedDict()
         self._inflight: dict[bytes, Future] = {}
+        self._marked: set[bytes] = set()  # chunks handed to the marker already
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(prefetch_workers, thread_name_prefix="rpfs-prefetch")
+        self._pool = ThreadPoolExecutor(
+            repo.store.backend.connections, thread_name_prefix="rpfs-prefetch"
+        )
+        self._marker = ThreadPoolExecutor(1, thread_name_prefix="rpfs-mark")  # idle: no thread
 
     def _claim(self, digest: bytes) -> tuple[bytes | None, Future | None, bool]:
         """(cached block, future to wait on or fill, whether the caller must fill it)."""
@@ -65,7 +72,8 @@ class ChunkCache:
             return block
 
     def get(self, txn, digest: bytes) -> bytes:
-        """One decoded block; CorruptChunk if its record is bad."""
+        """One decoded block; CorruptChunk if its record is bad, ChunkUnavailable if it
+        could not be read now."""
         result = self.get_many(txn, [digest])[0]
         if isinstance(result, BaseException):
             raise result
@@ -98,19 +106,42 @@ class ChunkCache:
     def load(
         self, txn, blocks: Iterable[int], values: list[bytes], where: str
     ) -> list[bytes | None]:
-        """The decoded blocks whose resolved values are `values` (None where ZERO). A bad
-        chunk is logged as "`where` block N" and raised: the read fails with EIO."""
+        """The decoded blocks whose resolved values are `values` (None where ZERO). A
+        chunk that failed is logged as "`where` block N" and raised: the read fails with
+        EIO. A corrupt one is also marked for verify; one that could not be read now is
+        not (a retry may read it)."""
         loaded = iter(self.get_many(txn, [v for v in values if v != ZERO]))
         out: list[bytes | None] = []
         for block, value in zip(blocks, values, strict=True):
             data = None if value == ZERO else next(loaded)
             if isinstance(data, CorruptChunk):
+                log.error("%s block %d: %s (chunk %s); the read fails with EIO, the chunk "
+                          "is marked for verify", where, block, data, value.hex()[:16])
+                self._mark(value)
+            elif isinstance(data, ChunkUnavailable):
                 log.error("%s block %d: %s (chunk %s); the read fails with EIO",
                           where, block, data, value.hex()[:16])
             if isinstance(data, BaseException):
                 raise data
             out.append(data)
         return out
+
+    def _mark(self, digest: bytes) -> None:
+        """Have the marker thread record `digest` as suspect in the index, once."""
+        with self._lock:
+            if digest in self._marked:
+                return
+            self._marked.add(digest)
+        self._marker.submit(self._record_mark, digest)
+
+    def _record_mark(self, digest: bytes) -> None:
+        index = self.repo.index
+        try:
+            with index.write() as txn:
+                index.mark_suspect(txn, digest, time.time())
+        except Exception as exc:  # a damaged or full index: the read failed already
+            log.warning("chunk %s: cannot mark it for verify in the index: %s",
+                        digest.hex()[:16], exc)
 
     def prefetch(self, chain: list[tuple[int, int]], blocks: list[int]) -> None:
         """Start loading the chunks of `blocks` of the image read through `chain`, in
@@ -165,7 +196,15 @@ class ChunkCache:
                 fut.set_result(result)
 
     def close(self) -> None:
+        """Stop prefetching; wait for the marks handed out (the index must still be open)."""
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._marker.shutdown(wait=True)
+
+    def __enter__(self) -> ChunkCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class Readahead:
