@@ -41,7 +41,7 @@ from pathlib import Path
 
 from .. import perms
 from ..errors import SPACE_ERRNOS
-from ..index import MAX_GEN, ZERO, DiskRecord, Index, LineageRecord, PointRecord, PointState
+from ..index import MAX_GEN, DiskRecord, Index, PointRecord, PointState
 from ..ingest import Ingest, examine
 from ..lineage import can_differ, reads_differ
 from ..names import ceil_div
@@ -528,10 +528,8 @@ class LiveDisk:
                 with self.index.write() as txn:
                     ingest.register(txn)
                     for change in changes:
-                        self.index.put_extent(txn, point.lineage, change.block, point.gen,
+                        self.index.add_extent(txn, point.lineage, change.block, point.gen,
                                               change.value)
-                        if change.value != ZERO:
-                            self.index.incref(txn, change.value)
                     rec = self.index.get_point(txn, point.disk, point.name)
                     rec.archived_blocks += len(blocks)
                     rec.blocks_written += len(changes)
@@ -591,11 +589,7 @@ class LiveDisk:
                 self._set(b, b + 1, ABSENT)
             try:
                 with self.index.write() as txn:  # the barrier holds the sync lock
-                    lineage = LineageRecord(
-                        self.index.next_id(txn, "lineage"), parent=point.lineage,
-                        parent_gen=point.gen, disks=[self.name],
-                    )
-                    self.index.put_lineage(txn, lineage)
+                    lineage = self.index.new_lineage(txn, self.name, (point.lineage, point.gen))
                     record = self.index.get_disk(txn, self.name)
                     record.lineage, record.origin = lineage.id, point.ref
                     self.index.put_disk(txn, record)

@@ -273,11 +273,7 @@ class DiskService:
                 if parent is not None and self.index.get_lineage(txn, parent[0]) is None:
                     raise RpfsError(f"cannot clone {origin}: it was deleted meanwhile; "
                                     f"disk {name} was not created")
-                lineage = LineageRecord(self.index.next_id(txn, "lineage"), disks=[name])
-                if parent is not None:
-                    lineage.parent, lineage.parent_gen = parent
-                self.index.put_lineage(txn, lineage)
-                record.lineage = lineage.id
+                record.lineage = self.index.new_lineage(txn, name, parent).id
                 self.index.put_disk(txn, record)
         except BaseException as exc:
             path.unlink(missing_ok=True)
@@ -646,8 +642,7 @@ class DiskService:
         for block in range(ceil_div(size, self.repo.block_size)):
             value = self.index.resolve(txn, chain, block)
             if value != ZERO and self.index.lookup(txn, lin.id, block, 0) is None:
-                self.index.put_extent(txn, lin.id, block, 0, value)
-                self.index.incref(txn, value)
+                self.index.add_extent(txn, lin.id, block, 0, value)
         lin.parent, lin.parent_gen = None, 0
         self.index.put_lineage(txn, lin)
 
