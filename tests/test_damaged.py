@@ -364,9 +364,9 @@ def test_restore_undoes_a_snapshot_that_was_still_archiving(rpfs, repo, tmp_path
             disk.write(0, a)
             disk.write(BS, b)
             with disk.barrier(), opened.index.write() as txn:
-                point = disk.freeze(txn, "s1", time.time())
-            disk.frozen(point)
-            assert disk.archive_batch(limit=1) == 1  # block 0 archived, block 1 frozen
+                point = disk.snapshots.freeze(txn, "s1", time.time())
+            disk.snapshots.frozen(point)
+            assert disk.snapshots.archive_batch(limit=1) == 1  # block 0 archived, block 1 frozen
             good = checkpoint.take(opened)
             disk.write(BS, c)  # archives block 1 first (copy-before-write)
             disk.sync()

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from rpfs.capture import capture
-from rpfs.disks.livedisk import FROZEN
+from rpfs.disks.blockmap import FROZEN
 from rpfs.disks.point import PointImage
 from rpfs.disks.service import DiskService
 from rpfs.repo import Repository
@@ -110,7 +110,7 @@ class Harness:
         self.model.durable_now()
 
     def archive_step(self) -> None:
-        self.disk.archive_batch(self.rng.randint(1, 8))
+        self.disk.snapshots.archive_batch(self.rng.randint(1, 8))
 
     def read_range(self) -> None:
         offset = self.rng.randrange(SIZE)
@@ -131,8 +131,8 @@ class Harness:
         """Forget everything not committed: drop the open disk without closing it."""
         for entry in self.service._open.values():
             os.close(entry.disk.fd)
-            if entry.disk._ingest is not None:
-                entry.disk._ingest.writer.close()
+            if entry.disk.snapshots._ingest is not None:
+                entry.disk.snapshots._ingest.writer.close()
             os.close(entry.lock_fd)
         self.service._open.clear()
         self.cache.close()
@@ -147,7 +147,7 @@ class Harness:
             assert got[window] in allowed, f"block {b} after a crash is neither durable nor new"
         m.disk = bytearray(got)
         m.durable_now()
-        assert not self.disk.tracked, "a crash must make the next point compare every block"
+        assert not self.disk.map.tracked, "a crash must make the next point compare every block"
 
     # -- checks ---------------------------------------------------------------------------
 
@@ -181,10 +181,10 @@ def test_random_sequences_match_the_model(tmp_path: Path, monkeypatch, seed: int
             history.append(step)
             getattr(h, step)()
             h.check(f"step {i} ({step}) of seed {seed}: {' '.join(history[-8:])}")
-        while h.disk.archive_batch():
+        while h.disk.snapshots.archive_batch():
             pass
         h.check(f"the final archive of seed {seed}")
-        assert FROZEN not in h.disk.states
+        assert FROZEN not in h.disk.map.states
         with h.repo.index.read() as txn:
             assert all(p.state == "complete" for p in h.repo.index.list_points(txn, "vm"))
     finally:

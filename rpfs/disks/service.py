@@ -23,7 +23,8 @@ from ..pipeline import ordered_map
 from ..progress import ProgressFn
 from ..repo import Repository
 from ..store.cache import ChunkCache
-from .livedisk import ABSENT, MAX_BLOCKS, LiveDisk, create_local_file, load_states
+from .blockmap import ABSENT, MAX_BLOCKS, BlockMap
+from .livedisk import LiveDisk, create_local_file
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +238,7 @@ class DiskService:
             self._join_archiver(src_disk)
             disk = self.acquire(src_disk)
             try:
-                disk.finish_archiving()
+                disk.snapshots.finish()
             finally:
                 self.release(src_disk)
         return self._new_disk(name, point.size, (point.lineage, point.gen), source)
@@ -301,12 +302,12 @@ class DiskService:
             return {**out, "hydrated_pct": None, "state": "points only", "stalled": None}
         with self._lock:
             entry = self._open.get(record.name)
-            states = entry.disk.states if entry else None
+            states = entry.disk.map.states if entry else None
             handles = entry.handles if entry else 0
         if states is None:
             nblocks = ceil_div(record.size, self.repo.block_size)
             with self.index.read() as txn:
-                states = load_states(self.index, txn, record.file_id, nblocks)
+                states = BlockMap.stored(self.index, txn, record.file_id, nblocks)
         absent = states.count(ABSENT) if record.origin else 0
         pct = 100.0 * (1 - absent / len(states)) if len(states) else 100.0
         return {
@@ -332,13 +333,13 @@ class DiskService:
                 # One archiving point per disk at a time, but a disk with nothing written
                 # since its pending point needs no wait: the new point rides on that one.
                 for disk in opened:
-                    if disk.must_finish_archive:
+                    if disk.snapshots.must_finish:
                         self._join_archiver(disk.name)
-                        disk.finish_archiving()
+                        disk.snapshots.finish()
                 with contextlib.ExitStack() as barriers:
                     for disk in opened:
                         barriers.enter_context(disk.barrier())
-                    if any(d.must_finish_archive for d in opened):
+                    if any(d.snapshots.must_finish for d in opened):
                         continue  # a write landed before the barrier: archive, try again
                     points = self._freeze_all(opened, point_name)
                 break
@@ -346,12 +347,12 @@ class DiskService:
                 if point.rides:
                     log.info("disk %s: point %s taken, nothing written since point %s: "
                              "complete when that one is", disk.name, point_name,
-                             disk.archiving.name if disk.archiving else "-")
+                             pending.name if (pending := disk.snapshots.archiving) else "-")
                 else:
                     log.info("disk %s: point %s taken (%s, %d blocks to archive)", disk.name,
                              point_name, point.method, point.frozen_blocks)
                 if not self.background:
-                    disk.finish_archiving()
+                    disk.snapshots.finish()
                 elif not point.rides:  # it completes with the pending point's archiver
                     self._start_archiver(disk.name)
         finally:
@@ -373,14 +374,14 @@ class DiskService:
                         )
                 points = []
                 for disk in opened:
-                    points.append(disk.freeze(txn, point_name, now))
+                    points.append(disk.snapshots.freeze(txn, point_name, now))
                     frozen.append(disk)
         except BaseException:
             for disk in frozen:
-                disk.unfreeze()
+                disk.snapshots.unfreeze()
             raise
         for disk, point in zip(opened, points, strict=True):
-            disk.frozen(point)
+            disk.snapshots.frozen(point)
         return points
 
     def _start_archiver(self, name: str) -> None:
@@ -398,7 +399,7 @@ class DiskService:
             try:
                 while not (self._stopping.is_set() or give_up.is_set()):
                     try:
-                        if not disk.archive_batch():
+                        if not disk.snapshots.archive_batch():
                             break
                     except OSError as exc:
                         self._stall(name, exc, delay)
@@ -512,7 +513,7 @@ class DiskService:
                 if i % SYNC_EVERY == SYNC_EVERY - 1:
                     disk.sync()
             disk.sync()
-            if not disk.absent_blocks():
+            if ABSENT not in disk.map.states:
                 self._cut_origin(disk)
         finally:
             self.release(name)

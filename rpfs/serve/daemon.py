@@ -129,7 +129,7 @@ async def _sync_periodically(service: DiskService) -> None:
     while True:
         await trio.sleep(SYNC_INTERVAL)
         for disk in service.open_disks():
-            if disk.needs_sync:
+            if disk.map.needs_sync:
                 try:
                     await trio.to_thread.run_sync(disk.sync)
                 except OSError as exc:
