@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import checkpoint
 from .errors import SPACE_ERRNOS, NoSpace, RpfsError
-from .index import ZERO, DiskRecord, LineageRecord, PointRecord
+from .index import ZERO, DiskRecord, PointRecord
 from .ingest import Change, Ingest, examine
 from .names import ceil_div, check_name, default_point_name, fmt_bytes
 from .pipeline import ordered_map
@@ -136,11 +136,8 @@ class _Capture:
                 lineage = self.index.get_lineage(txn, disk.lineage)
                 base.head_gen = lineage.head_gen
                 base.chain = self.index.chain(txn, disk.lineage, lineage.head_gen)
-                points = [
-                    p for p in self.index.list_points(txn, self.disk)
-                    if p.lineage == disk.lineage and p.gen == lineage.head_gen
-                ]
-                base.allocated_blocks = points[0].allocated_blocks if points else 0
+                head = self.index.point_at(txn, disk.lineage, lineage.head_gen)
+                base.allocated_blocks = head.allocated_blocks if head else 0
             self._check_point_free(txn)
             capture_id = self.index.next_id(txn, "capture")
             self.index.put_capture(
@@ -216,16 +213,14 @@ class _Capture:
             self._check_point_free(txn)
             disk = base.disk
             if disk is None:
-                lineage = LineageRecord(self.index.next_id(txn, "lineage"), disks=[self.disk])
+                lineage = self.index.new_lineage(txn, self.disk)
                 disk = DiskRecord(self.disk, self.src.size, lineage.id, time.time())
                 self.index.put_disk(txn, disk)
             else:
                 lineage = self.index.get_lineage(txn, disk.lineage)
             gen = lineage.head_gen + 1
             for block, value in self.index.iter_staged(txn, capture_id):
-                self.index.put_extent(txn, lineage.id, block, gen, value)
-                if value != ZERO:
-                    self.index.incref(txn, value)
+                self.index.add_extent(txn, lineage.id, block, gen, value)
             self.index.drop_staged(txn, capture_id)
             lineage.head_gen = gen
             self.index.put_lineage(txn, lineage)

@@ -49,7 +49,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from . import mdbfile
-from .disks.livedisk import ABSENT, DIRTY, FROZEN, PAGE_BLOCKS, PRESENT, load_states
+from .disks.blockmap import ABSENT, DIRTY, FROZEN, PRESENT, BlockMap
 from .errors import CorruptChunk, RpfsError
 from .index import MAX_GEN, ZERO, DiskRecord, Index, IndexDamaged, PointState
 from .names import ceil_div
@@ -205,7 +205,8 @@ def probe(
             emit("points", index.salvage_points(txn))
             for disk in index.list_disks(txn) if block_size else ():
                 if disk.writable:
-                    states = load_states(index, txn, disk.file_id, ceil_div(disk.size, block_size))
+                    nblocks = ceil_div(disk.size, block_size)
+                    states = BlockMap.stored(index, txn, disk.file_id, nblocks)
                     emit(f"map:{disk.name}", (disk.lineage, disk.file_id, bytes(states)))
         index.verify_records()
         index.walk()
@@ -411,7 +412,7 @@ def _fix_disk(
     disk.clean = False
     index.put_disk(txn, disk)
     nblocks = ceil_div(disk.size, bs)
-    states = load_states(index, txn, disk.file_id, nblocks)
+    states = BlockMap.stored(index, txn, disk.file_id, nblocks)
     before = bytes(states)
     pending = [p for p in index.list_points(txn, disk.name)
                if p.state != PointState.COMPLETE and p.lineage == disk.lineage]
@@ -453,10 +454,7 @@ def _fix_disk(
                     fix.ambiguous += 1
     finally:
         src.close()
-    for page in range(ceil_div(nblocks, PAGE_BLOCKS)):
-        window = slice(page * PAGE_BLOCKS, (page + 1) * PAGE_BLOCKS)
-        if states[window] != before[window]:
-            index.put_map_page(txn, disk.file_id, page, bytes(states[window]))
+    BlockMap.store_changed(index, txn, disk.file_id, before, states)
     return fix
 
 

@@ -417,7 +417,23 @@ class Index:
         return out
 
     def put_extent(self, txn: lmdb.Transaction, lineage: int, block: int, gen: int, value: bytes):
+        """The extent's key and value alone, no chunk reference taken (see add_extent)."""
         txn.put(extent_key(lineage, block, gen), value, db=self.db["extents"])
+
+    def add_extent(
+        self, txn: lmdb.Transaction, lineage: int, block: int, gen: int, value: bytes
+    ) -> None:
+        """Record that `block` of `lineage` reads `value` from generation `gen` on, with
+        the reference that extent holds on its chunk (a ZERO extent holds none).
+
+        Every writer of extents comes here (a capture's publish, an archive batch, the
+        detach of a clone from its origin), so an extent and its chunk reference never
+        part. They all write a key that is not there yet (a new generation, or
+        generation 0 where a lineage has none), so nothing is replaced or released.
+        """
+        self.put_extent(txn, lineage, block, gen, value)
+        if value != ZERO:
+            self.incref(txn, value)
 
     def drop_extents_since(self, txn: lmdb.Transaction, lineage: int, gen: int) -> set[int]:
         """Delete a lineage's extents of generations >= `gen` (releasing their chunks);
@@ -587,6 +603,17 @@ class Index:
 
     def put_lineage(self, txn: lmdb.Transaction, rec: LineageRecord) -> None:
         txn.put(u64(rec.id), rec.encode(), db=self.db["lineages"])
+
+    def new_lineage(
+        self, txn: lmdb.Transaction, disk: str, origin: tuple[int, int] | None = None
+    ) -> LineageRecord:
+        """A new, stored lineage of `disk` with no generation yet; reads past its own
+        extents fall through to `origin` (lineage, gen), if given."""
+        rec = LineageRecord(self.next_id(txn, "lineage"), disks=[disk])
+        if origin is not None:
+            rec.parent, rec.parent_gen = origin
+        self.put_lineage(txn, rec)
+        return rec
 
 
 def _show(key: bytes) -> str:

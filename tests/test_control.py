@@ -268,7 +268,7 @@ async def test_a_stalled_client_is_answered_after_the_request_timeout(repo, monk
             await stalled.aclose()
             await other.aclose()
             nursery.cancel_scope.cancel()
-        service.close_all()
+        service.registry.close_all()
 
 
 # -- item 9: a size no disk can have, through the CLI --------------------------------------
@@ -304,7 +304,7 @@ def test_a_disk_whose_record_cannot_commit_leaves_no_local_file(repo, monkeypatc
         monkeypatch.setattr(opened.index, "put_disk", full)
         with pytest.raises(lmdb.MapFullError):
             service.create("x", MiB)
-        service.close_all()
+        service.registry.close_all()
     assert local_files(repo) == set()
 
 

@@ -359,19 +359,19 @@ def test_restore_undoes_a_snapshot_that_was_still_archiving(rpfs, repo, tmp_path
     a, b, c = (bytes([n]) * BS for n in (0xA1, 0xB2, 0xC3))
     with Repository(repo) as opened:
         service = DiskService(opened)
-        disk = service.acquire("d")
+        disk = service.registry.acquire("d")
         try:
             disk.write(0, a)
             disk.write(BS, b)
             with disk.barrier(), opened.index.write() as txn:
-                point = disk.freeze(txn, "s1", time.time())
-            disk.frozen(point)
-            assert disk.archive_batch(limit=1) == 1  # block 0 archived, block 1 frozen
+                point = disk.snapshots.freeze(txn, "s1", time.time())
+            disk.snapshots.frozen(point)
+            assert disk.snapshots.archive_batch(limit=1) == 1  # block 0 archived, block 1 frozen
             good = checkpoint.take(opened)
             disk.write(BS, c)  # archives block 1 first (copy-before-write)
             disk.sync()
         finally:
-            service.release("d")
+            service.registry.release("d")
     flip_db_name(repo, random.Random(SEED))
     res = rpfs("index", "restore", check=True)
     assert f"from checkpoint {good.path.name}" in res.stdout

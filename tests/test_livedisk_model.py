@@ -26,8 +26,9 @@ from pathlib import Path
 import pytest
 
 from rpfs.capture import capture
-from rpfs.disks.livedisk import FROZEN
+from rpfs.disks.blockmap import FROZEN
 from rpfs.disks.point import PointImage
+from rpfs.disks.registry import Registry
 from rpfs.disks.service import DiskService
 from rpfs.repo import Repository
 from rpfs.store.cache import ChunkCache
@@ -57,13 +58,13 @@ class Harness:
     """A repository with one clone `vm` of a captured point, driven step by step.
 
     Archiving runs only when the sequence says so (no archiver threads): the service's
-    `_start_archiver` is replaced by a no-op, as if the daemon's archiver were slow.
+    `Registry.start_archiver` is replaced by a no-op, as if the daemon's archiver were slow.
     """
 
     def __init__(self, root: Path, rng: random.Random, monkeypatch) -> None:
         self.root = root
         self.rng = rng
-        monkeypatch.setattr(DiskService, "_start_archiver", lambda self, name: None)
+        monkeypatch.setattr(Registry, "start_archiver", lambda self, name: None)
         source = root.parent / "source.img"
         data = bytearray(rng.randbytes(SIZE))
         for b in rng.sample(range(NBLOCKS), NBLOCKS // 4):  # zero blocks: not stored
@@ -74,7 +75,7 @@ class Harness:
         capture(self.repo, "base", source, "p0")
         self.service.clone("base@p0", "vm")
         self.model = Model(bytearray(data), bytes(data))
-        self.disk = self.service.acquire("vm")
+        self.disk = self.service.registry.acquire("vm")
         self.serial = 0
 
     def _open(self) -> None:
@@ -83,8 +84,8 @@ class Harness:
         self.service = DiskService(self.repo, self.cache, background=True)
 
     def close(self) -> None:
-        self.service.release("vm")
-        self.service.close_all()
+        self.service.registry.release("vm")
+        self.service.registry.close_all()
         self.cache.close()
         self.repo.close()
 
@@ -110,7 +111,7 @@ class Harness:
         self.model.durable_now()
 
     def archive_step(self) -> None:
-        self.disk.archive_batch(self.rng.randint(1, 8))
+        self.disk.snapshots.archive_batch(self.rng.randint(1, 8))
 
     def read_range(self) -> None:
         offset = self.rng.randrange(SIZE)
@@ -121,24 +122,24 @@ class Harness:
         if not self.model.points:
             return
         name = self.rng.choice(sorted(self.model.points))
-        self.service.release("vm")
+        self.service.registry.release("vm")
         self.service.rollback(f"vm@{name}")
-        self.disk = self.service.acquire("vm")
+        self.disk = self.service.registry.acquire("vm")
         self.model.disk = bytearray(self.model.points[name])
         self.model.durable_now()
 
     def crash(self) -> None:
         """Forget everything not committed: drop the open disk without closing it."""
-        for entry in self.service._open.values():
+        for entry in self.service.registry._open.values():
             os.close(entry.disk.fd)
-            if entry.disk._ingest is not None:
-                entry.disk._ingest.writer.close()
+            if entry.disk.snapshots._ingest is not None:
+                entry.disk.snapshots._ingest.writer.close()
             os.close(entry.lock_fd)
-        self.service._open.clear()
+        self.service.registry._open.clear()
         self.cache.close()
         self.repo.close()
         self._open()
-        self.disk = self.service.acquire("vm")
+        self.disk = self.service.registry.acquire("vm")
         got = self.disk.read(0, SIZE)
         m = self.model
         for b in range(NBLOCKS):
@@ -147,7 +148,7 @@ class Harness:
             assert got[window] in allowed, f"block {b} after a crash is neither durable nor new"
         m.disk = bytearray(got)
         m.durable_now()
-        assert not self.disk.tracked, "a crash must make the next point compare every block"
+        assert not self.disk.map.tracked, "a crash must make the next point compare every block"
 
     # -- checks ---------------------------------------------------------------------------
 
@@ -181,10 +182,10 @@ def test_random_sequences_match_the_model(tmp_path: Path, monkeypatch, seed: int
             history.append(step)
             getattr(h, step)()
             h.check(f"step {i} ({step}) of seed {seed}: {' '.join(history[-8:])}")
-        while h.disk.archive_batch():
+        while h.disk.snapshots.archive_batch():
             pass
         h.check(f"the final archive of seed {seed}")
-        assert FROZEN not in h.disk.states
+        assert FROZEN not in h.disk.map.states
         with h.repo.index.read() as txn:
             assert all(p.state == "complete" for p in h.repo.index.list_points(txn, "vm"))
     finally:

@@ -1,30 +1,14 @@
-"""A writable disk: a sparse local file plus a persistent per-block state map.
+"""A writable disk: reads, copy-on-read, writes and sync of its sparse local file.
 
-Block states:
-    ABSENT   the local file holds nothing trustworthy; the block resolves through the
-             disk's lineage and origins in the index (copy-on-read fetches it)
-    PRESENT  the local file is authoritative and equals the newest point / origin
-    DIRTY    the local file is authoritative and was written since the newest point
-    FROZEN   belongs to the point being archived and is not archived yet; a write to it
-             first archives it (copy-before-write)
-
-Snapshot (`freeze`): under a barrier that holds every stripe lock (no write in flight),
-fdatasync the file, then in one index transaction take generation g, create the point
-("archiving") and turn DIRTY into FROZEN (every local block if the dirty map is not
-trusted). Archiving copies FROZEN blocks into the store and, in one transaction, writes
-their extents at g, the point's figures and their new map pages: a persisted FROZEN
-state therefore always means "not archived yet", and a crash resumes where it stopped.
-
-Durability: a state change reaches the index only after the local file's data is on
-disk (fdatasync, then the LMDB commit of the changed map pages). So the persistent map
-never calls a block present whose bytes might not be there; a crash forgets at most
-states changed since the last `sync()`, and such blocks fall back to ABSENT (re-fetched
-from the origin) or keep their older state. `fsync`/`flush` on the image call `sync()`.
+Where each block's bytes are is the block map's (`blockmap.py`: states and the persist
+order); the points in the making are `snapshot.py`'s. `fsync`/`flush` on the image call
+`sync()`.
 
 Concurrency: callers are worker threads. Writes and copy-on-read fetches of a block
 hold that block's stripe lock, so a fetch never overwrites a newer write and two readers
-of one missing block fetch it once. Reads of local blocks take no lock. Lock order:
-stripe locks (ascending) -> archive lock -> sync lock.
+of one missing block fetch it once. Reads of local blocks take no lock. The locks of one
+disk, in the order they are taken: stripe locks (ascending) -> archive lock (Snapshots)
+-> sync lock (BlockMap) -> LMDB write transaction.
 """
 
 from __future__ import annotations
@@ -33,7 +17,6 @@ import ctypes
 import errno
 import logging
 import os
-import re
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -41,32 +24,20 @@ from pathlib import Path
 
 from .. import perms
 from ..errors import SPACE_ERRNOS
-from ..index import MAX_GEN, ZERO, DiskRecord, Index, LineageRecord, PointRecord, PointState
-from ..ingest import Ingest, examine
+from ..index import MAX_GEN, DiskRecord, PointRecord
 from ..lineage import can_differ, reads_differ
 from ..names import ceil_div
 from ..repo import Repository
 from ..store.cache import ChunkCache, Readahead
 from ..store.local import fsync_dir
-from .catalog import archiving_and_riders
+from .blockmap import ABSENT, DIRTY, FROZEN, PRESENT, BlockMap
+from .snapshot import Snapshots
 
 log = logging.getLogger(__name__)
 
-ABSENT, PRESENT, DIRTY, FROZEN = 0, 1, 2, 3
-PAGE_BLOCKS = 4096  # block states per LMDB value of the `blockmap` table
 STRIPES = 64
-ARCHIVE_BATCH = 64  # frozen blocks archived per index transaction
 FETCH_BATCH = 16  # absent blocks hydration fetches (and writes) at a time
-# The most blocks a writable disk may have. Its block states live in memory, one byte
-# per block (and `rpfs disks` loads those of each closed disk), so this keeps them at
-# most 4 GiB: 256 TiB at 64 KiB blocks, 16 TiB at 4 KiB; even with 4 MiB blocks far
-# below the 2^63-1 bytes a file offset holds.
-MAX_BLOCKS = 1 << 32
 
-_FREEZE_DIRTY = bytes([ABSENT, PRESENT, FROZEN, FROZEN]) + bytes(range(4, 256))
-_FREEZE_ALL = bytes([ABSENT, FROZEN, FROZEN, FROZEN]) + bytes(range(4, 256))
-_LOCAL_BLOCK = re.compile(rb"[^\x00]")  # any state but ABSENT: scans the map at C speed
-_UNFREEZE = bytes([ABSENT, PRESENT, DIRTY, DIRTY]) + bytes(range(4, 256))
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
@@ -93,19 +64,14 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def load_states(index: Index, txn, file_id: int, nblocks: int) -> bytearray:
-    """The persisted block states of a disk's local file (ABSENT where none stored)."""
-    states = bytearray(nblocks)
-    for page, value in index.map_pages(txn, file_id):
-        start = page * PAGE_BLOCKS
-        n = min(len(value), nblocks - start)
-        if n > 0:
-            states[start : start + n] = value[:n]
-    return states
-
-
 class LiveDisk:
-    """Reads and writes of one writable disk image (blocking: call from threads)."""
+    """Reads and writes of one writable disk image (blocking: call from threads).
+
+    Owns the stripe locks: STRIPES locks, block b's is b % STRIPES, taken in ascending
+    order. A writer or fetcher of a block holds its lock from checking the block's state
+    to setting the new one; a barrier holds them all. Holds the block map (`map`) and
+    the points in the making (`snapshots`).
+    """
 
     def __init__(self, repo: Repository, cache: ChunkCache, record: DiskRecord) -> None:
         self.repo = repo
@@ -119,24 +85,15 @@ class LiveDisk:
         self.nblocks = ceil_div(self.size, self.bs)
         self.path = repo.root / record.file
         self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
-        with self.index.read() as txn:
-            self.states = load_states(self.index, txn, record.file_id, self.nblocks)
+        self.map = BlockMap(self.index, record.file_id, self.nblocks,
+                            lambda: os.fdatasync(self.fd), tracked=record.clean)
         self.reload_chain()
         self._stripes = [threading.Lock() for _ in range(STRIPES)]
-        self._pages: set[int] = set()
-        self._sync_lock = threading.Lock()
-        self._archive_lock = threading.Lock()
-        self._ingest: Ingest | None = None
-        self._zero = bytes(self.bs)
+        self.zero = bytes(self.bs)
         self.readahead = Readahead(self.nblocks)
-        # A map left by a crash may miss writes: the next point compares every block.
-        self.tracked = record.clean
-        # Points taken while `archiving` was pending, with nothing written since: they read
-        # exactly as it does, so they complete with it instead of waiting for it.
-        self.riders: list[PointRecord] = []
-        self.archiving = self._find_archiving()
-        if self.archiving is None and FROZEN in self.states:
-            self.states[:] = self.states.translate(_UNFREEZE)
+        self.snapshots = Snapshots(self)
+        if self.snapshots.archiving is None:
+            self.map.thaw()
         self._mark_clean(False)
 
     def reload_chain(self) -> None:
@@ -146,9 +103,8 @@ class LiveDisk:
 
     def close(self) -> None:
         self.sync()
-        if self._ingest is not None:
-            self._ingest.close()
-        self._mark_clean(self.tracked)
+        self.snapshots.close()
+        self._mark_clean(self.map.tracked)
         os.close(self.fd)
 
     def _mark_clean(self, clean: bool) -> None:
@@ -158,36 +114,10 @@ class LiveDisk:
                 record.clean = clean
                 self.index.put_disk(txn, record)
 
-    def _find_archiving(self) -> PointRecord | None:
-        """The point whose frozen blocks are still to archive (the oldest pending one);
-        newer pending points of the lineage are its riders."""
-        with self.index.read() as txn:
-            archiving, riders = archiving_and_riders(
-                self.index.list_points(txn, self.name), self.record.lineage)
-            if archiving is None:
-                return None
-            self._prev_chain = self.index.chain(txn, archiving.lineage, archiving.gen - 1)
-        self.riders = riders
-        return archiving
-
-    # -- state bookkeeping ----------------------------------------------------------------
-
-    def _set(self, first: int, end: int, state: int) -> None:
-        """Set blocks [first, end) to `state`; the change is persisted by the next sync."""
-        self.states[first:end] = bytes([state]) * (end - first)
-        for page in range(first // PAGE_BLOCKS, (end - 1) // PAGE_BLOCKS + 1):
-            self._pages.add(page)  # after the state: a concurrent sync sees both or redoes
-
-    def absent_blocks(self) -> int:
-        return self.states.count(ABSENT)
-
-    @property
-    def needs_sync(self) -> bool:
-        """Block states changed since the last sync."""
-        return bool(self._pages)
+    # -- stripe locks ---------------------------------------------------------------------
 
     @contextmanager
-    def _locked_blocks(self, blocks: Iterable[int]) -> Iterator[None]:
+    def locked_blocks(self, blocks: Iterable[int]) -> Iterator[None]:
         """Hold the stripe locks of arbitrary blocks, in ascending stripe order."""
         stripes = sorted({b % STRIPES for b in blocks})
         for s in stripes:
@@ -200,7 +130,17 @@ class LiveDisk:
 
     def _locked(self, first: int, end: int):
         """Hold the stripe locks of blocks [first, end)."""
-        return self._locked_blocks(range(first, min(end, first + STRIPES)))
+        return self.locked_blocks(range(first, min(end, first + STRIPES)))
+
+    @contextmanager
+    def barrier(self) -> Iterator[None]:
+        """No write, copy-on-read or sync in flight while held; the file is made durable.
+
+        Holds the sync lock too, so the caller may open the index write transaction and
+        store the block map's pages in it (a freeze, a rollback).
+        """
+        with self._locked(0, STRIPES), self.map.quiesced():
+            yield
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -214,7 +154,7 @@ class LiveDisk:
         if offset >= end:
             return b""
         first, last = offset // self.bs, (end - 1) // self.bs
-        if ABSENT in self.states[first : last + 1]:
+        if ABSENT in self.map.states[first : last + 1]:
             return None
         self._read_ahead(offset, end, last)
         return os.pread(self.fd, end - offset, offset)
@@ -256,7 +196,8 @@ class LiveDisk:
         ahead = self.readahead.after_read(offset, end, last)
         if ahead is None:
             return
-        absent = [b for b in ahead if self.states[b] == ABSENT]
+        states = self.map.states
+        absent = [b for b in ahead if states[b] == ABSENT]
         if absent:
             self.cache.prefetch(self.chain, absent)
         if len(absent) < len(ahead):
@@ -267,14 +208,16 @@ class LiveDisk:
     def _fetch_absent(self, first: int, end: int, keep: bool = True) -> dict[int, bytes]:
         """Copy-on-read of the ABSENT blocks in [first, end): the blocks it fetched.
         With `keep` False they are only read (they stay ABSENT)."""
-        blocks = [b for b in range(first, end) if self.states[b] == ABSENT]
+        states = self.map.states
+        blocks = [b for b in range(first, end) if states[b] == ABSENT]
         if not blocks:
             return {}
-        with self._locked_blocks(blocks):
-            blocks = [b for b in blocks if self.states[b] == ABSENT]  # a racer may have won
+        with self.locked_blocks(blocks):
+            blocks = [b for b in blocks if states[b] == ABSENT]  # a racer may have won
             return self._fetch(blocks, keep) if blocks else {}
 
-    def _pread_block(self, block: int) -> bytes:
+    def pread_block(self, block: int) -> bytes:
+        """Block `block` of the local file, the last one padded with zeros."""
         data = os.pread(self.fd, self.bs, block * self.bs)
         return data if len(data) == self.bs else data + bytes(self.bs - len(data))
 
@@ -286,7 +229,7 @@ class LiveDisk:
             values = [self.index.resolve(txn, self.chain, b) for b in blocks]
             datas = self.cache.load(txn, blocks, values, f"disk {self.name}")
         if not keep:
-            return {b: self._zero if d is None else d for b, d in zip(blocks, datas, strict=True)}
+            return {b: self.zero if d is None else d for b, d in zip(blocks, datas, strict=True)}
         i, data_from = 0, -1  # the local file was a hole from the last lseek's offset to here
         while i < len(blocks):
             j = i + 1
@@ -304,9 +247,9 @@ class LiveDisk:
                     data_from = _next_data(self.fd, pos, self.size)
                 if data_from < pos + n:  # stale bytes in the run (we hold its locks)
                     punch_hole(self.fd, pos, n)
-            self._set(blocks[i], blocks[j - 1] + 1, PRESENT)
+            self.map.set(blocks[i], blocks[j - 1] + 1, PRESENT)
             i = j
-        return {b: self._zero if d is None else d for b, d in zip(blocks, datas, strict=True)}
+        return {b: self.zero if d is None else d for b, d in zip(blocks, datas, strict=True)}
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -321,22 +264,24 @@ class LiveDisk:
         with self._locked(first, last + 1):
             if self.space.low() and self._has_hole(first, last + 1):
                 raise self.space.error(f"a write to new blocks of disk {self.name}")
-            frozen = [b for b in range(first, last + 1) if self.states[b] == FROZEN]
-            self._archive_locked(frozen)  # copy-before-write: the point keeps the old bytes
+            states = self.map.states
+            frozen = [b for b in range(first, last + 1) if states[b] == FROZEN]
+            # Copy-before-write: the point keeps the old bytes.
+            self.snapshots.archive_locked(frozen)
             for b in {first, last}:
                 covered = offset <= b * self.bs and end >= min((b + 1) * self.bs, self.size)
-                if not covered and self.states[b] == ABSENT:
+                if not covered and states[b] == ABSENT:
                     self._fetch([b])  # read-modify-write of a partial block
             written = os.pwrite(self.fd, data, offset)
             self.space.spend(written)
             if written < len(data):  # the filesystem filled up: keep what the file backs
                 done = offset + written
-                if done % self.bs and self.states[done // self.bs] == ABSENT:
+                if done % self.bs and states[done // self.bs] == ABSENT:
                     done -= done % self.bs  # the rest of that block is not local
                 if done <= offset:
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
                 written = done - offset
-            self._set(first, (offset + written - 1) // self.bs + 1, DIRTY)
+            self.map.set(first, (offset + written - 1) // self.bs + 1, DIRTY)
         return written
 
     def _has_hole(self, first: int, end: int) -> bool:
@@ -349,222 +294,20 @@ class LiveDisk:
 
     def sync(self) -> None:
         """Make every completed write durable: file data first, then the block map."""
-        with self._sync_lock:
-            values = self._take_pages()
-            try:
-                os.fdatasync(self.fd)
-                if values:
-                    with self.index.write() as txn:
-                        self._put_pages(txn, values)
-            except BaseException:
-                self._pages.update(page for page, _ in values)  # still to persist
-                raise
+        self.map.persist()
 
-    def _take_pages(self) -> list[tuple[int, bytes]]:
-        """Snapshot the changed map pages (caller holds the sync lock, then fdatasyncs)."""
-        pages = []
-        while self._pages:
-            try:
-                pages.append(self._pages.pop())
-            except KeyError:
-                break
-        return [(p, bytes(self.states[p * PAGE_BLOCKS : (p + 1) * PAGE_BLOCKS])) for p in pages]
-
-    def _put_pages(self, txn, values: list[tuple[int, bytes]]) -> None:
-        for page, value in values:
-            self.index.put_map_page(txn, self.record.file_id, page, value)
-
-    # -- snapshots ------------------------------------------------------------------------
-
-    @contextmanager
-    def barrier(self) -> Iterator[None]:
-        """No write, copy-on-read or sync in flight while held; the file is made durable.
-
-        Holds the sync lock too, so the caller may open the index write transaction:
-        the lock order is stripes -> archive lock -> sync lock -> LMDB write transaction.
-        """
-        with self._locked(0, STRIPES), self._sync_lock:
-            os.fdatasync(self.fd)
-            yield
-
-    def freeze(self, txn, name: str, now: float) -> PointRecord:
-        """Create point `name` at a new generation (caller holds barrier(), checked that
-        the name is free, and commits txn).
-
-        Call `frozen(point)` after the transaction commits.
-        """
-        index = self.index
-        lineage = index.get_lineage(txn, self.record.lineage)
-        base = index.point_at(txn, lineage.id, lineage.head_gen) if lineage.head_gen else (
-            index.point_at(txn, lineage.parent, lineage.parent_gen) if lineage.parent else None
-        )
-        lineage.head_gen += 1
-        index.put_lineage(txn, lineage)
-        old = self._before_freeze = bytes(self.states)
-        if self.archiving is not None:
-            if self.must_finish_archive:
-                raise RuntimeError(f"disk {self.name}: freeze while archiving with writes")
-            frozen = 0  # a rider: its blocks are the pending point's, nothing to freeze
-        else:
-            self.states[:] = self.states.translate(
-                _FREEZE_DIRTY if self.tracked else _FREEZE_ALL
-            )
-            frozen = self.states.count(FROZEN)
-            for p in range(ceil_div(self.nblocks, PAGE_BLOCKS)):
-                window = slice(p * PAGE_BLOCKS, (p + 1) * PAGE_BLOCKS)
-                if old[window] != self.states[window]:
-                    self._pages.add(p)
-            self._put_pages(txn, self._take_pages())  # the barrier made the data durable
-            self._prev_chain = index.chain(txn, lineage.id, lineage.head_gen - 1)
-        point = PointRecord(
-            disk=self.name, name=name, lineage=lineage.id, gen=lineage.head_gen, created=now,
-            size=self.size, allocated_blocks=base.allocated_blocks if base else 0,
-            method="tracked" if self.tracked else "full-compare",
-            state=PointState.ARCHIVING if frozen or self.archiving else PointState.COMPLETE,
-            frozen_blocks=frozen,
-        )
-        index.put_point(txn, point)
-        return point
-
-    @property
-    def must_finish_archive(self) -> bool:
-        """A point is still archiving and something was written since (or the map is not
-        trusted): the next point must wait for that archive. Otherwise the next point
-        rides on the pending one. Exact only under barrier()."""
-        return self.archiving is not None and (not self.tracked or DIRTY in self.states)
-
-    def unfreeze(self) -> None:
-        """The freeze's transaction did not commit: take back its state changes."""
-        self.states[:] = self._before_freeze
-        self._pages.update(range(ceil_div(self.nblocks, PAGE_BLOCKS)))
-
-    def frozen(self, point: PointRecord) -> None:
-        """The freeze committed: start tracking writes anew and archive `point` (or let
-        it ride on the point being archived)."""
-        self.tracked = True
-        if self.archiving is not None:
-            self.riders.append(point)
-        else:
-            self.archiving = point if point.state == PointState.ARCHIVING else None
-
-    def archive_batch(self, limit: int = ARCHIVE_BATCH) -> int:
-        """Archive up to `limit` frozen blocks; 0 once the point is complete."""
-        if self.archiving is None:
-            return 0
-        blocks, pos = [], 0
-        while len(blocks) < limit:
-            pos = self.states.find(FROZEN, pos)
-            if pos < 0:
-                break
-            blocks.append(pos)
-            pos += 1
-        if not blocks:
-            self._complete()
-            return 0
-        with self._locked_blocks(blocks):
-            return self._archive_locked([b for b in blocks if self.states[b] == FROZEN])
-
-    def finish_archiving(self) -> None:
-        while self.archive_batch():
-            pass
+    # -- readers of a point still archiving -----------------------------------------------
 
     def frozen_block(self, block: int, gen: int) -> bytes | None:
         """For readers of the archiving point: its block still in the local file, if so."""
-        point = self.archiving
-        if point is None or (point.gen != gen and all(r.gen != gen for r in self.riders)):
+        if not self.snapshots.pending(gen):
             return None
         # Under the stripe lock: an archiver holds it from unfreezing the block until its
         # extent is committed, so "not frozen" here means "readable through the index".
         with self._locked(block, block + 1):
-            if self.states[block] == FROZEN:
-                return self._pread_block(block)
+            if self.map.states[block] == FROZEN:
+                return self.pread_block(block)
         return None
-
-    def _archive_locked(self, blocks: list[int]) -> int:
-        """Copy frozen `blocks` into the point (caller holds their stripe locks).
-
-        All or nothing: if anything fails (a full disk, say), the blocks stay FROZEN, the
-        records this batch appended are cut from the pack, and the next attempt starts
-        on a new Ingest. Below the space reserve it does not start (NoSpace).
-        """
-        if not blocks:
-            return 0
-        with self._archive_lock:
-            self.space.check(f"archiving point {self.archiving.ref}")
-            ingest = self._ingest = self._ingest or Ingest(self.repo)
-            try:
-                self._archive_into(ingest, blocks)
-            except BaseException:
-                self._ingest = None
-                for b in blocks:
-                    self._set(b, b + 1, FROZEN)
-                try:
-                    ingest.discard()
-                except OSError as exc:  # left as garbage that nothing names
-                    log.warning("disk %s: cannot remove unregistered pack bytes: %s",
-                                self.name, exc)
-                raise
-        return len(blocks)
-
-    def _archive_into(self, ingest: Ingest, blocks: list[int]) -> None:
-        point = self.archiving
-        stored_before = ingest.bytes_stored
-        changes = []
-        with self.index.read() as txn:
-            for b in blocks:
-                prev = self.index.resolve(txn, self._prev_chain, b)
-                change = examine(self.index, txn, b, self._pread_block(b), self._zero, prev)
-                if change is not None:
-                    ingest.take(change)
-                    changes.append(change)
-        ingest.sync()
-        for b in blocks:
-            self._set(b, b + 1, PRESENT)
-        with self._sync_lock:
-            values = self._take_pages()
-            try:
-                os.fdatasync(self.fd)
-                with self.index.write() as txn:
-                    ingest.register(txn)
-                    for change in changes:
-                        self.index.put_extent(txn, point.lineage, change.block, point.gen,
-                                              change.value)
-                        if change.value != ZERO:
-                            self.index.incref(txn, change.value)
-                    rec = self.index.get_point(txn, point.disk, point.name)
-                    rec.archived_blocks += len(blocks)
-                    rec.blocks_written += len(changes)
-                    rec.bytes_stored += ingest.bytes_stored - stored_before
-                    rec.allocated_blocks += sum(c.allocated_delta for c in changes)
-                    self.index.put_point(txn, rec)
-                    self._put_pages(txn, values)
-            except BaseException:
-                self._pages.update(page for page, _ in values)
-                raise
-        ingest.committed()
-        self.archiving = rec
-
-    def _complete(self) -> None:
-        # The sync lock keeps this out of a barrier, so a point is never made a rider
-        # between this commit and the end of the freeze that took it.
-        with self._archive_lock, self._sync_lock:
-            point = self.archiving
-            if point is None:
-                return
-            with self.index.write() as txn:
-                rec = self.index.get_point(txn, point.disk, point.name)
-                rec.state = PointState.COMPLETE
-                self.index.put_point(txn, rec)
-                for rider in self.riders:
-                    other = self.index.get_point(txn, rider.disk, rider.name)
-                    other.state, other.allocated_blocks = PointState.COMPLETE, rec.allocated_blocks
-                    self.index.put_point(txn, other)
-            self.archiving, riders, self.riders = None, self.riders, []
-        log.info("disk %s: point %s archived (%d blocks written, %d bytes stored)",
-                 self.name, rec.name, rec.blocks_written, rec.bytes_stored)
-        for rider in riders:
-            log.info("disk %s: point %s complete with %s (nothing written between them)",
-                     self.name, rider.name, rec.name)
 
     # -- rollback -------------------------------------------------------------------------
 
@@ -575,33 +318,28 @@ class LiveDisk:
         from the point become ABSENT in the same commit, so they are fetched from the point
         on read or by hydration. Returns how many were dropped.
         """
-        self.finish_archiving()
+        self.snapshots.finish()
+        states = self.map.states
         with self.barrier():
             with self.index.read() as txn:
                 changed = self._changed_since(txn, point)
-                local = (m.start() for m in _LOCAL_BLOCK.finditer(self.states))
                 # After a crash a PRESENT block may hold an unrecorded write: drop them all.
                 drop = [
-                    b for b in local
-                    if self.states[b] != PRESENT or not self.tracked or changed(b)
+                    b for b in self.map.local_blocks()
+                    if states[b] != PRESENT or not self.map.tracked or changed(b)
                 ]
-            before = bytes(self.states)
+            before = bytes(states)
             for b in drop:
-                self._set(b, b + 1, ABSENT)
+                self.map.set(b, b + 1, ABSENT)
             try:
                 with self.index.write() as txn:  # the barrier holds the sync lock
-                    lineage = LineageRecord(
-                        self.index.next_id(txn, "lineage"), parent=point.lineage,
-                        parent_gen=point.gen, disks=[self.name],
-                    )
-                    self.index.put_lineage(txn, lineage)
+                    lineage = self.index.new_lineage(txn, self.name, (point.lineage, point.gen))
                     record = self.index.get_disk(txn, self.name)
                     record.lineage, record.origin = lineage.id, point.ref
                     self.index.put_disk(txn, record)
-                    self._put_pages(txn, self._take_pages())
+                    self.map.store_pages(txn)
             except BaseException:  # the disk stays as it was: its local blocks too
-                self.states[:] = before
-                self._pages.update(range(ceil_div(self.nblocks, PAGE_BLOCKS)))
+                self.map.restore(before)
                 raise
             self.record = record
             self.reload_chain()

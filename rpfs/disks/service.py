@@ -1,9 +1,8 @@
-"""Operations on writable disks: create, clone, delete, hydrate, list.
+"""The disk commands: create, clone, snapshot, rollback, hydrate, delete, disks.
 
-One `DiskService` owns the open `LiveDisk` objects of a process. In the daemon it is
-shared by the FUSE layer (file handles) and the control socket (commands), so a command
-and a VM writing through the mount see the same in-memory block states. Without a
-daemon the CLI uses its own instance directly on the repository.
+A `DiskService` runs them on the open disks of a `Registry`: in the daemon, the one the
+FUSE layer shares (the control socket calls these methods); without a daemon, the CLI's
+own, on the repository directly.
 """
 
 from __future__ import annotations
@@ -12,37 +11,32 @@ import contextlib
 import functools
 import logging
 import os
-import threading
 import time
-from collections.abc import Callable, Iterator
 
-from ..errors import RpfsError, describe_os_error, stall_reason
+from ..errors import RpfsError, describe_os_error
 from ..index import ZERO, DiskRecord, LineageRecord, PointRecord, PointState
 from ..names import ceil_div, check_name, default_point_name, parse_point_ref
 from ..pipeline import ordered_map
 from ..progress import ProgressFn
 from ..repo import Repository
 from ..store.cache import ChunkCache
-from .livedisk import ABSENT, MAX_BLOCKS, LiveDisk, create_local_file, load_states
+from .blockmap import ABSENT, MAX_BLOCKS, BlockMap
+from .livedisk import LiveDisk, create_local_file
+from .registry import Registry
 
 log = logging.getLogger(__name__)
 
 HYDRATE_BATCH = 256  # blocks per hydration task
 SYNC_EVERY = 64  # hydration tasks between block-map syncs
 NAMES_SHOWN = 5  # point names a refusal lists before "and N more"
-RETRY_FIRST, RETRY_MAX = 1.0, 60.0  # seconds between tries of a stalled archive (doubling)
-
-
-class _Open:
-    def __init__(self, disk: LiveDisk, lock_fd: int) -> None:
-        self.disk = disk
-        self.lock_fd = lock_fd
-        self.users = 0  # acquire() calls not yet released
-        self.handles = 0  # of which: open files of the mount
 
 
 class DiskService:
-    """Disk commands and the registry of open writable disks."""
+    """The disk commands, on the open disks of `registry`.
+
+    Holds no lock of its own: a command takes a claim, the registry lock and the disks'
+    locks through the registry and the disks, in the documented order (see Registry).
+    """
 
     def __init__(
         self, repo: Repository, cache: ChunkCache | None = None, background: bool = False
@@ -50,156 +44,13 @@ class DiskService:
         """`background`: archive new points in threads (the daemon); else before returning."""
         self.repo = repo
         self.index = repo.index
-        self.cache = cache or ChunkCache(repo)
-        self.background = background
-        self._open: dict[str, _Open] = {}
-        self._lock = threading.Lock()
-        # Disks a rollback or delete holds closed from its check to its commit (see
-        # _claim); opens of their images wait on this condition of the registry lock.
-        self._claimed: set[str] = set()
-        self._unclaimed = threading.Condition(self._lock)
-        self._archivers: dict[str, threading.Thread] = {}
-        self._give_up: dict[str, threading.Event] = {}  # per archiver: stop without finishing
-        # disk -> why its archive waits (e.g. "no space on device"): kept here, not only in
-        # the log, because the log lives on the filesystem that may be full.
-        self._stalled: dict[str, str] = {}
-        self._background: list[threading.Thread] = []
-        self._point_readers: dict[str, int] = {}  # disk -> open point images of the mount
-        # Called with a disk's name after it is deleted (the daemon drops the kernel's
-        # cached entries, so a disk re-created under that name shows at once).
-        self.on_removed: Callable[[str], None] = lambda name: None
-        self._stopping = threading.Event()
-
-    # -- open disks -----------------------------------------------------------------------
+        self.registry = Registry(repo, cache or ChunkCache(repo), background)
 
     def _record(self, name: str, txn=None) -> DiskRecord:
         if txn is None:
             with self.index.read() as txn:
                 return self._record(name, txn)
         return self.index.disk_named(txn, name)
-
-    def acquire(self, name: str, handle: bool = False) -> LiveDisk:
-        """Open (or share) the writable disk `name`; pair with release().
-
-        `handle`: for an open file of the mount; it waits while a command holds the disk
-        (see _claim), so it opens the disk as that command left it.
-        """
-        with self._lock:
-            if handle:
-                self._wait_unclaimed(name)
-            entry = self._open.get(name)
-            if entry is None:
-                record = self._record(name)
-                if not record.writable:
-                    raise RpfsError(
-                        f"disk {name} has only recovery points; clone one to get a "
-                        f"writable disk: rpfs clone {name}@POINT NEWNAME"
-                    )
-                fd = self.repo.lock_disk(name, "it is open in another rpfs process")
-                try:
-                    entry = _Open(LiveDisk(self.repo, self.cache, record), fd)
-                except BaseException:
-                    os.close(fd)
-                    raise
-                self._open[name] = entry
-            entry.users += 1
-            entry.handles += handle
-            return entry.disk
-
-    def release(self, name: str, handle: bool = False) -> None:
-        # The last user closes the disk (sync, unlock) while holding the registry lock: an
-        # acquire() arriving meanwhile must wait for the lock file, not find it still held.
-        with self._lock:
-            entry = self._open[name]
-            entry.users -= 1
-            entry.handles -= handle
-            if entry.users:
-                return
-            try:
-                entry.disk.close()
-            finally:
-                os.close(entry.lock_fd)
-                del self._open[name]
-
-    def open_disks(self) -> list[LiveDisk]:
-        with self._lock:
-            return [entry.disk for entry in self._open.values()]
-
-    def close_all(self) -> None:
-        self._stopping.set()
-        for event in list(self._give_up.values()):
-            event.set()  # a stalled archiver must not hold up the unmount
-        for thread in [*self._archivers.values(), *self._background]:
-            thread.join()
-        with self._lock:
-            entries = list(self._open.values())
-            self._open.clear()
-        for entry in entries:
-            try:
-                entry.disk.close()
-            finally:
-                os.close(entry.lock_fd)
-
-    def point_opened(self, disk: str, delta: int) -> None:
-        """Count the mount's open point images of `disk` (they block its deletion).
-
-        An open (+1) waits while a command holds the disk (see _claim): look the point
-        up after this call, so a point deleted meanwhile is not found.
-        """
-        with self._lock:
-            if delta > 0:
-                self._wait_unclaimed(disk)
-            self._point_readers[disk] = self._point_readers.get(disk, 0) + delta
-
-    def _wait_unclaimed(self, name: str) -> None:
-        """Wait until no command holds disk `name` (caller holds the registry lock).
-
-        Only opens of the mount wait here, in worker threads, never the trio thread; a
-        claim lasts from a command's check to its commit, not through its long waits.
-        """
-        while name in self._claimed:
-            self._unclaimed.wait()
-
-    def _check_closed(self, name: str, action: str, points_too: bool = False) -> None:
-        with self._lock:
-            self._refuse_if_open(name, action, points_too)
-
-    def _refuse_if_open(self, name: str, action: str, points_too: bool) -> None:
-        """RpfsError if the mount has an image of `name` open (caller holds the lock)."""
-        entry = self._open.get(name)
-        handles = entry.handles if entry is not None else 0
-        readers = self._point_readers.get(name, 0) if points_too else 0
-        if readers:
-            raise RpfsError(
-                f"disk {name} has {readers} open point image(s) in the mount; close them "
-                f"(see 'fuser -v MOUNT/points/{name}/*') and {action} again"
-            )
-        if handles:
-            raise RpfsError(
-                f"disk {name} is open ({handles} open file(s) of its image); close it "
-                f"(see 'fuser -v MOUNT/disks/{name}.img') and {action} again"
-            )
-
-    @contextlib.contextmanager
-    def _claim(self, name: str, action: str, points_too: bool = False) -> Iterator[None]:
-        """Check that no image of `name` is open and hold it so until the block ends.
-
-        Check and claim are one step under the registry lock, and opens of the disk's
-        image and of its point images wait for the claim: an open between a check and
-        the commit would otherwise read the old bytes and then the new ones, or zeros
-        once a deleted point's extents are gone. `points_too`: open point images refuse
-        too. A second command on the same disk waits for the first, then checks afresh.
-        """
-        with self._lock:
-            self._wait_unclaimed(name)
-            self._refuse_if_open(name, action, points_too)
-            self._claimed.add(name)
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._claimed.discard(name)
-                self._unclaimed.notify_all()
 
     # -- commands -------------------------------------------------------------------------
 
@@ -234,12 +85,9 @@ class DiskService:
         with self.index.read() as txn:
             point = self.index.point_named(txn, src_disk, src_point)
         if point.state != PointState.COMPLETE:  # the clone reads through the index: archive first
-            self._join_archiver(src_disk)
-            disk = self.acquire(src_disk)
-            try:
-                disk.finish_archiving()
-            finally:
-                self.release(src_disk)
+            self.registry.join_archiver(src_disk)
+            with self.registry.using(src_disk) as disk:
+                disk.snapshots.finish()
         return self._new_disk(name, point.size, (point.lineage, point.gen), source)
 
     def _check_new_name(self, name: str) -> None:
@@ -273,11 +121,7 @@ class DiskService:
                 if parent is not None and self.index.get_lineage(txn, parent[0]) is None:
                     raise RpfsError(f"cannot clone {origin}: it was deleted meanwhile; "
                                     f"disk {name} was not created")
-                lineage = LineageRecord(self.index.next_id(txn, "lineage"), disks=[name])
-                if parent is not None:
-                    lineage.parent, lineage.parent_gen = parent
-                self.index.put_lineage(txn, lineage)
-                record.lineage = lineage.id
+                record.lineage = self.index.new_lineage(txn, name, parent).id
                 self.index.put_disk(txn, record)
         except BaseException as exc:
             path.unlink(missing_ok=True)
@@ -303,21 +147,20 @@ class DiskService:
         }
         if not record.writable:
             return {**out, "hydrated_pct": None, "state": "points only", "stalled": None}
-        with self._lock:
-            entry = self._open.get(record.name)
-            states = entry.disk.states if entry else None
-            handles = entry.handles if entry else 0
-        if states is None:
+        disk, handles = self.registry.opened(record.name)
+        if disk is not None:
+            states = disk.map.states
+        else:
             nblocks = ceil_div(record.size, self.repo.block_size)
             with self.index.read() as txn:
-                states = load_states(self.index, txn, record.file_id, nblocks)
+                states = BlockMap.stored(self.index, txn, record.file_id, nblocks)
         absent = states.count(ABSENT) if record.origin else 0
         pct = 100.0 * (1 - absent / len(states)) if len(states) else 100.0
         return {
             **out,
             "hydrated_pct": round(pct, 2),
             "state": f"open ({handles})" if handles else "idle",
-            "stalled": self._stalled.get(record.name),
+            "stalled": self.registry.stalls().get(record.name),
         }
 
     # -- points of writable disks --------------------------------------------------------
@@ -332,18 +175,18 @@ class DiskService:
         opened: list[LiveDisk] = []
         try:
             for disk_name in names:
-                opened.append(self.acquire(disk_name))
+                opened.append(self.registry.acquire(disk_name))
             while True:
                 # One archiving point per disk at a time, but a disk with nothing written
                 # since its pending point needs no wait: the new point rides on that one.
                 for disk in opened:
-                    if disk.must_finish_archive:
-                        self._join_archiver(disk.name)
-                        disk.finish_archiving()
+                    if disk.snapshots.must_finish:
+                        self.registry.join_archiver(disk.name)
+                        disk.snapshots.finish()
                 with contextlib.ExitStack() as barriers:
                     for disk in opened:
                         barriers.enter_context(disk.barrier())
-                    if any(d.must_finish_archive for d in opened):
+                    if any(d.snapshots.must_finish for d in opened):
                         continue  # a write landed before the barrier: archive, try again
                     points = self._freeze_all(opened, point_name)
                 break
@@ -351,17 +194,17 @@ class DiskService:
                 if point.rides:
                     log.info("disk %s: point %s taken, nothing written since point %s: "
                              "complete when that one is", disk.name, point_name,
-                             disk.archiving.name if disk.archiving else "-")
+                             pending.name if (pending := disk.snapshots.archiving) else "-")
                 else:
                     log.info("disk %s: point %s taken (%s, %d blocks to archive)", disk.name,
                              point_name, point.method, point.frozen_blocks)
-                if not self.background:
-                    disk.finish_archiving()
+                if not self.registry.background:
+                    disk.snapshots.finish()
                 elif not point.rides:  # it completes with the pending point's archiver
-                    self._start_archiver(disk.name)
+                    self.registry.start_archiver(disk.name)
         finally:
             for disk in opened:
-                self.release(disk.name)
+                self.registry.release(disk.name)
         return [{**vars(p), "rides": p.rides} for p in points]
 
     def _freeze_all(self, opened: list[LiveDisk], point_name: str) -> list[PointRecord]:
@@ -378,103 +221,19 @@ class DiskService:
                         )
                 points = []
                 for disk in opened:
-                    points.append(disk.freeze(txn, point_name, now))
+                    points.append(disk.snapshots.freeze(txn, point_name, now))
                     frozen.append(disk)
         except BaseException:
             for disk in frozen:
-                disk.unfreeze()
+                disk.snapshots.unfreeze()
             raise
         for disk, point in zip(opened, points, strict=True):
-            disk.frozen(point)
+            disk.snapshots.frozen(point)
         return points
-
-    def _start_archiver(self, name: str) -> None:
-        """Archive `name`'s point in a thread that holds the disk open until done.
-
-        An OS error (a full disk above all) stalls it, not ends it: the blocks stay
-        frozen, `stalls()` says why, and it tries again after 1 s, 2 s, ... at most every
-        60 s, so it resumes by itself once space is back.
-        """
-        disk = self.acquire(name)
-        give_up = threading.Event()
-
-        def run() -> None:
-            delay = RETRY_FIRST
-            try:
-                while not (self._stopping.is_set() or give_up.is_set()):
-                    try:
-                        if not disk.archive_batch():
-                            break
-                    except OSError as exc:
-                        self._stall(name, exc, delay)
-                        give_up.wait(delay)  # set by delete, or by close_all
-                        delay = min(2 * delay, RETRY_MAX)
-                        continue
-                    if self._stalled.pop(name, None) is not None:
-                        log.info("disk %s: archiving resumed", name)
-                        delay = RETRY_FIRST
-            except Exception:
-                log.exception("disk %s: archiving failed; it resumes at the next open", name)
-                self._stalled[name] = "failed (see the daemon's log); resumes at the next mount"
-                return
-            finally:
-                with self._lock:
-                    if self._archivers.get(name) is threading.current_thread():
-                        del self._archivers[name]  # not a newer archiver's entry
-                        del self._give_up[name]
-                self.release(name)
-            self._stalled.pop(name, None)
-
-        thread = threading.Thread(target=run, name=f"rpfs-archive-{name}", daemon=True)
-        with self._lock:
-            self._archivers[name] = thread
-            self._give_up[name] = give_up
-        thread.start()
-
-    def _stall(self, name: str, exc: OSError, delay: float) -> None:
-        reason = stall_reason(exc)
-        if self._stalled.get(name) != reason:  # once per stall, not at every try
-            log.warning("disk %s: archiving stalled: %s; trying again every %g-%g s",
-                        name, describe_os_error(exc, self.repo.root), delay, RETRY_MAX)
-        self._stalled[name] = reason
 
     def stalls(self) -> dict[str, str]:
         """Disks whose archive waits, and why (shown by `rpfs disks` and `rpfs points`)."""
-        return dict(self._stalled)
-
-    def _join_archiver(self, name: str) -> None:
-        """Wait for `name`'s archiver; if it is stalled, say so instead of waiting."""
-        with self._lock:
-            thread = self._archivers.get(name)
-        while thread is not None and thread.is_alive():
-            reason = self._stalled.get(name)
-            if reason is not None:
-                raise RpfsError(
-                    f"disk {name}: archiving of its newest point is stalled ({reason}); it "
-                    "resumes by itself once that is resolved (see 'rpfs points'), try again "
-                    "then"
-                )
-            thread.join(0.2)
-
-    def _stop_archiver(self, name: str) -> None:
-        """Stop `name`'s archiver without finishing (its disk is being deleted)."""
-        with self._lock:
-            thread, give_up = self._archivers.get(name), self._give_up.get(name)
-        if thread is not None:
-            give_up.set()
-            thread.join()
-
-    def resume_archiving(self, disk: str | None = None) -> None:
-        """Start archivers for points a crash or stop left half archived (daemon start),
-        or for `disk` only, whose archiver was stopped, if none runs."""
-        with self.index.read() as txn:
-            pending = {p.disk for p in self.index.list_points(txn, disk)
-                       if p.state == PointState.ARCHIVING}
-        for name in sorted(pending):
-            with self._lock:
-                running = name in self._archivers
-            if not running:
-                self._start_archiver(name)
+        return self.registry.stalls()
 
     def rollback(self, point: str) -> dict:
         """Bring a closed disk back to one of its points; newer points stay as a branch."""
@@ -487,29 +246,27 @@ class DiskService:
             )
         with self.index.read() as txn:
             target = self.index.point_named(txn, disk_name, point_name)
-        self._check_closed(disk_name, "roll it back")  # before waiting for the archive
-        self._join_archiver(disk_name)
-        with self._claim(disk_name, "roll it back"):
-            disk = self.acquire(disk_name)
-            try:
-                dropped = disk.rollback(target)
-            finally:
-                self.release(disk_name)
+        self.registry.check_closed(disk_name, "roll it back")  # before waiting for the archive
+        self.registry.join_archiver(disk_name)
+        with (
+            self.registry.claim(disk_name, "roll it back"),
+            self.registry.using(disk_name) as disk,
+        ):
+            dropped = disk.rollback(target)
         return {"disk": disk_name, "point": point_name, "blocks_to_fetch": dropped}
 
     def hydrate(
         self, name: str, progress: ProgressFn | None = None, workers: int | None = None
     ) -> dict:
         """Copy every block of a clone into its local file (resumable, safe while in use)."""
-        disk = self.acquire(check_name(name, "disk name"))
-        try:
+        with self.registry.using(check_name(name, "disk name")) as disk:
             bs = disk.bs
             ranges = [(b, min(b + HYDRATE_BATCH, disk.nblocks))
                       for b in range(0, disk.nblocks, HYDRATE_BATCH)]
             fetched = 0
             fetch = functools.partial(_hydrate_range, disk)
             for i, ((_, end), n) in enumerate(ordered_map(fetch, ranges, workers)):
-                if self._stopping.is_set():
+                if self.registry.stopping.is_set():
                     break
                 fetched += n
                 if progress:
@@ -517,10 +274,8 @@ class DiskService:
                 if i % SYNC_EVERY == SYNC_EVERY - 1:
                     disk.sync()
             disk.sync()
-            if not disk.absent_blocks():
+            if ABSENT not in disk.map.states:
                 self._cut_origin(disk)
-        finally:
-            self.release(name)
         log.info("disk %s: hydrated, %d blocks fetched", name, fetched)
         return {"name": name, "blocks_fetched": fetched, "bytes_fetched": fetched * bs}
 
@@ -541,7 +296,7 @@ class DiskService:
 
         def run() -> None:
             for disk in self.disks():
-                if self._stopping.is_set():
+                if self.registry.stopping.is_set():
                     return
                 if disk["writable"] and (disk["hydrated_pct"] or 0) < 100:
                     try:
@@ -552,9 +307,7 @@ class DiskService:
                     except Exception:
                         log.exception("disk %s: background hydration failed", disk["name"])
 
-        thread = threading.Thread(target=run, name="rpfs-hydrate", daemon=True)
-        self._background.append(thread)
-        thread.start()
+        self.registry.run_in_background("rpfs-hydrate", run)
 
     def delete(self, name: str, force: bool = False, with_points: bool = False) -> dict:
         """Delete a disk (and a writable one's local file) with its points.
@@ -566,20 +319,20 @@ class DiskService:
         they no longer need it.
         """
         self._record(check_name(name, "disk name"))  # a wrong name fails before any wait
-        self._check_closed(name, "delete it", points_too=True)
-        self._stop_archiver(name)  # its points go too; a stalled one must not block that
+        self.registry.check_closed(name, "delete it", points_too=True)
+        self.registry.stop_archiver(name)  # its points go too; a stalled one must not block that
         try:
-            with self._claim(name, "delete it", points_too=True):
+            with self.registry.claim(name, "delete it", points_too=True):
                 points, dependants = self._drop(name, force, with_points)
         except BaseException:
-            if self.background:  # not deleted: its pending point must still be archived
-                self.resume_archiving(name)
+            if self.registry.background:  # not deleted: its pending point must still be archived
+                self.registry.resume_archiving(name)
             raise
         # After the claim: the kernel's invalidation may wait for requests of the mount,
         # and those for the worker threads that opens waiting for the claim hold.
-        for open_disk in self.open_disks():  # dependants now resolve through themselves
+        for open_disk in self.registry.open_disks():  # dependants now resolve through themselves
             open_disk.reload_chain()
-        self.on_removed(name)
+        self.registry.on_removed(name)
         detached = sorted({d for lin in dependants for d in lin.disks})
         log.info("disk %s: deleted with %d point(s) (%d dependants detached)", name,
                  len(points), len(detached))
@@ -647,8 +400,7 @@ class DiskService:
         for block in range(ceil_div(size, self.repo.block_size)):
             value = self.index.resolve(txn, chain, block)
             if value != ZERO and self.index.lookup(txn, lin.id, block, 0) is None:
-                self.index.put_extent(txn, lin.id, block, 0, value)
-                self.index.incref(txn, value)
+                self.index.add_extent(txn, lin.id, block, 0, value)
         lin.parent, lin.parent_gen = None, 0
         self.index.put_lineage(txn, lin)
 

@@ -313,4 +313,4 @@ def disk_service(root: Path) -> Iterator[DiskService | RemoteService]:
         try:
             yield service
         finally:
-            service.close_all()
+            service.registry.close_all()

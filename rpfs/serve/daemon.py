@@ -128,8 +128,8 @@ async def _sync_periodically(service: DiskService) -> None:
     failing: set[str] = set()
     while True:
         await trio.sleep(SYNC_INTERVAL)
-        for disk in service.open_disks():
-            if disk.needs_sync:
+        for disk in service.registry.open_disks():
+            if disk.map.needs_sync:
                 try:
                     await trio.to_thread.run_sync(disk.sync)
                 except OSError as exc:
@@ -238,8 +238,8 @@ def serve(
                    f"{root / 'rpfs.log'}")
     cache = ChunkCache(repo)
     service = DiskService(repo, cache, background=True)
-    ops = Operations(Tree(repo, cache, service, options.access))
-    service.on_removed = ops.forget_disk
+    ops = Operations(Tree(repo, cache, service.registry, options.access))
+    service.registry.on_removed = ops.forget_disk
     # default_permissions: the kernel checks the modes Access gives (root passes anyway).
     fuse_options = set(pyfuse3.default_options) | {
         "fsname=rpfs", "subtype=rpfs", "default_permissions"}
@@ -253,7 +253,7 @@ def serve(
         on_error(f"cannot mount at {mountpoint}: {exc}")
         return 1
     log.info("serving repository %s at %s (pid %d)", root, mountpoint, os.getpid())
-    service.resume_archiving()
+    service.registry.resume_archiving()
     if options.hydrate:
         service.start_background_hydration()
     checkpoints = _Checkpoints(repo)
@@ -261,7 +261,7 @@ def serve(
         trio.run(_serve, root, mountpoint, service, checkpoints, on_ready)
     finally:
         pyfuse3.close(unmount=True)
-        service.close_all()
+        service.registry.close_all()
         cache.close()
         checkpoints.take_if_changed(0)  # the state the disks were closed in
         repo.close()

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from ..disks.livedisk import LiveDisk
 from ..disks.point import PointImage
-from ..disks.service import DiskService
+from ..disks.registry import Registry
 from ..errors import RpfsError
 from ..index import DiskRecord, PointRecord, PointState
 from ..repo import Repository
@@ -85,12 +85,12 @@ class Tree:
     """Names, inodes and attributes of the mount; opens point images for reading."""
 
     def __init__(
-        self, repo: Repository, cache: ChunkCache, service: DiskService, access: Access
+        self, repo: Repository, cache: ChunkCache, registry: Registry, access: Access
     ) -> None:
         self.repo = repo
         self.access = access
         self.cache = cache
-        self.service = service
+        self.registry = registry
         self.mounted_at = time.time()
         self._ino_of: dict[tuple, int] = {(): ROOT_INO}
         self._key_of: dict[int, Key] = {ROOT_INO: ()}
@@ -212,7 +212,7 @@ class Tree:
             if flags & os.O_TRUNC:
                 raise OSError(errno.EPERM, "disk images have a fixed size")
             try:
-                return DiskHandle(self.service, key[1])
+                return DiskHandle(self.registry, key[1])
             except OSError:
                 self._current(ino)  # deleted while the open waited for the delete: ENOENT
                 raise
@@ -222,20 +222,20 @@ class Tree:
             raise OSError(errno.EROFS, "recovery points are read-only")
         # Counted first (this waits while a rollback or delete holds the disk), looked
         # up after: a point deleted meanwhile is ENOENT, never an image of gone extents.
-        self.service.point_opened(key[1], +1)
+        self.registry.point_opened(key[1], +1)
         try:
             self._current(ino)
             point = self._point(key)
             archiving = point.state != PointState.COMPLETE
-            overlay = self.service.acquire(point.disk) if archiving else None
+            overlay = self.registry.acquire(point.disk) if archiving else None
         except BaseException:
-            self.service.point_opened(key[1], -1)
+            self.registry.point_opened(key[1], -1)
             raise
 
         def release() -> None:
-            self.service.point_opened(point.disk, -1)
+            self.registry.point_opened(point.disk, -1)
             if overlay is not None:
-                self.service.release(point.disk)
+                self.registry.release(point.disk)
 
         return PointHandle(PointImage(self.repo, self.cache, point, overlay), release)
 
@@ -281,13 +281,13 @@ class PointHandle:
 
 
 class DiskHandle:
-    """An open writable disk image, shared with the daemon's DiskService."""
+    """An open writable disk image, shared with the daemon's disk commands."""
 
-    def __init__(self, service: DiskService, name: str) -> None:
-        self.service = service
+    def __init__(self, registry: Registry, name: str) -> None:
+        self.registry = registry
         self.name = name
         try:
-            self.disk: LiveDisk = service.acquire(name, handle=True)
+            self.disk: LiveDisk = registry.acquire(name, handle=True)
         except RpfsError as exc:
             log.warning("open of disk %s refused: %s", name, exc)
             raise OSError(errno.EBUSY, str(exc)) from None
@@ -298,7 +298,7 @@ class DiskHandle:
         self.writable = True
 
     def close(self) -> None:
-        self.service.release(self.name, handle=True)
+        self.registry.release(self.name, handle=True)
 
 
 Handle = PointHandle | DiskHandle
