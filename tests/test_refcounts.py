@@ -12,7 +12,7 @@ from rpfs.disks.registry import Registry
 from rpfs.disks.service import DiskService
 from rpfs.index import ZERO, ChunkLoc, Index
 from rpfs.repo import Repository
-from rpfs.store.packs import digest
+from rpfs.store.format import digest
 
 BS = 4096
 NBLOCKS = 24
