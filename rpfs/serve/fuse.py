@@ -1,4 +1,4 @@
-"""pyfuse3 Operations: translate kernel requests to the Tree and images, nothing more.
+"""pyfuse3 Operations: translate kernel requests to the Tree and image handles, nothing more.
 
 Every call that can block for long (locks, fetches that other requests could overlap)
 runs in a worker thread behind one CapacityLimiter, so the trio thread that pyfuse3 runs
@@ -24,7 +24,8 @@ import trio
 
 from ..errors import CorruptChunk
 from ..index import IndexDamaged
-from .vfs import Attr, Handle, Tree
+from .handles import Handle, Images
+from .vfs import Attr, Tree
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +38,10 @@ PROBE_EVERY = 16  # one in this many lone small reads still goes to a thread (se
 
 
 class Operations(pyfuse3.Operations):
-    def __init__(self, tree: Tree, threads: int = 4) -> None:
+    def __init__(self, tree: Tree, images: Images, threads: int = 4) -> None:
         super().__init__()
         self.tree = tree
+        self.images = images
         self.limiter = trio.CapacityLimiter(threads)
         self._handles: dict[int, Handle] = {}
         self._dirs: dict[int, list[tuple[str, Attr]]] = {}
@@ -200,7 +202,7 @@ class Operations(pyfuse3.Operations):
             await self._run(handle.close)
 
     async def statfs(self, ctx):
-        st = os.statvfs(self.tree.repo.root)
+        st = self.images.statvfs()
         out = pyfuse3.StatvfsData()
         out.f_bsize = out.f_frsize = st.f_frsize
         out.f_blocks, out.f_bfree, out.f_bavail = st.f_blocks, st.f_bfree, st.f_bavail

@@ -1,0 +1,166 @@
+"""Image handles in process (no FUSE mount): what opening and closing an image involves.
+
+The archiver threads are replaced by a no-op (as if the daemon's archiver were slow), so a
+point taken here stays archiving until a test archives it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from rpfs.disks.service import DiskService
+from rpfs.errors import RpfsError
+from rpfs.repo import Repository
+from rpfs.serve.handles import Images
+from rpfs.store.cache import ChunkCache
+
+BS = 4096
+SIZE = 16 * BS
+
+
+@dataclass
+class Setup:
+    repo: Repository
+    service: DiskService
+    images: Images
+
+    def fill(self, byte: int) -> bytes:
+        """Write `byte` over the whole of disk `vm`; returns its content."""
+        data = bytes([byte]) * SIZE
+        disk = self.service.acquire("vm")
+        try:
+            assert disk.write(0, data) == SIZE
+        finally:
+            self.service.release("vm")
+        return data
+
+    def archive(self) -> None:
+        """Finish archiving `vm`'s pending point (the archiver thread's job)."""
+        disk = self.service.acquire("vm")
+        try:
+            disk.finish_archiving()
+        finally:
+            self.service.release("vm")
+
+
+@pytest.fixture
+def setup(tmp_path: Path, monkeypatch) -> Iterator[Setup]:
+    """A repository with one writable disk `vm` holding 0x11 bytes and its point `p1`,
+    still archiving."""
+    monkeypatch.setattr(DiskService, "_start_archiver", lambda self, name: None)
+    repo = Repository.init(tmp_path / "repo", BS)
+    cache = ChunkCache(repo)
+    service = DiskService(repo, cache, background=True)
+    s = Setup(repo, service, Images(repo, cache, service))
+    try:
+        service.create("vm", SIZE)
+        s.fill(0x11)
+        service.snapshot(["vm"], "p1")
+        yield s
+    finally:
+        service.close_all()
+        cache.close()
+        repo.close()
+
+
+def test_a_point_still_archiving_reads_its_frozen_blocks_through_the_overlay(setup):
+    setup.fill(0x22)  # copy-before-write keeps the point's blocks in the local file
+    handle = setup.images.open_point("vm", "p1")
+    try:
+        assert handle.read_cached(0, SIZE, True) is None  # never answered from the cache alone
+        assert handle.read(0, SIZE) == bytes([0x11]) * SIZE
+        assert setup.service.open_disks(), "the overlay holds the disk open"
+    finally:
+        handle.close()
+    assert not setup.service.open_disks(), "close releases the overlay's hold on the disk"
+
+
+def test_a_complete_point_reads_from_the_store(setup):
+    setup.archive()
+    setup.fill(0x22)
+    handle = setup.images.open_point("vm", "p1")
+    try:
+        assert not setup.service.open_disks(), "a complete point needs no live disk"
+        assert handle.read(0, SIZE) == bytes([0x11]) * SIZE
+        assert handle.read_cached(0, BS) == bytes([0x11]) * BS  # decoded in the cache now
+    finally:
+        handle.close()
+
+
+def test_a_point_deleted_while_the_open_waits_is_enoent(setup, monkeypatch):
+    """The open counts first and looks up after: a delete that wins the race leaves
+    nothing to open, never an image of extents that are gone."""
+    counted = setup.service.point_opened
+
+    def delete_first(disk: str, delta: int) -> None:
+        if delta > 0:  # the delete's commit lands just before the count
+            setup.service.delete("vm", with_points=True)
+        counted(disk, delta)
+
+    monkeypatch.setattr(setup.service, "point_opened", delete_first)
+    with pytest.raises(FileNotFoundError, match="no point vm@p1"):
+        setup.images.open_point("vm", "p1")
+
+
+def test_a_failed_open_releases_its_count(setup):
+    with pytest.raises(FileNotFoundError):
+        setup.images.open_point("vm", "nope")
+    setup.service.delete("vm", with_points=True)  # not refused for an open point image
+
+
+def test_closing_a_point_handle_lets_the_disk_be_deleted(setup):
+    handle = setup.images.open_point("vm", "p1")
+    with pytest.raises(RpfsError, match="1 open point image"):
+        setup.service.delete("vm", with_points=True)
+    handle.close()
+    setup.service.delete("vm", with_points=True)
+
+
+def test_closing_a_disk_handle_lets_the_disk_be_rolled_back(setup):
+    handle = setup.images.open_disk("vm")
+    assert handle.write(0, b"\x33" * BS) == BS
+    with pytest.raises(RpfsError, match="disk vm is open"):
+        setup.service.rollback("vm@p1")
+    handle.close()
+    setup.service.rollback("vm@p1")
+    disk = setup.service.acquire("vm")
+    try:
+        assert disk.read(0, SIZE) == bytes([0x11]) * SIZE
+    finally:
+        setup.service.release("vm")
+
+
+def test_a_disk_open_elsewhere_is_ebusy_and_a_missing_one_enoent(setup):
+    with pytest.raises(FileNotFoundError, match="no writable disk gone"):
+        setup.images.open_disk("gone")
+    fd = setup.repo.lock_disk("vm", "held by this test")  # as another process would
+    try:
+        with pytest.raises(OSError) as refused:
+            setup.images.open_disk("vm")
+        assert refused.value.errno == errno.EBUSY
+    finally:
+        os.close(fd)
+
+
+def test_info_is_the_local_file_for_a_disk_and_the_record_for_a_point(setup):
+    disk = setup.images.disk_info("vm")
+    with setup.repo.index.read() as txn:
+        local = os.stat(setup.repo.root / setup.repo.index.get_disk(txn, "vm").file)
+    assert (disk.size, disk.allocated, disk.mtime) == (SIZE, local.st_blocks * 512,
+                                                       local.st_mtime)
+    assert disk.allocated >= SIZE
+    setup.service.create("sparse", SIZE)
+    sparse = setup.images.disk_info("sparse")
+    assert (sparse.size, sparse.allocated) == (SIZE, 0)
+    setup.archive()
+    point = setup.images.point_info("vm", "p1")
+    assert (point.size, point.allocated) == (SIZE, SIZE)
+    with pytest.raises(FileNotFoundError):
+        setup.images.point_info("vm", "nope")
+
