@@ -1,4 +1,5 @@
-"""Image handles in process (no FUSE mount): what opening and closing an image involves.
+"""Image handles in process (no FUSE mount): what opening and closing an image involves,
+and which of a handle's reads the FUSE read path runs on the trio thread.
 
 The archiver threads are replaced by a no-op (as if the daemon's archiver were slow), so a
 point taken here stays archiving until a test archives it.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,7 @@ import pytest
 from rpfs.disks.service import DiskService
 from rpfs.errors import RpfsError
 from rpfs.repo import Repository
+from rpfs.serve.fuse import INLINE_READ_MAX, Operations
 from rpfs.serve.handles import Images
 from rpfs.store.cache import ChunkCache
 
@@ -73,7 +76,8 @@ def test_a_point_still_archiving_reads_its_frozen_blocks_through_the_overlay(set
     setup.fill(0x22)  # copy-before-write keeps the point's blocks in the local file
     handle = setup.images.open_point("vm", "p1")
     try:
-        assert handle.read_cached(0, SIZE, True) is None  # never answered from the cache alone
+        assert handle.read_waits_on_locks
+        assert handle.read_at_hand(0, SIZE) is None  # never answered from the cache alone
         assert handle.read(0, SIZE) == bytes([0x11]) * SIZE
         assert setup.service.open_disks(), "the overlay holds the disk open"
     finally:
@@ -86,9 +90,10 @@ def test_a_complete_point_reads_from_the_store(setup):
     setup.fill(0x22)
     handle = setup.images.open_point("vm", "p1")
     try:
+        assert not handle.read_waits_on_locks
         assert not setup.service.open_disks(), "a complete point needs no live disk"
         assert handle.read(0, SIZE) == bytes([0x11]) * SIZE
-        assert handle.read_cached(0, BS) == bytes([0x11]) * BS  # decoded in the cache now
+        assert handle.read_at_hand(0, BS) == bytes([0x11]) * BS  # decoded in the cache now
     finally:
         handle.close()
 
@@ -164,3 +169,34 @@ def test_info_is_the_local_file_for_a_disk_and_the_record_for_a_point(setup):
     with pytest.raises(FileNotFoundError):
         setup.images.point_info("vm", "nope")
 
+
+class Recording:
+    """A handle that records which of its reads ran on which thread."""
+
+    def __init__(self, waits: bool) -> None:
+        self.read_waits_on_locks = waits
+        self.calls: list[tuple[str, int]] = []
+
+    def read(self, offset: int, length: int) -> bytes:
+        self.calls.append(("read", threading.get_ident()))
+        return bytes(length)
+
+    def read_at_hand(self, offset: int, length: int) -> bytes | None:
+        self.calls.append(("read_at_hand", threading.get_ident()))
+        return None
+
+
+@pytest.mark.parametrize("waits, size, expected", [
+    (False, BS, [("read", "here")]),  # a lone small read fetches on the trio thread
+    (True, BS, [("read_at_hand", "here"), ("read", "worker")]),  # unless that may wait
+    (False, INLINE_READ_MAX + 1, [("read_at_hand", "here"), ("read", "worker")]),
+])
+async def test_the_fuse_read_fetches_on_the_trio_thread_only_what_cannot_wait(
+    waits, size, expected
+):
+    ops = Operations(tree=None, images=None)
+    handle = Recording(waits)
+    ops._handles[1] = handle
+    assert await ops.read(1, 0, size) == bytes(size)
+    here = threading.get_ident()
+    assert [(name, "here" if t == here else "worker") for name, t in handle.calls] == expected

@@ -3,9 +3,9 @@
 Every call that can block for long (locks, fetches that other requests could overlap)
 runs in a worker thread behind one CapacityLimiter, so the trio thread that pyfuse3 runs
 all requests on never waits on them. Reads are the measured exception: one whose blocks
-are at hand, or a small one alone in flight, is answered on the trio thread, because the
-hand-off to a thread and back costs more than such a read. Only FUSEError may leave a
-handler: anything else would end the mount.
+are at hand, or a small one alone in flight whose read waits on no lock, is answered on
+the trio thread, because the hand-off to a thread and back costs more than such a read.
+Only FUSEError may leave a handler: anything else would end the mount.
 """
 
 from __future__ import annotations
@@ -179,8 +179,14 @@ class Operations(pyfuse3.Operations):
                 size <= INLINE_READ_MAX and now >= self._busy_until
                 and next(self._lone) % PROBE_EVERY != 0
             )
-            with self._errors(handle.read_cached):
-                data = handle.read_cached(off, size, lone_small)
+            # A lone small read fetches here, unless its fetch may wait on a lock another
+            # thread holds; any other read is answered here only from what is at hand.
+            read_here = (
+                handle.read if lone_small and not handle.read_waits_on_locks
+                else handle.read_at_hand
+            )
+            with self._errors(read_here):
+                data = read_here(off, size)
             if data is not None:
                 return data
             return await self._run(handle.read, off, size)

@@ -56,7 +56,10 @@ class PointHandle:
         self.size = image.size
         self.instance = _instance(image.point)
         self.read = image.read
-        self.read_cached = image.read_cached
+        self.read_at_hand = image.read_at_hand
+        # A point still being archived reads frozen blocks under its disk's locks, which
+        # another thread may hold for long; a complete one waits on nothing but its chunks.
+        self.read_waits_on_locks = overlay is not None
 
     def write(self, offset: int, data: bytes) -> int:
         raise OSError(errno.EROFS, "recovery points are read-only")
@@ -74,13 +77,15 @@ class DiskHandle:
     """An open writable disk image, shared with the daemon's DiskService. `close()` once."""
 
     writable = True
+    # A read of ABSENT blocks copies them in under stripe locks another thread may hold.
+    read_waits_on_locks = True
 
     def __init__(self, service: DiskService, name: str, disk: LiveDisk) -> None:
         self._service = service
         self.name = name
         self.size = disk.size
         self.read = disk.read
-        self.read_cached = disk.read_cached
+        self.read_at_hand = disk.read_at_hand
         self.write = disk.write
         self.sync = disk.sync
 
