@@ -144,12 +144,9 @@ class LiveDisk:
 
     # -- reads ----------------------------------------------------------------------------
 
-    def read_cached(self, offset: int, length: int, fetch: bool = False) -> bytes | None:
-        """The bytes if every block is local (one pread, on the caller's thread), else None.
-
-        `fetch` is ignored: a copy-on-read takes stripe locks another thread may hold, so
-        it never runs on the trio thread.
-        """
+    def read_at_hand(self, offset: int, length: int) -> bytes | None:
+        """The bytes if every block is local (one pread, on the caller's thread), else None:
+        it never fetches (a copy-on-read takes stripe locks another thread may hold)."""
         end = min(offset + length, self.size)
         if offset >= end:
             return b""

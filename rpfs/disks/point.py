@@ -46,18 +46,17 @@ class PointImage:
         data, ChunkUnavailable on data that could not be read now."""
         return self._read(offset, length, fetch=True)  # type: ignore[return-value]
 
-    def read_cached(self, offset: int, length: int, fetch: bool = False) -> bytes | None:
-        """The same bytes if every block is zero or decoded in the cache, else None; with
-        `fetch`, missing chunks are loaded on the calling thread instead.
+    def read_at_hand(self, offset: int, length: int) -> bytes | None:
+        """The same bytes as `read` if every block is zero or decoded in the cache, else
+        None: it never fetches, so it never waits.
 
         Meant for the trio thread: a sequential reader whose next blocks the prefetcher has
-        decoded is answered without a thread hand-off, and so is a lone small read (`fetch`),
-        for which the hand-off would cost more than the work. A point still being archived
-        may wait on its disk's locks, so it always answers None.
+        decoded is answered without a thread hand-off. A point still being archived may
+        wait on its disk's locks, so it always answers None.
         """
         if self.overlay is not None:
             return None
-        return self._read(offset, length, fetch)
+        return self._read(offset, length, fetch=False)
 
     def _read(self, offset: int, length: int, fetch: bool) -> bytes | None:
         end = min(offset + length, self.size)

@@ -24,6 +24,7 @@ from ..repo import Repository
 from ..store.cache import ChunkCache
 from .control import serve_control
 from .fuse import Operations
+from .handles import Images
 from .mounts import is_dead, mount_at, table_path
 from .vfs import Access, Tree
 
@@ -238,7 +239,8 @@ def serve(
                    f"{root / 'rpfs.log'}")
     cache = ChunkCache(repo)
     service = DiskService(repo, cache, background=True)
-    ops = Operations(Tree(repo, cache, service.registry, options.access))
+    images = Images(repo, cache, service.registry)
+    ops = Operations(Tree(repo.index, images, options.access), images)
     service.registry.on_removed = ops.forget_disk
     # default_permissions: the kernel checks the modes Access gives (root passes anyway).
     fuse_options = set(pyfuse3.default_options) | {

@@ -1,11 +1,11 @@
-"""pyfuse3 Operations: translate kernel requests to the Tree and images, nothing more.
+"""pyfuse3 Operations: translate kernel requests to the Tree and image handles, nothing more.
 
 Every call that can block for long (locks, fetches that other requests could overlap)
 runs in a worker thread behind one CapacityLimiter, so the trio thread that pyfuse3 runs
 all requests on never waits on them. Reads are the measured exception: one whose blocks
-are at hand, or a small one alone in flight, is answered on the trio thread, because the
-hand-off to a thread and back costs more than such a read. Only FUSEError may leave a
-handler: anything else would end the mount.
+are at hand, or a small one alone in flight whose read waits on no lock, is answered on
+the trio thread, because the hand-off to a thread and back costs more than such a read.
+Only FUSEError may leave a handler: anything else would end the mount.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import trio
 
 from ..errors import ChunkError
 from ..index import IndexDamaged
-from .vfs import Attr, Handle, Tree
+from .handles import Handle, Images
+from .vfs import Attr, Tree
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +38,10 @@ PROBE_EVERY = 16  # one in this many lone small reads still goes to a thread (se
 
 
 class Operations(pyfuse3.Operations):
-    def __init__(self, tree: Tree, threads: int = 4) -> None:
+    def __init__(self, tree: Tree, images: Images, threads: int = 4) -> None:
         super().__init__()
         self.tree = tree
+        self.images = images
         self.limiter = trio.CapacityLimiter(threads)
         self._handles: dict[int, Handle] = {}
         self._dirs: dict[int, list[tuple[str, Attr]]] = {}
@@ -178,8 +180,14 @@ class Operations(pyfuse3.Operations):
                 size <= INLINE_READ_MAX and now >= self._busy_until
                 and next(self._lone) % PROBE_EVERY != 0
             )
-            with self._errors(handle.read_cached):
-                data = handle.read_cached(off, size, lone_small)
+            # A lone small read fetches here, unless its fetch may wait on a lock another
+            # thread holds; any other read is answered here only from what is at hand.
+            read_here = (
+                handle.read if lone_small and not handle.read_waits_on_locks
+                else handle.read_at_hand
+            )
+            with self._errors(read_here):
+                data = read_here(off, size)
             if data is not None:
                 return data
             return await self._run(handle.read, off, size)
@@ -201,7 +209,7 @@ class Operations(pyfuse3.Operations):
             await self._run(handle.close)
 
     async def statfs(self, ctx):
-        st = os.statvfs(self.tree.repo.root)
+        st = self.images.statvfs()
         out = pyfuse3.StatvfsData()
         out.f_bsize = out.f_frsize = st.f_frsize
         out.f_blocks, out.f_bfree, out.f_bavail = st.f_blocks, st.f_bfree, st.f_bavail

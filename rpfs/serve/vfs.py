@@ -6,29 +6,21 @@
 Inode numbers are assigned on first sight of a path and stay fixed for the life of the
 mount, so the kernel's view of a file never changes under it. Every lookup and listing
 reads the index afresh, so a point captured while mounted appears without a remount.
+What an image is (size, allocation, an open handle) the tree asks `handles.Images`.
 Errors are OSError with the errno the FUSE layer should return.
 """
 
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import stat
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..disks.livedisk import LiveDisk
-from ..disks.point import PointImage
-from ..disks.registry import Registry
-from ..errors import RpfsError
-from ..index import DiskRecord, PointRecord, PointState
-from ..repo import Repository
-from ..store.cache import ChunkCache
-
-log = logging.getLogger(__name__)
+from ..index import Index
+from .handles import Handle, Images
 
 ROOT_INO = 1  # pyfuse3.ROOT_INODE
 IMAGE_SUFFIX = ".img"
@@ -82,15 +74,12 @@ def _enoent() -> OSError:
 
 
 class Tree:
-    """Names, inodes and attributes of the mount; opens point images for reading."""
+    """Names, inodes and attributes of the mount; opens its images."""
 
-    def __init__(
-        self, repo: Repository, cache: ChunkCache, registry: Registry, access: Access
-    ) -> None:
-        self.repo = repo
+    def __init__(self, index: Index, images: Images, access: Access) -> None:
+        self.index = index
+        self.images = images
         self.access = access
-        self.cache = cache
-        self.registry = registry
         self.mounted_at = time.time()
         self._ino_of: dict[tuple, int] = {(): ROOT_INO}
         self._key_of: dict[int, Key] = {ROOT_INO: ()}
@@ -120,13 +109,6 @@ class Tree:
             raise _enoent()
         return key
 
-    def _point(self, key: Key) -> PointRecord:
-        with self.repo.index.read() as txn:
-            point = self.repo.index.get_point(txn, key[1], key[2])
-        if point is None:
-            raise _enoent()
-        return point
-
     def attr(self, ino: int) -> Attr:
         attr = self._stat(self.key(ino))
         if attr.ino != ino:
@@ -136,47 +118,41 @@ class Tree:
     def _stat(self, key: Key) -> Attr:
         """Attributes of the entry at `key`; its inode is allocated only if it exists."""
         if key[:1] == ("disks",) and len(key) == 2:
-            disk = self._disk(key[1], writable=True)
-            local = os.stat(self.repo.root / disk.file)
-            return Attr(
-                self._ino(key, (disk.file_id,)), stat.S_IFREG | self.access.mode, size=disk.size,
-                blocks=local.st_blocks,
-                mtime=local.st_mtime,
-            )
-        if len(key) < 3:
+            info = self.images.disk_info(key[1])
+            mode = self.access.mode
+        elif len(key) == 3:
+            info = self.images.point_info(key[1], key[2])
+            mode = self.access.point_mode
+        else:
             if len(key) == 2:
-                self._disk(key[1])
+                self._has_disk(key[1])
             return Attr(
                 self._ino(key), stat.S_IFDIR | self.access.dir_mode, mtime=self.mounted_at,
                 nlink=2,
             )
-        point = self._point(key)
-        allocated = point.allocated_blocks * self.repo.block_size
         return Attr(
-            self._ino(key, (point.lineage, point.gen)), stat.S_IFREG | self.access.point_mode,
-            size=point.size,
-            blocks=allocated // 512, mtime=point.created,
+            self._ino(key, info.instance), stat.S_IFREG | mode, size=info.size,
+            blocks=info.allocated // 512, mtime=info.mtime,
         )
 
-    def _disk(self, name: str, writable: bool = False) -> DiskRecord:
-        with self.repo.index.read() as txn:
-            disk = self.repo.index.get_disk(txn, name)
-        if disk is None or (writable and not disk.writable):
-            raise _enoent()
-        return disk
+    def _has_disk(self, name: str) -> None:
+        """ENOENT unless there is a disk `name` (writable or not: its points directory)."""
+        with self.index.read() as txn:
+            if self.index.get_disk(txn, name) is None:
+                raise _enoent()
 
     def _children(self, key: Key) -> list[tuple[str, Key]]:
         if key == ():
             return [(name, (name,)) for name in TOP]
-        with self.repo.index.read() as txn:
+        with self.index.read() as txn:
             if key == ("disks",):
-                disks = [d for d in self.repo.index.list_disks(txn) if d.writable]
+                disks = [d for d in self.index.list_disks(txn) if d.writable]
                 return [(d.name + IMAGE_SUFFIX, ("disks", d.name)) for d in disks]
             if key == ("points",):
-                disks = self.repo.index.list_disks(txn)
+                disks = self.index.list_disks(txn)
                 return [(d.name, ("points", d.name)) for d in disks]
             if len(key) == 2:
-                points = self.repo.index.list_points(txn, key[1])
+                points = self.index.list_points(txn, key[1])
                 return [(p.name + IMAGE_SUFFIX, (*key, p.name)) for p in points]
         raise OSError(errno.ENOTDIR, "not a directory")
 
@@ -211,33 +187,16 @@ class Tree:
         if key[:1] == ("disks",) and len(key) == 2:
             if flags & os.O_TRUNC:
                 raise OSError(errno.EPERM, "disk images have a fixed size")
-            try:
-                return DiskHandle(self.registry, key[1])
-            except OSError:
-                self._current(ino)  # deleted while the open waited for the delete: ENOENT
-                raise
+            return self.images.open_disk(key[1])
         if len(key) != 3:
             raise OSError(errno.EISDIR, "is a directory")
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise OSError(errno.EROFS, "recovery points are read-only")
-        # Counted first (this waits while a rollback or delete holds the disk), looked
-        # up after: a point deleted meanwhile is ENOENT, never an image of gone extents.
-        self.registry.point_opened(key[1], +1)
-        try:
-            self._current(ino)
-            point = self._point(key)
-            archiving = point.state != PointState.COMPLETE
-            overlay = self.registry.acquire(point.disk) if archiving else None
-        except BaseException:
-            self.registry.point_opened(key[1], -1)
-            raise
-
-        def release() -> None:
-            self.registry.point_opened(point.disk, -1)
-            if overlay is not None:
-                self.registry.release(point.disk)
-
-        return PointHandle(PointImage(self.repo, self.cache, point, overlay), release)
+        handle = self.images.open_point(key[1], key[2])
+        if self._ino(key, handle.instance) != ino:  # re-created while the open waited
+            handle.close()
+            raise _enoent()
+        return handle
 
     def entries_of_disk(self, name: str) -> list[tuple[int, str]]:
         """(parent inode, entry name) of every name the mount may show for disk `name`."""
@@ -259,46 +218,3 @@ class Tree:
         if size is not None and size != self._stat(key).size:
             raise OSError(errno.EPERM, "disk images have a fixed size")
         return self._stat(key)
-
-
-class PointHandle:
-    """An open point image: reads only."""
-
-    def __init__(self, image: PointImage, release: Callable[[], None]) -> None:
-        self.read = image.read
-        self.read_cached = image.read_cached
-        self.writable = False
-        self._release = release
-
-    def write(self, offset: int, data: bytes) -> int:
-        raise OSError(errno.EROFS, "recovery points are read-only")
-
-    def sync(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self._release()
-
-
-class DiskHandle:
-    """An open writable disk image, shared with the daemon's disk commands."""
-
-    def __init__(self, registry: Registry, name: str) -> None:
-        self.registry = registry
-        self.name = name
-        try:
-            self.disk: LiveDisk = registry.acquire(name, handle=True)
-        except RpfsError as exc:
-            log.warning("open of disk %s refused: %s", name, exc)
-            raise OSError(errno.EBUSY, str(exc)) from None
-        self.read = self.disk.read
-        self.read_cached = self.disk.read_cached
-        self.write = self.disk.write
-        self.sync = self.disk.sync
-        self.writable = True
-
-    def close(self) -> None:
-        self.registry.release(self.name, handle=True)
-
-
-Handle = PointHandle | DiskHandle

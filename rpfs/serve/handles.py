@@ -1,0 +1,179 @@
+"""Image handles for any export: a point opened read-only or a disk read-write, by name.
+
+The FUSE mount opens images through `Images` today and an NBD export will tomorrow, so
+what opening an image involves lives here once, not in either: an open point image is
+counted with the disk registry (it blocks the disk's deletion, and the count waits while a
+rollback or delete holds the disk), the point is looked up after that count, and a point
+still being archived reads its frozen blocks through its live disk (the overlay). Here
+too are the answers about an image that come from the repository's files (size, bytes
+allocated, modification time) and the room the repository's filesystem has left, so no
+export reaches into the repository for them.
+
+Everything here blocks (LMDB, the registry lock, pread): exports call it from worker
+threads. Errors are OSError with the errno an export returns (ENOENT, EBUSY, EROFS) and a
+message that names the image.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from dataclasses import dataclass
+
+from ..disks.livedisk import LiveDisk
+from ..disks.point import PointImage
+from ..disks.registry import Registry
+from ..errors import RpfsError
+from ..index import DiskRecord, PointRecord, PointState
+from ..repo import Repository
+from ..store.cache import ChunkCache
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What an image is, without opening it."""
+
+    size: int
+    allocated: int  # bytes it occupies: a disk's local file, a point's stored blocks
+    mtime: float
+    instance: tuple  # tells a deleted and re-created image of the same name apart
+
+
+class PointHandle:
+    """An open point image: reads only. `close()` once."""
+
+    writable = False
+
+    def __init__(
+        self, registry: Registry, image: PointImage, overlay: LiveDisk | None
+    ) -> None:
+        self._registry = registry
+        self._disk = image.point.disk
+        self._overlay = overlay
+        self.size = image.size
+        self.instance = _instance(image.point)
+        self.read = image.read
+        self.read_at_hand = image.read_at_hand
+        # A point still being archived reads frozen blocks under its disk's locks, which
+        # another thread may hold for long; a complete one waits on nothing but its chunks.
+        self.read_waits_on_locks = overlay is not None
+
+    def write(self, offset: int, data: bytes) -> int:
+        raise OSError(errno.EROFS, "recovery points are read-only")
+
+    def sync(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._registry.point_opened(self._disk, -1)
+        if self._overlay is not None:
+            self._registry.release(self._disk)
+
+
+class DiskHandle:
+    """An open writable disk image, shared with the daemon's disk commands. `close()` once."""
+
+    writable = True
+    # A read of ABSENT blocks copies them in under stripe locks another thread may hold.
+    read_waits_on_locks = True
+
+    def __init__(self, registry: Registry, name: str, disk: LiveDisk) -> None:
+        self._registry = registry
+        self.name = name
+        self.size = disk.size
+        self.read = disk.read
+        self.read_at_hand = disk.read_at_hand
+        self.write = disk.write
+        self.sync = disk.sync
+
+    def close(self) -> None:
+        self._registry.release(self.name, handle=True)
+
+
+Handle = PointHandle | DiskHandle
+
+
+def _instance(point: PointRecord) -> tuple:
+    return (point.lineage, point.gen)
+
+
+class Images:
+    """Opens images by name and answers what they are."""
+
+    def __init__(self, repo: Repository, cache: ChunkCache, registry: Registry) -> None:
+        self.repo = repo
+        self.cache = cache
+        self.registry = registry
+
+    def open_point(self, disk: str, name: str) -> PointHandle:
+        """Open point `disk`@`name` for reading; ENOENT if there is none.
+
+        Counted first (this waits while a rollback or delete holds the disk), looked up
+        after: a point deleted meanwhile is ENOENT, never an image of extents that are gone.
+        """
+        self.registry.point_opened(disk, +1)
+        overlay = None
+        try:
+            point = self._point(disk, name)
+            if point.state != PointState.COMPLETE:
+                overlay = self.registry.acquire(disk)
+            image = PointImage(self.repo, self.cache, point, overlay)
+        except BaseException:
+            if overlay is not None:
+                self.registry.release(disk)
+            self.registry.point_opened(disk, -1)
+            raise
+        return PointHandle(self.registry, image, overlay)
+
+    def open_disk(self, name: str) -> DiskHandle:
+        """Open writable disk `name` for reading and writing.
+
+        Waits while a rollback or delete holds the disk, so it opens the disk as that
+        command left it: ENOENT if it deleted it, EBUSY if the disk cannot be opened (e.g.
+        another rpfs process has it open).
+        """
+        try:
+            disk = self.registry.acquire(name, handle=True)
+        except RpfsError as exc:
+            self._disk(name)  # ENOENT if it is gone
+            log.warning("open of disk %s refused: %s", name, exc)
+            raise OSError(errno.EBUSY, str(exc)) from None
+        return DiskHandle(self.registry, name, disk)
+
+    def point_info(self, disk: str, name: str) -> ImageInfo:
+        point = self._point(disk, name)
+        return ImageInfo(
+            size=point.size, allocated=point.allocated_blocks * self.repo.block_size,
+            mtime=point.created, instance=_instance(point),
+        )
+
+    def disk_info(self, name: str) -> ImageInfo:
+        """Size, allocation and mtime of writable disk `name`: its local file's, whose
+        blocks are what the disk occupies and whose mtime is its last write."""
+        disk = self._disk(name)
+        local = os.stat(self.repo.root / disk.file)
+        return ImageInfo(
+            size=disk.size, allocated=local.st_blocks * 512, mtime=local.st_mtime,
+            instance=(disk.file_id,),
+        )
+
+    def statvfs(self) -> os.statvfs_result:
+        """The repository's filesystem: the room left for images to grow into."""
+        return os.statvfs(self.repo.root)
+
+    def _point(self, disk: str, name: str) -> PointRecord:
+        with self.repo.index.read() as txn:
+            point = self.repo.index.get_point(txn, disk, name)
+        if point is None:
+            raise OSError(errno.ENOENT, f"no point {disk}@{name}")
+        return point
+
+    def _disk(self, name: str) -> DiskRecord:
+        with self.repo.index.read() as txn:
+            disk = self.repo.index.get_disk(txn, name)
+        if disk is None or not disk.writable:
+            raise OSError(errno.ENOENT, f"no writable disk {name}")
+        return disk
