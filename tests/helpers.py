@@ -188,13 +188,21 @@ def loop_mount(image: Path, where: Path) -> Iterator[Path]:
 
 
 def pid_alive(pid: int) -> bool:
-    """True if `pid` runs (a zombie counts as exited)."""
+    """True if a thread of `pid` runs (a zombie counts as exited). Every thread counts: a
+    SIGKILLed daemon's main thread is a zombie before its other threads have exited, and
+    until they have, its files (the daemon lock, the control socket) are still open."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        tasks = os.listdir(f"/proc/{pid}/task")
     except (FileNotFoundError, ProcessLookupError):
         return False
-    state = stat.rsplit(")", 1)[1].split()[0]
-    return state not in ("Z", "X")
+    for task in tasks:
+        try:
+            stat = Path(f"/proc/{pid}/task/{task}/stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+            return True
+    return False
 
 
 def wait_pid_exit(pid: int, timeout: float) -> bool:

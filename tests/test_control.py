@@ -43,6 +43,7 @@ from helpers import (
 
 from rpfs.disks.livedisk import create_local_file
 from rpfs.disks.service import DiskService
+from rpfs.errors import RpfsError
 from rpfs.repo import Repository
 from rpfs.serve import control
 
@@ -526,3 +527,29 @@ def test_fuzz_the_control_socket_while_a_point_is_read(rpfs, served):
 @pytest.mark.slow
 def test_fuzz_the_control_socket_long(rpfs, served):
     fuzz(rpfs, served, seed=10, count=40000)
+
+
+def test_a_daemon_that_dies_mid_request_is_a_one_line_error(tmp_path: Path):
+    """A daemon SIGKILLed after it accepted the connection (its listening socket lives
+    until its last thread exits) resets it: the CLI says so in one line, no traceback."""
+    path = tmp_path / "control.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+
+    def accept_and_reset() -> None:
+        conn, _ = server.accept()
+        # Closed with the request unread, as a killed daemon's connection is: the
+        # client's read gets ECONNRESET.
+        conn.recv(1, socket.MSG_PEEK)
+        conn.close()
+
+    thread = threading.Thread(target=accept_and_reset)
+    thread.start()
+    try:
+        with pytest.raises(RpfsError, match=r"^the rpfs daemon closed the control connection "
+                                            r"during stalls \(.+\); see its log$"):
+            control.RemoteService(path).stalls()
+    finally:
+        thread.join()
+        server.close()

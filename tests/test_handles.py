@@ -192,3 +192,36 @@ async def test_the_fuse_read_fetches_on_the_trio_thread_only_what_cannot_wait(
     assert await ops.read(1, 0, size) == bytes(size)
     here = threading.get_ident()
     assert [(name, "here" if t == here else "worker") for name, t in handle.calls] == expected
+
+
+def test_the_periodic_sync_holds_the_disk_open_while_it_syncs(setup, monkeypatch):
+    """The daemon's periodic sync takes a reference on each disk it syncs: the last close
+    meanwhile waits for the sync instead of closing the local file under it."""
+    registry = setup.service.registry
+    handle = setup.images.open_disk("vm")
+    handle.write(0, b"\x44" * BS)
+    disk, _ = registry.opened("vm")
+    in_sync, go_on = threading.Event(), threading.Event()
+    real_sync = disk.sync
+
+    calls: list[None] = []
+
+    def slow_sync() -> None:
+        calls.append(None)
+        if len(calls) == 1:  # the periodic sync waits; the close's own sync does not
+            in_sync.set()
+            assert go_on.wait(10)
+        real_sync()  # would fail with EBADF (or sync another file) if closed meanwhile
+
+    monkeypatch.setattr(disk, "sync", slow_sync)
+    monkeypatch.setattr(type(disk.map), "needs_sync", property(lambda self: True))
+    failed: list = []
+    syncer = threading.Thread(target=lambda: failed.append(registry.sync_changed()))
+    syncer.start()
+    assert in_sync.wait(10)
+    handle.close()  # the mount's last user goes while the sync runs
+    assert registry.opened("vm")[0] is disk, "closed under the running sync"
+    go_on.set()
+    syncer.join(10)
+    assert failed == [{}]
+    assert registry.opened("vm")[0] is None, "the sync's reference was released"

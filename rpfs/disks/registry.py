@@ -135,6 +135,27 @@ class Registry:
         finally:
             self.release(name)
 
+    def sync_changed(self) -> dict[str, OSError]:
+        """Sync every open disk whose block map changed; the errors, by disk.
+
+        Each is held open while it syncs (a user reference, taken under the registry
+        lock): a last close meanwhile then waits for the sync instead of closing the
+        local file under it.
+        """
+        with self._lock:
+            changed = [name for name, e in self._open.items() if e.disk.map.needs_sync]
+            for name in changed:
+                self._open[name].users += 1
+        failed: dict[str, OSError] = {}
+        for name in changed:
+            try:
+                self._open[name].disk.sync()
+            except OSError as exc:
+                failed[name] = exc
+            finally:
+                self.release(name)
+        return failed
+
     def open_disks(self) -> list[LiveDisk]:
         with self._lock:
             return [entry.disk for entry in self._open.values()]

@@ -288,18 +288,22 @@ class RemoteService:
             raise RpfsError(
                 f"cannot reach the rpfs daemon at {self.path}: {exc.strerror}; is it running?"
             ) from None
+        gone = f"the rpfs daemon closed the control connection during {op}"
         with sock, sock.makefile("rb") as replies:
-            sock.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
-            for line in replies:
-                message = json.loads(line)
-                if "progress" in message:
-                    if progress:
-                        progress(*message["progress"])
-                elif "error" in message:
-                    raise RpfsError(message["error"])
-                else:
-                    return message.get("ok")
-        raise RpfsError(f"the rpfs daemon closed the control connection during {op}")
+            try:
+                sock.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
+                for line in replies:
+                    message = json.loads(line)
+                    if "progress" in message:
+                        if progress:
+                            progress(*message["progress"])
+                    elif "error" in message:
+                        raise RpfsError(message["error"])
+                    else:
+                        return message.get("ok")
+            except ConnectionError as exc:  # it died (or was killed) mid-conversation
+                raise RpfsError(f"{gone} ({exc.strerror}); see its log") from None
+        raise RpfsError(gone)
 
 
 @contextlib.contextmanager

@@ -129,17 +129,13 @@ async def _sync_periodically(service: DiskService) -> None:
     failing: set[str] = set()
     while True:
         await trio.sleep(SYNC_INTERVAL)
-        for disk in service.registry.open_disks():
-            if disk.map.needs_sync:
-                try:
-                    await trio.to_thread.run_sync(disk.sync)
-                except OSError as exc:
-                    if disk.name not in failing:
-                        log.warning("disk %s: cannot persist its block map (tried again every "
-                                    "%g s): %s", disk.name, SYNC_INTERVAL, exc)
-                    failing.add(disk.name)
-                else:
-                    failing.discard(disk.name)
+        failed = await trio.to_thread.run_sync(service.registry.sync_changed)
+        for name, exc in failed.items():
+            if name not in failing:
+                log.warning("disk %s: cannot persist its block map (tried again every "
+                            "%g s): %s", name, SYNC_INTERVAL, exc)
+        # A failed sync keeps its pages, so its disk is tried (and listed) again next time.
+        failing = set(failed)
 
 
 class _Checkpoints:
