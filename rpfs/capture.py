@@ -24,6 +24,7 @@ from . import checkpoint
 from .errors import SPACE_ERRNOS, NoSpace, RpfsError
 from .index import ZERO, DiskRecord, PointRecord
 from .ingest import Change, Ingest, examine
+from .lifecycle.purge import release
 from .names import ceil_div, check_name, default_point_name, fmt_bytes
 from .pipeline import ordered_map
 from .progress import ProgressFn
@@ -224,6 +225,8 @@ class _Capture:
             self.index.drop_staged(txn, capture_id)
             lineage.head_gen = gen
             self.index.put_lineage(txn, lineage)
+            if gen > 1:  # the head read gen - 1 until now
+                release(self.index, txn, lineage.id, gen - 1)
             point = PointRecord(
                 disk=self.disk,
                 name=self.point,

@@ -15,6 +15,7 @@ import time
 
 from ..errors import RpfsError, describe_os_error
 from ..index import ZERO, DiskRecord, LineageRecord, PointRecord, PointState
+from ..lifecycle.purge import release
 from ..names import ceil_div, check_name, default_point_name, parse_point_ref
 from ..pipeline import ordered_map
 from ..progress import ProgressFn
@@ -401,8 +402,13 @@ class DiskService:
             value = self.index.resolve(txn, chain, block)
             if value != ZERO and self.index.lookup(txn, lin.id, block, 0) is None:
                 self.index.add_extent(txn, lin.id, block, 0, value)
+        origin = lin.parent, lin.parent_gen
         lin.parent, lin.parent_gen = None, 0
         self.index.put_lineage(txn, lin)
+        release(self.index, txn, *origin)  # lin no longer reads it
+        # Copies of blocks lin rewrote before its oldest reader (its older points
+        # purged) are read by nothing: they go at once.
+        release(self.index, txn, lin.id, 0)
 
 
 def _hydrate_range(disk: LiveDisk, blocks: tuple[int, int]) -> int:

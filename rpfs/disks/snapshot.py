@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from ..index import PointRecord, PointState
 from ..ingest import Ingest, examine
+from ..lifecycle.purge import release
 from .blockmap import DIRTY, FROZEN, PRESENT
 from .catalog import archiving_and_riders
 
@@ -231,6 +232,7 @@ class Snapshots:
                     other = self.index.get_point(txn, rider.disk, rider.name)
                     other.state, other.allocated_blocks = PointState.COMPLETE, rec.allocated_blocks
                     self.index.put_point(txn, other)
+                release(self.index, txn, rec.lineage, rec.gen - 1)  # the head read it until now
             self.archiving, riders, self.riders = None, self.riders, []
         log.info("disk %s: point %s archived (%d blocks written, %d bytes stored)",
                  self.disk.name, rec.name, rec.blocks_written, rec.bytes_stored)
