@@ -1,9 +1,10 @@
 """Purging points, in process (no FUSE), against a model of what must survive.
 
 A seeded random history (captures with churn, live snapshots of a created disk and of a
-clone, a rollback that leaves a branch behind, a clone of a middle point), then purges of
-random points in random order, with new captures and snapshots in between (a purged
-newest point must still be the base of the next one). After every step:
+clone, a rollback that leaves a branch behind, a clone of a middle point), then deletions
+of random points in random order (purged at once, or to the trash, then undeleted or
+purged from it), with new captures, snapshots, rollbacks and hydrations in between (a
+purged newest point must still be the base of the next one). After every step:
 
 - every surviving point and every disk reads back bit-exact (sha256 recorded when it
   was made; disks read without copy-on-read, so their ABSENT blocks keep resolving
@@ -28,7 +29,8 @@ from rpfs.capture import capture
 from rpfs.disks.point import open_point
 from rpfs.disks.service import DiskService
 from rpfs.index import MAX_GEN, Index, decode_extent_key
-from rpfs.lifecycle.purge import refcount_errors, release
+from rpfs.lifecycle import trash
+from rpfs.lifecycle.purge import refcount_errors
 from rpfs.repo import Repository
 from rpfs.store.cache import ChunkCache
 
@@ -40,15 +42,6 @@ SEEDS = [int(os.environ["RPFS_PURGE_SEED"])] if "RPFS_PURGE_SEED" in os.environ 
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def purge(index: Index, ref: str) -> None:
-    """Drop a point from the index in one transaction, as delete --purge does."""
-    disk, name = ref.split("@")
-    with index.write() as txn:
-        point = index.point_named(txn, disk, name)
-        index.delete_point(txn, disk, name)
-        release(index, txn, point.lineage, point.gen)
 
 
 def unread_extents(index: Index) -> list[str]:
@@ -90,6 +83,7 @@ class History:
         self.cache = ChunkCache(self.repo)
         self.service = DiskService(self.repo, self.cache)
         self.points: dict[str, str] = {}  # DISK@POINT -> sha256
+        self.trashed: dict[str, str] = {}  # the same, of points in the trash
         self.disks: dict[str, bytearray] = {}  # writable disk -> content
         self.source = bytearray(self._blocks(NBLOCKS))
         self.serial = 0
@@ -145,8 +139,21 @@ class History:
         self.disks[ref.split("@")[0]] = bytearray(self._read_point(ref))
 
     def purge(self, ref: str) -> None:
-        purge(self.repo.index, ref)
+        """Delete a point and purge it at once."""
+        trash.delete(self.repo.index, [ref], purge=True)
         del self.points[ref]
+
+    def to_trash(self, ref: str) -> None:
+        trash.delete(self.repo.index, [ref])
+        self.trashed[ref] = self.points.pop(ref)
+
+    def undelete(self, ref: str) -> None:
+        trash.undelete(self.repo.index, ref)
+        self.points[ref] = self.trashed.pop(ref)
+
+    def purge_trashed(self, ref: str) -> None:
+        trash.purge_trash(self.repo.index, [ref])
+        del self.trashed[ref]
 
     def points_of(self, disk: str) -> list[str]:
         with self.repo.index.read() as txn:
@@ -174,6 +181,8 @@ class History:
         with self.repo.index.read() as txn:
             listed = {p.ref for p in self.repo.index.list_points(txn)}
         assert listed == set(self.points), f"after {step}"
+        held = {f"{e['disk']}@{e['name']}" for e in trash.listing(self.repo.index)}
+        assert held == set(self.trashed), f"after {step}"
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -196,10 +205,23 @@ def test_purges_in_random_order_keep_every_survivor_exact(tmp_path: Path, monkey
         h.write_and_snapshot("br")
         h.check("the history", monkeypatch)
 
-        while h.points:
+        while h.points or h.trashed:
+            if h.trashed and (not h.points or rng.random() < 0.4):
+                ref = rng.choice(sorted(h.trashed))
+                if rng.random() < 0.3:
+                    h.undelete(ref)
+                    h.check(f"undeleting {ref}", monkeypatch)
+                else:
+                    h.purge_trashed(ref)
+                    h.check(f"purging {ref} from the trash", monkeypatch)
+                continue
             ref = rng.choice(sorted(h.points))
-            h.purge(ref)
-            h.check(f"purging {ref}", monkeypatch)
+            if rng.random() < 0.5:
+                h.purge(ref)
+                h.check(f"deleting {ref} with purge", monkeypatch)
+            else:
+                h.to_trash(ref)
+                h.check(f"moving {ref} to the trash", monkeypatch)
             roll = rng.random()
             if roll < 0.15:
                 h.capture()  # its base may be a purged point's extents

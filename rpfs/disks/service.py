@@ -351,9 +351,11 @@ class DiskService:
             with self.index.write() as txn:
                 record = self._record(name, txn)
                 points = [p.name for p in self.index.list_points(txn, name)]
-                if points and not with_points:
+                trashed = self.index.list_trash(txn, name)  # still undeletable
+                if (points or trashed) and not with_points:
+                    names = points + [f"{e.point.name} (in the trash)" for e in trashed]
                     raise RpfsError(
-                        f"disk {name} has {len(points)} point(s): {_some(points)}; pass "
+                        f"disk {name} has {len(names)} point(s): {_some(names)}; pass "
                         "--with-points to delete them too"
                     )
                 mine = {lin.id for lin in self.index.list_lineages(txn) if name in lin.disks}
@@ -368,6 +370,8 @@ class DiskService:
                     self._detach(txn, lin, record.size)
                 for point in points:
                     self.index.delete_point(txn, name, point)
+                for entry in trashed:  # deleted already: they go with their extents
+                    self.index.delete_trash(txn, entry.point)
                 for lineage in mine:
                     self.index.delete_lineage(txn, lineage)
                 if record.writable:
