@@ -1,4 +1,5 @@
-"""The disk commands: create, clone, snapshot, rollback, hydrate, delete, disks.
+"""The disk commands: create, clone, snapshot, rollback, hydrate, delete, disks, and the
+deletion of points (the trash: rpfs/lifecycle/trash.py) as the open images allow it.
 
 A `DiskService` runs them on the open disks of a `Registry`: in the daemon, the one the
 FUSE layer shares (the control socket calls these methods); without a daemon, the CLI's
@@ -15,6 +16,7 @@ import time
 
 from ..errors import RpfsError, describe_os_error
 from ..index import ZERO, DiskRecord, LineageRecord, PointRecord, PointState
+from ..lifecycle import trash
 from ..lifecycle.purge import release
 from ..names import ceil_div, check_name, default_point_name, parse_point_ref
 from ..pipeline import ordered_map
@@ -382,6 +384,49 @@ class DiskService:
         finally:
             os.close(lock_fd)
         return points, dependants
+
+    # -- deleting points ------------------------------------------------------------------
+
+    def delete_points(self, points: list[str], purge: bool = False) -> list[dict]:
+        """Move points DISK@POINT to the trash, or with `purge` drop them at once.
+
+        An image of a point in the trash reads on (its extents stay) until it is closed.
+        A purge is refused while an image of a point of the same disk is open in the
+        mount: it might read the extents the purge drops.
+        """
+        disks = {parse_point_ref(ref)[0] for ref in points}
+        with self._purging(disks if purge else set()):
+            out = trash.delete(self.index, points, purge)
+        for point in out:  # after the claims: see delete()
+            self.registry.on_point_changed(point["disk"], point["name"])
+        return out
+
+    def undelete(self, point: str) -> dict:
+        """Bring DISK@POINT back from the trash under its name."""
+        out = trash.undelete(self.index, point)
+        self.registry.on_point_changed(out["disk"], out["name"])
+        return out
+
+    def list_trash(self) -> list[dict]:
+        """What the trash holds and when each point in it is purged."""
+        return trash.listing(self.index)
+
+    def purge_trash(self, points: list[str] | None = None, expired: bool = False) -> list[dict]:
+        """Purge the trash (all of it, the points named, or those whose time has come);
+        refused while an image of a point of one of their disks is open."""
+        named = None if points is None else {parse_point_ref(ref)[0] for ref in points}
+        disks = {e["disk"] for e in trash.listing(self.index)} if named is None else named
+        with self._purging(disks):
+            return trash.purge_trash(self.index, points, expired_only=expired)
+
+    @contextlib.contextmanager
+    def _purging(self, disks: set[str]):
+        """Claims on `disks` (in name order) that no point image of theirs is open."""
+        with contextlib.ExitStack() as claims:
+            for name in sorted(disks):
+                claims.enter_context(self.registry.claim(
+                    name, "purge its points", points_too=True, disk_too=False))
+            yield
 
     def _dependants(self, txn, lineages: set[int]) -> list[LineageRecord]:
         """Lineages outside `lineages` whose reads fall through to one of them."""
