@@ -31,6 +31,7 @@ from rpfs.disks.service import DiskService
 from rpfs.index import MAX_GEN, Index, decode_extent_key
 from rpfs.lifecycle import trash
 from rpfs.lifecycle.purge import refcount_errors
+from rpfs.lineage import allocated
 from rpfs.repo import Repository
 from rpfs.store.cache import ChunkCache
 
@@ -178,9 +179,13 @@ class History:
             assert self._read_disk(disk, monkeypatch) == content, f"after {step}: disk {disk}"
         assert refcount_errors(self.repo.index) == [], f"after {step}"
         assert unread_extents(self.repo.index) == [], f"after {step}"
-        with self.repo.index.read() as txn:
-            listed = {p.ref for p in self.repo.index.list_points(txn)}
-        assert listed == set(self.points), f"after {step}"
+        index = self.repo.index
+        with index.read() as txn:
+            listed = index.list_points(txn)
+            for p in listed:  # the figure a new point takes from its base's
+                blocks = allocated(index, txn, index.chain(txn, p.lineage, p.gen))
+                assert p.allocated_blocks == len(blocks), f"after {step}: {p.ref}"
+        assert {p.ref for p in listed} == set(self.points), f"after {step}"
         held = {f"{e['disk']}@{e['name']}" for e in trash.listing(self.repo.index)}
         assert held == set(self.trashed), f"after {step}"
 
