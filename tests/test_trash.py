@@ -164,6 +164,7 @@ def test_an_open_point_image_reads_on_and_holds_off_purges(captured: Repository)
         service.registry.point_opened("d", +1)  # as the mount's open of d@p2 counts it
         image = open_point(captured, cache, "d", "p2")
         before = image.read(0, image.size)
+        p3 = read(captured, "d@p3")
         service.delete_points(["d@p2"])
         assert image.read(0, image.size) == before
         with pytest.raises(RpfsError, match="1 open point image"):
@@ -174,8 +175,13 @@ def test_an_open_point_image_reads_on_and_holds_off_purges(captured: Repository)
         assert image.read(0, image.size) == before
         service.registry.point_opened("d", -1)
         assert [p["name"] for p in service.purge_trash()] == ["p2"]
-        service.delete_points(["d@p1"], purge=True)
-        assert names(captured) == ["p3"]
+        service.clone("d@p3", "c")
+        service.delete_points(["d@p1", "d@p3"], purge=True)
+        assert names(captured) == []
+        [clone] = [d for d in service.disks() if d["name"] == "c"]
+        assert (clone["origin"], clone["origin_deleted"]) == ("d@p3", True)
+        with service.registry.using("c") as disk:
+            assert hashlib.sha256(disk.read(0, disk.size)).hexdigest() == p3
         assert service.list_trash() == []
         assert refcount_errors(captured.index) == []
     finally:

@@ -138,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "disks", "list disks", common)
     p.add_argument("--json", action="store_true",
-                   help="print the disks as a JSON list: name, size, origin, writable, "
-                        "created, hydrated_pct, state and stalled of each")
+                   help="print the disks as a JSON list: name, size, origin, "
+                        "origin_deleted, writable, created, hydrated_pct, state and stalled "
+                        "of each")
     p.set_defaults(func=cmd_disks)
 
     p = _command(sub, "snapshot", "instant point of writable disks (several: one instant)",

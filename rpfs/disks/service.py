@@ -145,6 +145,7 @@ class DiskService:
             "name": record.name,
             "size": record.size,
             "origin": record.origin,
+            "origin_deleted": record.origin is not None and not self._exists(record.origin),
             "writable": record.writable,
             "created": record.created,
         }
@@ -165,6 +166,11 @@ class DiskService:
             "state": f"open ({handles})" if handles else "idle",
             "stalled": self.registry.stalls().get(record.name),
         }
+
+    def _exists(self, point: str) -> bool:
+        """Whether DISK@POINT is a point (not deleted, nor its disk)."""
+        with self.index.read() as txn:
+            return self.index.get_point(txn, *parse_point_ref(point)) is not None
 
     # -- points of writable disks --------------------------------------------------------
 
