@@ -496,7 +496,7 @@ class Index:
     def drop_extents_since(self, txn: lmdb.Transaction, lineage: int, gen: int) -> set[int]:
         """Delete a lineage's extents of generations >= `gen` (releasing their chunks);
         returns the blocks they were of."""
-        dropped = [(b, g) for b, g in self.iter_gens(txn, lineage, gen, MAX_GEN)]
+        dropped = list(self.iter_gens(txn, lineage, gen, MAX_GEN))
         for block, g in dropped:
             self.drop_extent(txn, lineage, block, g)
         return {block for block, _ in dropped}
