@@ -24,6 +24,8 @@ from . import checkpoint
 from .errors import SPACE_ERRNOS, NoSpace, RpfsError
 from .index import ZERO, DiskRecord, PointRecord
 from .ingest import Change, Ingest, examine
+from .lifecycle.purge import release
+from .lineage import allocated_at
 from .names import ceil_div, check_name, default_point_name, fmt_bytes
 from .pipeline import ordered_map
 from .progress import ProgressFn
@@ -136,8 +138,8 @@ class _Capture:
                 lineage = self.index.get_lineage(txn, disk.lineage)
                 base.head_gen = lineage.head_gen
                 base.chain = self.index.chain(txn, disk.lineage, lineage.head_gen)
-                head = self.index.point_at(txn, disk.lineage, lineage.head_gen)
-                base.allocated_blocks = head.allocated_blocks if head else 0
+                base.allocated_blocks = allocated_at(self.index, txn, disk.lineage,
+                                                     lineage.head_gen)
             self._check_point_free(txn)
             capture_id = self.index.next_id(txn, "capture")
             self.index.put_capture(
@@ -224,6 +226,8 @@ class _Capture:
             self.index.drop_staged(txn, capture_id)
             lineage.head_gen = gen
             self.index.put_lineage(txn, lineage)
+            if gen > 1:  # the head read gen - 1 until now
+                release(self.index, txn, lineage.id, gen - 1)
             point = PointRecord(
                 disk=self.disk,
                 name=self.point,

@@ -12,6 +12,8 @@ Named databases (see docs/design.md for the reasoning):
     lineages  lineage(8)  ->  JSON LineageRecord
     meta      counter name  ->  int(8);  "config"  ->  JSON {block_size, hash, codec}
               "suspect/" ‖ chunk hash(32)  ->  time first found corrupt (8): for verify
+    gens      lineage(8) ‖ gen(8) ‖ block(8)  ->  b""   (the extents of each generation)
+    trash     disk ‖ 0x00 ‖ name ‖ 0x00 ‖ lineage(8) ‖ gen(8)  ->  JSON TrashRecord
 
 All integers are big-endian so that LMDB's byte order is numeric order. Inverting the
 generation makes the newest write at or before a generation the first key at or after
@@ -50,7 +52,12 @@ _U64 = struct.Struct(">Q")
 
 _DBS = (
     "extents", "chunks", "staging", "captures", "blockmap", "disks", "points", "lineages", "meta",
+    "gens", "trash",
 )
+# Databases added after the first release: an index without them gets them at its first
+# writable open (`gens` filled from `extents`); a read-only copy (a checkpoint) opens
+# without them.
+_ADDED = ("gens", "trash")
 # LMDB errors that mean the file's pages are not what LMDB wrote (not a full map, a
 # lock or a bug of ours): reported as a damaged index.
 _DAMAGE = (
@@ -77,6 +84,10 @@ def extent_key(lineage: int, block: int, gen: int) -> bytes:
 def decode_extent_key(key: bytes) -> tuple[int, int, int]:
     lineage, block, inv = _EXTENT_KEY.unpack(key)
     return lineage, block, MAX_GEN - inv
+
+
+def gen_key(lineage: int, gen: int, block: int) -> bytes:
+    return _EXTENT_KEY.pack(lineage, gen, block)
 
 
 def u64(n: int) -> bytes:
@@ -172,6 +183,22 @@ class PointRecord:
 
 
 @dataclass
+class TrashRecord:
+    """A deleted point in the trash: its record as it was, and when it was deleted. It
+    keeps its references (a reader, for purge) until it is purged."""
+
+    point: PointRecord
+    deleted_at: float
+
+    def encode(self) -> bytes:
+        return json.dumps({**asdict(self.point), "deleted_at": self.deleted_at}).encode()
+
+    @classmethod
+    def from_fields(cls, deleted_at: float, **point) -> TrashRecord:
+        return cls(PointRecord(**point), deleted_at)
+
+
+@dataclass
 class LineageRecord:
     """One history of writes. Reads past its own extents fall through to the origin."""
 
@@ -187,6 +214,11 @@ class LineageRecord:
 
 def _point_key(disk: str, name: str) -> bytes:
     return disk.encode() + b"\0" + name.encode()
+
+
+def _trash_key(point: PointRecord) -> bytes:
+    """Unique per deleted point: a name may be reused and deleted again."""
+    return _point_key(point.disk, point.name) + b"\0" + u64(point.lineage) + u64(point.gen)
 
 
 class Index:
@@ -239,19 +271,35 @@ class Index:
         name = ""
         try:
             if readonly:
+                with self.env.begin() as txn:
+                    present = {name for name in _ADDED if txn.get(name.encode()) is not None}
                 for name in _DBS:
-                    dbs[name] = self.env.open_db(name.encode(), create=False)
+                    if name not in _ADDED or name in present:
+                        dbs[name] = self.env.open_db(name.encode(), create=False)
                 return dbs
             with self.env.begin(write=True) as txn:
+                # Named databases are keys of the main one.
+                missing = [name for name in _ADDED if txn.get(name.encode()) is None]
                 for name in _DBS:
-                    dbs[name] = self.env.open_db(name.encode(), txn=txn, create=create is not None)
+                    dbs[name] = self.env.open_db(
+                        name.encode(), txn=txn, create=create is not None or name in missing)
                 if create is not None:
                     txn.put(CONFIG_KEY, json.dumps(create).encode(), db=dbs["meta"])
+                elif "gens" in missing:
+                    self._fill_gens(txn, dbs)
         except lmdb.NotFoundError:
             raise self.damaged(f"its database {name!r} is missing") from None
         except _DAMAGE as exc:
             raise self.damaged(str(exc)) from None
         return dbs
+
+    @staticmethod
+    def _fill_gens(txn: lmdb.Transaction, dbs: dict[str, lmdb._Database]) -> None:
+        """Index every extent by generation: an index made before `gens` existed."""
+        with txn.cursor(db=dbs["extents"]) as cur:
+            for key in cur.iternext(values=False):
+                lineage, block, gen = decode_extent_key(key)
+                txn.put(gen_key(lineage, gen, block), b"", db=dbs["gens"])
 
     def damaged(self, detail: str) -> IndexDamaged:
         return IndexDamaged(self.path, detail)
@@ -333,6 +381,7 @@ class Index:
             self.list_points(txn)
             self.list_lineages(txn)
             self.list_captures(txn)
+            self.list_trash(txn)
             for key, value in self._scan(txn, "meta", b""):
                 if key != CONFIG_KEY:
                     self._u64(value, f"meta/{_show(key)}")
@@ -417,8 +466,17 @@ class Index:
         return out
 
     def put_extent(self, txn: lmdb.Transaction, lineage: int, block: int, gen: int, value: bytes):
-        """The extent's key and value alone, no chunk reference taken (see add_extent)."""
+        """The extent's key and value alone, no chunk reference taken (see add_extent),
+        and its entry in `gens` (what purge scans)."""
         txn.put(extent_key(lineage, block, gen), value, db=self.db["extents"])
+        txn.put(gen_key(lineage, gen, block), b"", db=self.db["gens"])
+
+    def drop_extent(self, txn: lmdb.Transaction, lineage: int, block: int, gen: int) -> None:
+        """Delete one extent (with its `gens` entry), releasing its chunk reference."""
+        value = txn.pop(extent_key(lineage, block, gen), db=self.db["extents"])
+        txn.delete(gen_key(lineage, gen, block), db=self.db["gens"])
+        if value:  # None: no such extent; ZERO: no reference
+            self.incref(txn, value, -1)
 
     def add_extent(
         self, txn: lmdb.Transaction, lineage: int, block: int, gen: int, value: bytes
@@ -438,12 +496,10 @@ class Index:
     def drop_extents_since(self, txn: lmdb.Transaction, lineage: int, gen: int) -> set[int]:
         """Delete a lineage's extents of generations >= `gen` (releasing their chunks);
         returns the blocks they were of."""
-        dropped = [(b, g, v) for b, g, v in self.iter_extents(txn, lineage) if g >= gen]
-        for block, g, value in dropped:
-            txn.delete(extent_key(lineage, block, g), db=self.db["extents"])
-            if value != ZERO:
-                self.incref(txn, value, -1)
-        return {block for block, _, _ in dropped}
+        dropped = list(self.iter_gens(txn, lineage, gen, MAX_GEN))
+        for block, g in dropped:
+            self.drop_extent(txn, lineage, block, g)
+        return {block for block, _ in dropped}
 
     def iter_extents(
         self, txn: lmdb.Transaction, lineage: int
@@ -452,6 +508,30 @@ class Index:
         for key, value in self._scan(txn, "extents", u64(lineage)):
             _, block, gen = decode_extent_key(key)
             yield block, gen, value
+
+    def iter_gens(
+        self, txn: lmdb.Transaction, lineage: int, low: int, high: int
+    ) -> Iterator[tuple[int, int]]:
+        """(block, gen) of a lineage's extents of generations low..high (both included),
+        by gen then block: the cost is those extents, not the lineage's."""
+        end = gen_key(lineage, high, MAX_GEN)
+        with txn.cursor(db=self.db["gens"]) as cur:
+            if not cur.set_range(gen_key(lineage, low, 0)):
+                return
+            for key in cur.iternext(values=False):
+                if key > end:
+                    return
+                _, gen, block = _EXTENT_KEY.unpack(key)
+                yield block, gen
+
+    def next_rewrite(self, txn: lmdb.Transaction, lineage: int, block: int, gen: int) -> int | None:
+        """The first generation after `gen` at which `lineage` wrote `block` again, if any
+        (extents sort newest first, so it is the key just before this one)."""
+        with txn.cursor(db=self.db["extents"]) as cur:
+            if not cur.set_range(extent_key(lineage, block, gen)) or not cur.prev():
+                return None
+            found, found_block, newer = decode_extent_key(cur.key())
+            return newer if (found, found_block) == (lineage, block) else None
 
     # -- chunks ---------------------------------------------------------------------------
 
@@ -534,12 +614,36 @@ class Index:
     def list_lineages(self, txn: lmdb.Transaction) -> list[LineageRecord]:
         return self._records(txn, LineageRecord, "lineages")
 
-    def delete_lineage(self, txn: lmdb.Transaction, lineage: int) -> None:
-        """Drop a lineage's record and extents, releasing their chunk references."""
-        for value in self._delete_prefix(txn, "extents", u64(lineage)):
+    def delete_lineage(self, txn: lmdb.Transaction, lineage: int) -> int:
+        """Drop a lineage's record and extents, releasing their chunk references; returns
+        how many extents it had."""
+        values = self._delete_prefix(txn, "extents", u64(lineage))
+        for value in values:
             if value != ZERO:
                 self.incref(txn, value, -1)
+        self._delete_prefix(txn, "gens", u64(lineage))
         txn.delete(u64(lineage), db=self.db["lineages"])
+        return len(values)
+
+    def recount(self, txn: lmdb.Transaction) -> tuple[dict[bytes, int], list[str]]:
+        """References recounted from scratch: how many extents name each chunk, and what
+        does not add up between `extents` and `gens` (each extent has exactly one entry
+        there). A full scan of both: for checks (`rpfs check`, the tests), never on a
+        command's path."""
+        counts: dict[bytes, int] = {}
+        problems = []
+        indexed = set()
+        for key, value in self._scan(txn, "extents", b""):
+            lineage, block, gen = decode_extent_key(key)
+            indexed.add(gen_key(lineage, gen, block))
+            if value != ZERO:
+                counts[value] = counts.get(value, 0) + 1
+        for key, _ in self._scan(txn, "gens", b""):
+            if key not in indexed:
+                problems.append(f"gens entry {_show_gen(key)} has no extent")
+            indexed.discard(key)
+        problems += [f"extent {_show_gen(key)} is missing from gens" for key in sorted(indexed)]
+        return counts, problems
 
     def list_disks(self, txn: lmdb.Transaction) -> list[DiskRecord]:
         return self._records(txn, DiskRecord, "disks")
@@ -565,6 +669,35 @@ class Index:
         prefix = b"" if disk is None else disk.encode() + b"\0"
         out = self._records(txn, PointRecord, "points", prefix)
         out.sort(key=lambda p: (p.disk, p.lineage, p.gen))
+        return out
+
+    # -- the trash (deleted points, not purged yet) -----------------------------------------
+
+    def put_trash(self, txn: lmdb.Transaction, entry: TrashRecord) -> None:
+        txn.put(_trash_key(entry.point), entry.encode(), db=self.db["trash"])
+
+    def delete_trash(self, txn: lmdb.Transaction, point: PointRecord) -> None:
+        txn.delete(_trash_key(point), db=self.db["trash"])
+
+    def list_trash(
+        self, txn: lmdb.Transaction, disk: str | None = None, name: str | None = None
+    ) -> list[TrashRecord]:
+        """Deleted points of one disk (or all; of one name if given), oldest deletion
+        first."""
+        if "trash" not in self.db:  # a read-only copy made before the trash existed
+            return []
+        prefix = b"" if disk is None else disk.encode() + b"\0"
+        if disk is not None and name is not None:
+            prefix = _point_key(disk, name) + b"\0"
+        out = []
+        for key, value in self._scan(txn, "trash", prefix):
+            fields = self._json(value, f"trash/{_show(key[:-17])}")
+            try:
+                out.append(TrashRecord.from_fields(**fields))
+            except TypeError:
+                raise self.damaged(f"record trash/{_show(key[:-17])} does not hold a "
+                                   "TrashRecord") from None
+        out.sort(key=lambda t: (t.deleted_at, t.point.disk, t.point.name))
         return out
 
     def salvage_points(self, txn: lmdb.Transaction) -> list[str]:
@@ -621,6 +754,10 @@ def _show(key: bytes) -> str:
     if len(key) == 8 and key[0] == 0:
         return str(_U64.unpack(key)[0])
     return key.replace(b"\0", b"@").decode(errors="backslashreplace")
+
+
+def _show_gen(key: bytes) -> str:
+    return "(lineage {}, gen {}, block {})".format(*_EXTENT_KEY.unpack(key))
 
 
 class _Txn:

@@ -88,6 +88,16 @@ def allocated(index: Index, txn: lmdb.Transaction, chain: Chain) -> list[int]:
     return sorted(data)
 
 
+def allocated_at(index: Index, txn: lmdb.Transaction, lineage: int, gen: int) -> int:
+    """How many blocks hold data at (lineage, gen): the figure of the point there, the
+    base a new point's figure starts from; counted from the extents if that point was
+    deleted (a scan of the chain's extents, as `allocated` does)."""
+    point = index.point_at(txn, lineage, gen)
+    if point is not None:
+        return point.allocated_blocks
+    return len(allocated(index, txn, index.chain(txn, lineage, gen)))
+
+
 def byte_extents(blocks: list[int], block_size: int, size: int) -> list[dict]:
     """Merge sorted block numbers into byte extents clipped to the disk size."""
     out: list[dict] = []

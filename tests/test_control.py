@@ -405,6 +405,10 @@ PROTOCOL = {
     "disks": {},
     "snapshot": {"disks": ("list of str", ["vm"], True), "name": ("str or null", "p9", False)},
     "rollback": {"point": ("str", "vm@p1", True)},
+    "delete_points": {"points": ("list of str", ["vm@p1"], True), "purge": ("bool", True, False)},
+    "undelete": {"point": ("str", "vm@p1", True)},
+    "purge_trash": {"points": ("list of str or null", ["vm@p1"], False),
+                    "expired": ("bool", True, False)},
 }
 BAD_VALUES = {
     "str": [None, 1, True, 1.5, [], {}, ["x"], "", "../x", "a/b", ".h", "x" * 200, "\u0000",
@@ -414,6 +418,7 @@ BAD_VALUES = {
     "bool": ["yes", 1, 0, None, [], {}],
     "str or null": [1, True, [], "", "../x", "a b"],
     "list of str": ["vm", [1], [None], [["vm"]], {}, [], ["../x"], ["vm", 2], None],
+    "list of str or null": ["vm", [1], [None], [["vm"]], {}, ["../x"], ["vm", 2], 1],
 }
 TEMPLATES = [b'{"op": "create", "args": {"name": "fz", "size": 4096}}',
              b'{"op": "clone", "args": {"source": "vm@p1", "name": "fz"}}',

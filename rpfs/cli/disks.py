@@ -49,7 +49,8 @@ def cmd_disks(args: argparse.Namespace) -> int:
         return 0
     rows = [
         [
-            d["name"], fmt_bytes(d["size"]), d["origin"] or "-",
+            d["name"], fmt_bytes(d["size"]),
+            (d["origin"] or "-") + (" (deleted)" if d["origin_deleted"] else ""),
             "-" if d["hydrated_pct"] is None else f"{d['hydrated_pct']:.1f}%",
             d["state"] + (f", archiving stalled: {d['stalled']}" if d.get("stalled") else ""),
         ]

@@ -30,6 +30,7 @@ from .mount import cmd_mount, cmd_umount
 from .output import fmt_time
 from .points import cmd_allocated, cmd_capture, cmd_changed, cmd_points, cmd_restore
 from .repository import cmd_index_restore, cmd_init
+from .trash import cmd_point_delete, cmd_trash, cmd_trash_purge, cmd_undelete
 
 
 def _command(sub: argparse._SubParsersAction, name: str, summary: str,
@@ -82,6 +83,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tree", action="store_true", help="show branches left by rollbacks")
     p.set_defaults(func=cmd_points)
 
+    p = _command(sub, "point", "delete points", common)
+    point_sub = p.add_subparsers(dest="point_command", required=True, metavar="ACTION")
+    q = _command(point_sub, "delete", "move points to the trash (or purge them at once)",
+                 common)
+    q.add_argument("points", nargs="+", metavar="DISK@POINT", help="a point to delete")
+    q.add_argument("--purge", action="store_true",
+                   help="drop them at once instead of keeping them in the trash")
+    q.set_defaults(func=cmd_point_delete)
+
+    p = _command(sub, "trash", "list deleted points, or purge them", common)
+    p.add_argument("--json", action="store_true",
+                   help="print the deleted points as a JSON list: disk, name, created, size, "
+                        "bytes_stored, deleted_at and purge_after of each")
+    p.set_defaults(func=cmd_trash)
+    trash_sub = p.add_subparsers(dest="trash_command", metavar="ACTION")
+    q = _command(trash_sub, "purge", "free what deleted points hold, now", common)
+    which = q.add_mutually_exclusive_group()
+    which.add_argument("points", nargs="*", default=[], metavar="DISK@POINT",
+                       help="only these points (default: the whole trash)")
+    which.add_argument("--expired", action="store_true",
+                       help="only the points whose trash period is over")
+    q.set_defaults(func=cmd_trash_purge)
+
+    p = _command(sub, "undelete", "bring a deleted point back from the trash", common)
+    p.add_argument("point", metavar="DISK@POINT", help="the point, under its old name")
+    p.set_defaults(func=cmd_undelete)
+
     p = _command(sub, "restore", "write a point to a file or device", common)
     p.add_argument("point", metavar="DISK@POINT", help="the point to write")
     p.add_argument("target", metavar="TARGET", help="file or block device to write")
@@ -110,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "disks", "list disks", common)
     p.add_argument("--json", action="store_true",
-                   help="print the disks as a JSON list: name, size, origin, writable, "
-                        "created, hydrated_pct, state and stalled of each")
+                   help="print the disks as a JSON list: name, size, origin, "
+                        "origin_deleted, writable, created, hydrated_pct, state and stalled "
+                        "of each")
     p.set_defaults(func=cmd_disks)
 
     p = _command(sub, "snapshot", "instant point of writable disks (several: one instant)",

@@ -25,6 +25,7 @@ from pathlib import Path
 from .. import perms
 from ..errors import SPACE_ERRNOS
 from ..index import MAX_GEN, DiskRecord, PointRecord
+from ..lifecycle.purge import release
 from ..lineage import can_differ, reads_differ
 from ..names import ceil_div
 from ..repo import Repository
@@ -332,8 +333,10 @@ class LiveDisk:
                 with self.index.write() as txn:  # the barrier holds the sync lock
                     lineage = self.index.new_lineage(txn, self.name, (point.lineage, point.gen))
                     record = self.index.get_disk(txn, self.name)
+                    left = record.lineage
                     record.lineage, record.origin = lineage.id, point.ref
                     self.index.put_disk(txn, record)
+                    release(self.index, txn, left, MAX_GEN)  # the head leaves that lineage
                     self.map.store_pages(txn)
             except BaseException:  # the disk stays as it was: its local blocks too
                 self.map.restore(before)

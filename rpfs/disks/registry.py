@@ -78,6 +78,9 @@ class Registry:
         # Called with a disk's name after it is deleted (the daemon drops the kernel's
         # cached entries, so a disk re-created under that name shows at once).
         self.on_removed: Callable[[str], None] = lambda name: None
+        # Called with (disk, point) after a point is deleted or undeleted (the same, for
+        # the entry of its image).
+        self.on_point_changed: Callable[[str, str], None] = lambda disk, point: None
         self.stopping = threading.Event()
 
     # -- open disks -----------------------------------------------------------------------
@@ -209,10 +212,12 @@ class Registry:
         with self._lock:
             self._refuse_if_open(name, action, points_too)
 
-    def _refuse_if_open(self, name: str, action: str, points_too: bool) -> None:
+    def _refuse_if_open(
+        self, name: str, action: str, points_too: bool, disk_too: bool = True
+    ) -> None:
         """RpfsError if the mount has an image of `name` open (caller holds the lock)."""
         entry = self._open.get(name)
-        handles = entry.handles if entry is not None else 0
+        handles = entry.handles if entry is not None and disk_too else 0
         readers = self._point_readers.get(name, 0) if points_too else 0
         if readers:
             raise RpfsError(
@@ -226,18 +231,22 @@ class Registry:
             )
 
     @contextlib.contextmanager
-    def claim(self, name: str, action: str, points_too: bool = False) -> Iterator[None]:
+    def claim(
+        self, name: str, action: str, points_too: bool = False, disk_too: bool = True
+    ) -> Iterator[None]:
         """Check that no image of `name` is open and hold it so until the block ends.
 
         Check and claim are one step under the registry lock, and opens of the disk's
         image and of its point images wait for the claim: an open between a check and
         the commit would otherwise read the old bytes and then the new ones, or zeros
         once a deleted point's extents are gone. `points_too`: open point images refuse
-        too. A second command on the same disk waits for the first, then checks afresh.
+        too; `disk_too=False`: an open image of the disk itself does not (a purge of its
+        points leaves what the disk reads). A second command on the same disk waits for
+        the first, then checks afresh.
         """
         with self._lock:
             self._wait_unclaimed(name)
-            self._refuse_if_open(name, action, points_too)
+            self._refuse_if_open(name, action, points_too, disk_too)
             self._claimed.add(name)
         try:
             yield

@@ -1,4 +1,5 @@
-"""The disk commands: create, clone, snapshot, rollback, hydrate, delete, disks.
+"""The disk commands: create, clone, snapshot, rollback, hydrate, delete, disks, and the
+deletion of points (the trash: rpfs/lifecycle/trash.py) as the open images allow it.
 
 A `DiskService` runs them on the open disks of a `Registry`: in the daemon, the one the
 FUSE layer shares (the control socket calls these methods); without a daemon, the CLI's
@@ -15,6 +16,8 @@ import time
 
 from ..errors import RpfsError, describe_os_error
 from ..index import ZERO, DiskRecord, LineageRecord, PointRecord, PointState
+from ..lifecycle import trash
+from ..lifecycle.purge import release
 from ..names import ceil_div, check_name, default_point_name, parse_point_ref
 from ..pipeline import ordered_map
 from ..progress import ProgressFn
@@ -142,6 +145,7 @@ class DiskService:
             "name": record.name,
             "size": record.size,
             "origin": record.origin,
+            "origin_deleted": record.origin is not None and not self._exists(record.origin),
             "writable": record.writable,
             "created": record.created,
         }
@@ -162,6 +166,11 @@ class DiskService:
             "state": f"open ({handles})" if handles else "idle",
             "stalled": self.registry.stalls().get(record.name),
         }
+
+    def _exists(self, point: str) -> bool:
+        """Whether DISK@POINT is a point (not deleted, nor its disk)."""
+        with self.index.read() as txn:
+            return self.index.get_point(txn, *parse_point_ref(point)) is not None
 
     # -- points of writable disks --------------------------------------------------------
 
@@ -350,9 +359,11 @@ class DiskService:
             with self.index.write() as txn:
                 record = self._record(name, txn)
                 points = [p.name for p in self.index.list_points(txn, name)]
-                if points and not with_points:
+                trashed = self.index.list_trash(txn, name)  # still undeletable
+                if (points or trashed) and not with_points:
+                    names = points + [f"{e.point.name} (in the trash)" for e in trashed]
                     raise RpfsError(
-                        f"disk {name} has {len(points)} point(s): {_some(points)}; pass "
+                        f"disk {name} has {len(names)} point(s): {_some(names)}; pass "
                         "--with-points to delete them too"
                     )
                 mine = {lin.id for lin in self.index.list_lineages(txn) if name in lin.disks}
@@ -367,6 +378,8 @@ class DiskService:
                     self._detach(txn, lin, record.size)
                 for point in points:
                     self.index.delete_point(txn, name, point)
+                for entry in trashed:  # deleted already: they go with their extents
+                    self.index.delete_trash(txn, entry.point)
                 for lineage in mine:
                     self.index.delete_lineage(txn, lineage)
                 if record.writable:
@@ -377,6 +390,49 @@ class DiskService:
         finally:
             os.close(lock_fd)
         return points, dependants
+
+    # -- deleting points ------------------------------------------------------------------
+
+    def delete_points(self, points: list[str], purge: bool = False) -> list[dict]:
+        """Move points DISK@POINT to the trash, or with `purge` drop them at once.
+
+        An image of a point in the trash reads on (its extents stay) until it is closed.
+        A purge is refused while an image of a point of the same disk is open in the
+        mount: it might read the extents the purge drops.
+        """
+        disks = {parse_point_ref(ref)[0] for ref in points}
+        with self._purging(disks if purge else set()):
+            out = trash.delete(self.index, points, purge)
+        for point in out:  # after the claims: see delete()
+            self.registry.on_point_changed(point["disk"], point["name"])
+        return out
+
+    def undelete(self, point: str) -> dict:
+        """Bring DISK@POINT back from the trash under its name."""
+        out = trash.undelete(self.index, point)
+        self.registry.on_point_changed(out["disk"], out["name"])
+        return out
+
+    def list_trash(self) -> list[dict]:
+        """What the trash holds and when each point in it is purged."""
+        return trash.listing(self.index)
+
+    def purge_trash(self, points: list[str] | None = None, expired: bool = False) -> list[dict]:
+        """Purge the trash (all of it, the points named, or those whose time has come);
+        refused while an image of a point of one of their disks is open."""
+        named = None if points is None else {parse_point_ref(ref)[0] for ref in points}
+        disks = {e["disk"] for e in trash.listing(self.index)} if named is None else named
+        with self._purging(disks):
+            return trash.purge_trash(self.index, points, expired_only=expired)
+
+    @contextlib.contextmanager
+    def _purging(self, disks: set[str]):
+        """Claims on `disks` (in name order) that no point image of theirs is open."""
+        with contextlib.ExitStack() as claims:
+            for name in sorted(disks):
+                claims.enter_context(self.registry.claim(
+                    name, "purge its points", points_too=True, disk_too=False))
+            yield
 
     def _dependants(self, txn, lineages: set[int]) -> list[LineageRecord]:
         """Lineages outside `lineages` whose reads fall through to one of them."""
@@ -401,8 +457,13 @@ class DiskService:
             value = self.index.resolve(txn, chain, block)
             if value != ZERO and self.index.lookup(txn, lin.id, block, 0) is None:
                 self.index.add_extent(txn, lin.id, block, 0, value)
+        origin = lin.parent, lin.parent_gen
         lin.parent, lin.parent_gen = None, 0
         self.index.put_lineage(txn, lin)
+        release(self.index, txn, *origin)  # lin no longer reads it
+        # Copies of blocks lin rewrote before its oldest reader (its older points
+        # purged) are read by nothing: they go at once.
+        release(self.index, txn, lin.id, 0)
 
 
 def _hydrate_range(disk: LiveDisk, blocks: tuple[int, int]) -> int:

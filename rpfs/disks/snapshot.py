@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 
 from ..index import PointRecord, PointState
 from ..ingest import Ingest, examine
+from ..lifecycle.purge import release
+from ..lineage import allocated_at
 from .blockmap import DIRTY, FROZEN, PRESENT
 from .catalog import archiving_and_riders
 
@@ -89,9 +91,10 @@ class Snapshots:
         """
         index, disk = self.index, self.disk
         lineage = index.get_lineage(txn, disk.record.lineage)
-        base = index.point_at(txn, lineage.id, lineage.head_gen) if lineage.head_gen else (
-            index.point_at(txn, lineage.parent, lineage.parent_gen) if lineage.parent else None
-        )
+        # What the disk read at its last point: its origin's before its first one (a
+        # detached clone's own gen-0 extents).
+        base = (lineage.parent, lineage.parent_gen) if not lineage.head_gen and (
+            lineage.parent is not None) else (lineage.id, lineage.head_gen)
         lineage.head_gen += 1
         index.put_lineage(txn, lineage)
         if self.archiving is not None:
@@ -106,7 +109,7 @@ class Snapshots:
             self._prev_chain = index.chain(txn, lineage.id, lineage.head_gen - 1)
         point = PointRecord(
             disk=disk.name, name=name, lineage=lineage.id, gen=lineage.head_gen, created=now,
-            size=disk.size, allocated_blocks=base.allocated_blocks if base else 0,
+            size=disk.size, allocated_blocks=allocated_at(index, txn, *base),
             method="tracked" if self.map.tracked else "full-compare",
             state=PointState.ARCHIVING if frozen or self.archiving else PointState.COMPLETE,
             frozen_blocks=frozen,
@@ -231,6 +234,7 @@ class Snapshots:
                     other = self.index.get_point(txn, rider.disk, rider.name)
                     other.state, other.allocated_blocks = PointState.COMPLETE, rec.allocated_blocks
                     self.index.put_point(txn, other)
+                release(self.index, txn, rec.lineage, rec.gen - 1)  # the head read it until now
             self.archiving, riders, self.riders = None, self.riders, []
         log.info("disk %s: point %s archived (%d blocks written, %d bytes stored)",
                  self.disk.name, rec.name, rec.blocks_written, rec.bytes_stored)

@@ -59,6 +59,8 @@ INT = Arg("an integer", lambda v: type(v) is int)
 FLAG = Arg("true or false", lambda v: type(v) is bool, required=False)
 OPTIONAL_STR = Arg("a string or null", lambda v: v is None or type(v) is str, required=False)
 STR_LIST = Arg("a list of strings", lambda v: type(v) is list and all(type(s) is str for s in v))
+OPTIONAL_STR_LIST = Arg("a list of strings or null",
+                        lambda v: v is None or STR_LIST.accepts(v), required=False)
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,11 @@ OPERATIONS: dict[str, Operation] = {
     "snapshot": Operation(DiskService.snapshot, {"disks": STR_LIST, "name": OPTIONAL_STR}),
     "rollback": Operation(DiskService.rollback, {"point": STR}),
     "stalls": Operation(DiskService.stalls, {}),
+    "delete_points": Operation(DiskService.delete_points, {"points": STR_LIST, "purge": FLAG}),
+    "undelete": Operation(DiskService.undelete, {"point": STR}),
+    "list_trash": Operation(DiskService.list_trash, {}),
+    "purge_trash": Operation(DiskService.purge_trash, {"points": OPTIONAL_STR_LIST,
+                                                       "expired": FLAG}),
 }
 
 

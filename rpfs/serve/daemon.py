@@ -238,6 +238,7 @@ def serve(
     images = Images(repo, cache, service.registry)
     ops = Operations(Tree(repo.index, images, options.access), images)
     service.registry.on_removed = ops.forget_disk
+    service.registry.on_point_changed = ops.forget_point
     # default_permissions: the kernel checks the modes Access gives (root passes anyway).
     fuse_options = set(pyfuse3.default_options) | {
         "fsname=rpfs", "subtype=rpfs", "default_permissions"}

@@ -57,6 +57,12 @@ class Operations(pyfuse3.Operations):
             with contextlib.suppress(OSError):  # ENOENT: the kernel had nothing cached
                 pyfuse3.invalidate_entry(parent, os.fsencode(entry))
 
+    def forget_point(self, disk: str, name: str) -> None:
+        """Drop the kernel's cached entry (or cached absence) of a point deleted or
+        undeleted, so the name goes or comes at once; from a worker thread, as above."""
+        with contextlib.suppress(OSError):
+            pyfuse3.invalidate_entry(*self.tree.entry_of_point(disk, name))
+
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         """Run blocking `fn` in a worker thread; map errors to FUSEError."""
         with self._errors(fn):

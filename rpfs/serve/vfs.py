@@ -205,6 +205,10 @@ class Tree:
             (self._ino(("points",)), name),
         ]
 
+    def entry_of_point(self, disk: str, name: str) -> tuple[int, bytes]:
+        """(parent inode, entry name) of point `disk`@`name`'s image."""
+        return self._ino(("points", disk)), os.fsencode(name + IMAGE_SUFFIX)
+
     def namespace_error(self, parent: int) -> int:
         """The errno for creating, removing or renaming entries under `parent`: the tree
         mirrors the index, and changes to it go through rpfs commands."""

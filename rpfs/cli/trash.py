@@ -1,0 +1,57 @@
+"""The commands that delete points and manage the trash, through the disk service (the
+daemon's when one serves the repository, so its open images are respected; else one in
+this process): point delete, trash, trash purge, undelete."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..names import fmt_bytes
+from ..repo import repo_path
+from ..serve.control import disk_service
+from .output import fmt_time, print_json, print_table
+
+
+def cmd_point_delete(args: argparse.Namespace) -> int:
+    with disk_service(repo_path(args.repo)) as service:
+        done = service.delete_points(points=args.points, purge=args.purge)
+    for point in done:
+        where = "deleted and purged" if point["purged"] else (
+            "moved to the trash ('rpfs undelete' brings it back)")
+        print(f"{point['disk']}@{point['name']}: {where}")
+    return 0
+
+
+def cmd_undelete(args: argparse.Namespace) -> int:
+    with disk_service(repo_path(args.repo)) as service:
+        point = service.undelete(point=args.point)
+    print(f"{point['disk']}@{point['name']}: back from the trash")
+    return 0
+
+
+def cmd_trash(args: argparse.Namespace) -> int:
+    with disk_service(repo_path(args.repo)) as service:
+        held = service.list_trash()
+    if args.json:
+        print_json(held)
+        return 0
+    if not held:
+        print("the trash is empty")
+        return 0
+    rows = [
+        [f"{p['disk']}@{p['name']}", fmt_time(p["created"]), fmt_bytes(p["bytes_stored"]),
+         fmt_time(p["deleted_at"]), fmt_time(p["purge_after"])]
+        for p in held
+    ]
+    print_table(["POINT", "CREATED", "STORED", "DELETED", "PURGED AFTER"], rows)
+    return 0
+
+
+def cmd_trash_purge(args: argparse.Namespace) -> int:
+    with disk_service(repo_path(args.repo)) as service:
+        purged = service.purge_trash(points=args.points or None, expired=args.expired)
+    for point in purged:
+        print(f"{point['disk']}@{point['name']}: purged")
+    if not purged:
+        print("nothing to purge")
+    return 0

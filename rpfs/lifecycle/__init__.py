@@ -1,0 +1,1 @@
+"""A point's life after it is taken: deletion, the trash, purge and retention."""

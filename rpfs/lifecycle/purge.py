@@ -1,0 +1,106 @@
+"""Purge: what dropping one reader of a lineage frees in the index.
+
+An extent (block b, generation h) of a lineage is read by every reader of that lineage
+whose generation lies in [h, the next generation that rewrote b). The readers of a
+lineage are its points (complete, archiving or in the trash), the lineages that branch
+from it (clones and rollbacks read it at their `parent_gen`) and, if it is a disk's
+current lineage, that disk's head, at MAX_GEN (a writable disk's ABSENT blocks, the base
+of a captured disk's next incremental capture). When a reader at generation g goes, the
+only extents that can become unread are those with h in (the next surviving reader below
+g, g]: one with h lower is read by that reader whenever g read it. Of those, an extent
+stays if the next surviving reader above g still reads it (b not rewritten by then).
+So a purge costs a scan of the extents written in that range (`Index.iter_gens`) and one
+seek each, not a pass over the disk. A lineage left with no reader at all goes whole,
+and its own reader of its origin with it.
+
+Everything here runs in the caller's write transaction: one purge is one commit, so a
+crash leaves the point either fully present or fully gone, with exact refcounts.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import lmdb
+
+from ..index import MAX_GEN, Index, LineageRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Released:
+    """What a purge dropped from the index."""
+
+    extents: int = 0
+    lineages: int = 0
+
+
+def reader_gens(index: Index, txn: lmdb.Transaction, lineage: LineageRecord) -> list[int]:
+    """The generations at which something still reads `lineage`, ascending."""
+    gens: set[int] = set()
+    for disk in lineage.disks:
+        gens.update(p.gen for p in index.list_points(txn, disk) if p.lineage == lineage.id)
+        gens.update(t.point.gen for t in index.list_trash(txn, disk)
+                    if t.point.lineage == lineage.id)
+        record = index.get_disk(txn, disk)
+        if record is not None and record.lineage == lineage.id:
+            gens.add(MAX_GEN)
+    gens.update(lin.parent_gen for lin in index.list_lineages(txn) if lin.parent == lineage.id)
+    return sorted(gens)
+
+
+def release(index: Index, txn: lmdb.Transaction, lineage: int, gen: int) -> Released:
+    """A reader of `lineage` at `gen` is gone (the caller removed it in `txn`): drop the
+    extents no surviving reader reads, releasing their chunks' references."""
+    out = Released()
+    while True:
+        record = index.get_lineage(txn, lineage)
+        if record is None:
+            return out
+        gens = reader_gens(index, txn, record)
+        if not gens:  # nothing reads it any more: all of it goes, and its read of its origin
+            out.extents += index.delete_lineage(txn, lineage)
+            out.lineages += 1
+            log.info("lineage %d: no reader left, dropped", lineage)
+            if record.parent is None:
+                return out
+            lineage, gen = record.parent, record.parent_gen
+            continue
+        if gen in gens:
+            return out
+        below = max((g for g in gens if g < gen), default=-1)  # gen-0 extents count
+        above = min((g for g in gens if g > gen), default=None)
+        doomed = [
+            (block, written)
+            for block, written in index.iter_gens(txn, lineage, below + 1, gen)
+            if above is None or _rewritten_by(index, txn, lineage, block, written, above)
+        ]
+        for block, written in doomed:
+            index.drop_extent(txn, lineage, block, written)
+        out.extents += len(doomed)
+        return out
+
+
+def _rewritten_by(
+    index: Index, txn: lmdb.Transaction, lineage: int, block: int, gen: int, reader: int
+) -> bool:
+    """Whether `reader` (a generation above `gen`) no longer reads this extent."""
+    newer = index.next_rewrite(txn, lineage, block, gen)
+    return newer is not None and newer <= reader
+
+
+def refcount_errors(index: Index) -> list[str]:
+    """Every way the stored references differ from a recount of the extents (empty when
+    they are exact): a chunk whose refcount is not the number of extents naming it, an
+    extent naming a chunk that is not stored, an extent missing from `gens` or the
+    reverse. Staging rows hold no reference (a capture takes them at publish)."""
+    with index.read() as txn:
+        counts, problems = index.recount(txn)
+        stored = {digest: loc.refcount for digest, loc in index.iter_chunks(txn)}
+    problems += [f"extents name chunk {d.hex()[:16]}, which is not stored"
+                 for d in counts if d not in stored]
+    problems += [f"chunk {d.hex()[:16]}: refcount {n}, named by {counts.get(d, 0)} extents"
+                 for d, n in stored.items() if n != counts.get(d, 0)]
+    return problems
