@@ -1,0 +1,1 @@
+"""Point lifecycle: the clock, retention plans, delete, trash, undelete and purge."""
