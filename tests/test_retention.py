@@ -224,6 +224,16 @@ def test_archiving_point_is_never_pruned() -> None:
     assert kept(older, Policy(keep_last=1)) == {"2026-11-30T12:00", "2026-11-27T12:00"}
 
 
+def test_candidate_state_from_a_record() -> None:
+    """A record's plain string works; a state the plan does not know is refused, never
+    taken for complete."""
+    pts = [Candidate("a", ts("2026-11-29T12:00")),
+           Candidate("b", ts("2026-11-30T12:00"), "archiving")]
+    assert rules(pts, Policy(keep_last=1)) == {"b": "still archiving", "a": "keep-last 1"}
+    with pytest.raises(ValueError):
+        Candidate("c", 0.0, "deleting")
+
+
 def test_hold_is_named_before_other_facts() -> None:
     pts = [Candidate("p", ts("2026-11-30T12:00"), PointState.ARCHIVING, "legal", ts("2027-01-01"))]
     assert rules(pts, Policy(keep_last=1)) == {"p": "held (legal)"}

@@ -3,8 +3,10 @@ decided each one.
 
 The plan is pure (points and a policy in, decisions out; no index, no clock), so a
 `--dry-run` prints exactly what a prune does, and the execution (each removal sent to
-the trash in its own transaction, oldest first) lives elsewhere. restic
-(internal/repository/prune.go) and Proxmox Backup Server split it the same way.
+the trash in its own transaction, oldest first) lives elsewhere. restic splits its
+pack prune the same way (internal/repository/prune.go: `PlanPrune` returns a plan that
+`Execute` carries out, and `--dry-run` prints the plan), and so does PBS, whose
+`compute_prune_info` marks every snapshot before its caller deletes any.
 
 The bucket rules are PBS's, read in its documentation (docs/maintenance.rst, "Pruning")
 and in `compute_prune_info` / `mark_selections` (pbs-datastore/src/prune.rs), and
@@ -106,6 +108,11 @@ class Candidate:
     hold: str | None = None  # the hold's tag: held points are never pruned
     expires: float | None = None  # an on-demand point's own expiry
 
+    def __post_init__(self) -> None:
+        # A record's plain string becomes the enum, and a state this plan does not know
+        # is refused (ValueError) rather than taken for complete and pruned.
+        object.__setattr__(self, "state", PointState(self.state))
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -141,7 +148,7 @@ def plan(points: Iterable[Candidate], policy: Policy) -> list[Decision]:
     for p in ordered:
         if p.hold is not None:
             kept[p.name] = f"held ({p.hold})"
-        elif p.state is PointState.ARCHIVING:
+        elif p.state == PointState.ARCHIVING:
             kept[p.name] = "still archiving"
         elif p.expires is not None:
             kept[p.name] = f"on-demand (expires {iso(p.expires)})"
@@ -154,7 +161,7 @@ def plan(points: Iterable[Candidate], policy: Policy) -> list[Decision]:
                 _pass(bucketed, count, rule, bucket, kept, removed)
     else:
         kept.update((p.name, "no keep option set: keeps every point") for p in bucketed)
-    newest = next((p for p in ordered if p.state is PointState.COMPLETE), None)
+    newest = next((p for p in ordered if p.state == PointState.COMPLETE), None)
     if newest is not None and newest.name not in kept:
         kept[newest.name] = "newest complete point"
     return [Decision(p.name, p.name in kept, kept.get(p.name, NO_RULE)) for p in ordered]
