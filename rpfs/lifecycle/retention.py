@@ -160,7 +160,7 @@ def plan(points: Iterable[Candidate], policy: Policy) -> list[Decision]:
             if count is not None:
                 _pass(bucketed, count, rule, bucket, kept, removed)
     else:
-        kept.update((p.name, "no keep option set: keeps every point") for p in bucketed)
+        kept.update((p.name, "no keep option above 0: keeps every point") for p in bucketed)
     newest = next((p for p in ordered if p.state == PointState.COMPLETE), None)
     if newest is not None and newest.name not in kept:
         kept[newest.name] = "newest complete point"
