@@ -83,6 +83,11 @@ CASES = [
      {"2019-11-22T11:59:15", "2019-12-01T11:59:15", "2019-12-04T11:59:15"}),
     ("pbs2-monthly-yearly", PBS_SIMPLE2, Policy(keep_monthly=1, keep_yearly=1),
      {"2018-11-15T11:59:15", "2019-12-04T11:59:15"}),
+    # 2026-11-30 and 2026-12-01 share 2026-W49: the weekly pass keeps 12-01 and removes
+    # 11-30, so November's monthly point is 11-02, not 11-30.
+    ("weekly-removal-stands-for-monthly", ["2026-11-02T09:00", "2026-11-30T09:00",
+                                           "2026-12-01T09:00"],
+     Policy(keep_weekly=1, keep_monthly=2), {"2026-12-01T09:00", "2026-11-02T09:00"}),
     # Weeks across the year boundary: 2027-01-01 and 2027-01-03 are in 2026-W53 with
     # 2026-12-28, so W53 is one bucket (a calendar-year week would make it two).
     ("iso-weekly-2", YEAR_END, Policy(keep_weekly=2), {"2027-01-04T10:00", "2027-01-03T10:00"}),
