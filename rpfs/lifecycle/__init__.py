@@ -1,1 +1,2 @@
-"""A point's life after it is taken: deletion, the trash, purge and retention."""
+"""A point's life after it is taken: the clock of lifecycle decisions, retention plans,
+deletion, the trash and purge."""

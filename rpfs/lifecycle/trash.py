@@ -14,22 +14,17 @@ read loses its extents.
 from __future__ import annotations
 
 import logging
-import time
 
 from ..errors import RpfsError
 from ..index import Index, PointState, TrashRecord
 from ..names import parse_point_ref
+from .clock import now
 from .purge import release
 
 log = logging.getLogger(__name__)
 
 TRASH_DAYS = 14  # how long a deleted point can be undeleted (a repository setting later)
 DAY = 86400.0
-
-
-def now() -> float:
-    """The time, UTC seconds: the lifecycle's one read of the clock (clock.now() later)."""
-    return time.time()
 
 
 def delete(index: Index, refs: list[str], purge: bool = False) -> list[dict]:
