@@ -24,6 +24,7 @@ from . import checkpoint
 from .errors import SPACE_ERRNOS, NoSpace, RpfsError
 from .index import ZERO, DiskRecord, PointRecord
 from .ingest import Change, Ingest, examine
+from .lifecycle import clock
 from .lifecycle.purge import release
 from .lineage import allocated_at
 from .names import ceil_div, check_name, default_point_name, fmt_bytes
@@ -216,7 +217,7 @@ class _Capture:
             disk = base.disk
             if disk is None:
                 lineage = self.index.new_lineage(txn, self.disk)
-                disk = DiskRecord(self.disk, self.src.size, lineage.id, time.time())
+                disk = DiskRecord(self.disk, self.src.size, lineage.id, clock.now())
                 self.index.put_disk(txn, disk)
             else:
                 lineage = self.index.get_lineage(txn, disk.lineage)
@@ -233,7 +234,7 @@ class _Capture:
                 name=self.point,
                 lineage=lineage.id,
                 gen=gen,
-                created=time.time(),
+                created=clock.now(),
                 size=self.src.size,
                 blocks_written=self.blocks_written,
                 allocated_blocks=base.allocated_blocks + self.allocated_delta,

@@ -407,6 +407,8 @@ PROTOCOL = {
     "rollback": {"point": ("str", "vm@p1", True)},
     "delete_points": {"points": ("list of str", ["vm@p1"], True), "purge": ("bool", True, False)},
     "undelete": {"point": ("str", "vm@p1", True)},
+    "prune": {"disk": ("str", "vm", True), "keep_last": ("int or null", 1, False),
+              "dry_run": ("bool", False, False)},
     "purge_trash": {"points": ("list of str or null", ["vm@p1"], False),
                     "expired": ("bool", True, False)},
 }
@@ -418,6 +420,7 @@ BAD_VALUES = {
     "bool": ["yes", 1, 0, None, [], {}],
     "str or null": [1, True, [], "", "../x", "a b"],
     "list of str": ["vm", [1], [None], [["vm"]], {}, [], ["../x"], ["vm", 2], None],
+    "int or null": ["1", 1.5, True, [], {}, -1, -(10**20)],
     "list of str or null": ["vm", [1], [None], [["vm"]], {}, ["../x"], ["vm", 2], 1],
 }
 TEMPLATES = [b'{"op": "create", "args": {"name": "fz", "size": 4096}}',

@@ -30,7 +30,15 @@ from .mount import cmd_mount, cmd_umount
 from .output import fmt_time
 from .points import cmd_allocated, cmd_capture, cmd_changed, cmd_points, cmd_restore
 from .repository import cmd_index_restore, cmd_init
-from .trash import cmd_point_delete, cmd_trash, cmd_trash_purge, cmd_undelete
+from .trash import (
+    KEEP_OPTIONS,
+    KEEP_SPANS,
+    cmd_point_delete,
+    cmd_prune,
+    cmd_trash,
+    cmd_trash_purge,
+    cmd_undelete,
+)
 
 
 def _command(sub: argparse._SubParsersAction, name: str, summary: str,
@@ -91,6 +99,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--purge", action="store_true",
                    help="drop them at once instead of keeping them in the trash")
     q.set_defaults(func=cmd_point_delete)
+
+    p = _command(sub, "prune", "move the points a retention policy does not keep to the trash",
+                 common)
+    p.add_argument("disk", metavar="DISK", help="the disk whose points to prune")
+    for option, span in zip(KEEP_OPTIONS, KEEP_SPANS, strict=True):
+        what = "N newest points" if span is None else (
+            f"newest point of each of the N newest {span} that have points (UTC)")
+        p.add_argument(f"--{option.replace('_', '-')}", type=int, metavar="N",
+                       help=f"keep the {what}")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print what would be kept and removed, and why; change nothing")
+    p.add_argument("--json", action="store_true",
+                   help="print the plan as a JSON list: disk, name, keep and rule of each "
+                        "point, newest first")
+    p.set_defaults(func=cmd_prune)
 
     p = _command(sub, "trash", "list deleted points, or purge them", common)
     p.add_argument("--json", action="store_true",

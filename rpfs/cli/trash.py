@@ -11,6 +11,11 @@ from ..repo import repo_path
 from ..serve.control import disk_service
 from .output import fmt_time, print_json, print_table
 
+KEEP_OPTIONS = ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly",
+                "keep_yearly")
+# What each option's buckets are, for its help (UTC, as every bucket is; weeks are ISO's).
+KEEP_SPANS = (None, "hours", "days", "ISO weeks", "months", "years")
+
 
 def cmd_point_delete(args: argparse.Namespace) -> int:
     with disk_service(repo_path(args.repo)) as service:
@@ -19,6 +24,26 @@ def cmd_point_delete(args: argparse.Namespace) -> int:
         where = "deleted and purged" if point["purged"] else (
             "moved to the trash ('rpfs undelete' brings it back)")
         print(f"{point['disk']}@{point['name']}: {where}")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    keep = {option: getattr(args, option) for option in KEEP_OPTIONS}
+    with disk_service(repo_path(args.repo)) as service:
+        plan = service.prune(disk=args.disk, dry_run=args.dry_run, **keep)
+    if args.json:
+        print_json(plan)
+        return 0
+    verb = "would remove" if args.dry_run else "removed"
+    rows = [[p["name"], "keep" if p["keep"] else verb, p["rule"]] for p in plan]
+    print_table(["POINT", "DECISION", "RULE"], rows)
+    removed = sum(not p["keep"] for p in plan)
+    if args.dry_run:
+        print(f"{removed} of {len(plan)} points would go to the trash (--dry-run: nothing "
+              "changed)")
+    else:
+        print(f"{removed} of {len(plan)} points moved to the trash ('rpfs undelete' brings "
+              "one back)")
     return 0
 
 

@@ -12,11 +12,10 @@ import contextlib
 import functools
 import logging
 import os
-import time
 
 from ..errors import RpfsError, describe_os_error
 from ..index import ZERO, DiskRecord, LineageRecord, PointRecord, PointState
-from ..lifecycle import trash
+from ..lifecycle import clock, retention, trash
 from ..lifecycle.purge import release
 from ..names import ceil_div, check_name, default_point_name, parse_point_ref
 from ..pipeline import ordered_map
@@ -109,7 +108,7 @@ class DiskService:
         # The local file is durable before the record that names it commits; a crash in
         # between leaves an orphan file, never a record without its file. A commit that
         # fails (the name taken meanwhile, a full index) takes the file away again.
-        record = DiskRecord(name, size, 0, time.time(), origin, file_id)  # lineage below
+        record = DiskRecord(name, size, 0, clock.now(), origin, file_id)  # lineage below
         path = self.repo.root / record.file
         try:
             create_local_file(path, size)
@@ -218,7 +217,7 @@ class DiskService:
 
     def _freeze_all(self, opened: list[LiveDisk], point_name: str) -> list[PointRecord]:
         """Take the point of every disk in one transaction (caller holds their barriers)."""
-        now = time.time()
+        now = clock.now()
         frozen: list[LiveDisk] = []
         try:
             with self.index.write() as txn:
@@ -406,6 +405,25 @@ class DiskService:
         for point in out:  # after the claims: see delete()
             self.registry.on_point_changed(point["disk"], point["name"])
         return out
+
+    def prune(self, disk: str, dry_run: bool = False, **keep: int | None) -> list[dict]:
+        """Apply a retention policy (`keep`: keep_last, keep_hourly, ... keep_yearly) to
+        the points of `disk`: the plan for every point, newest first, with the rule that
+        decided it; unless `dry_run`, the points it removes go to the trash, in one step
+        that checks every name first (a point deleted meanwhile changes nothing)."""
+        policy = retention.Policy(**keep)
+        with self.index.read() as txn:
+            self.index.disk_named(txn, check_name(disk, "disk name"))
+            points = self.index.list_points(txn, disk)
+        decisions = retention.plan(
+            (retention.Candidate(p.name, p.created, p.state) for p in points), policy)
+        removed = [f"{disk}@{d.name}" for d in decisions if not d.keep]
+        if removed and not dry_run:
+            self.delete_points(removed)
+        log.info("disk %s: prune %s: %d of %d points %s", disk, keep, len(removed),
+                 len(decisions), "would go to the trash" if dry_run else "moved to the trash")
+        return [{"disk": disk, "name": d.name, "keep": d.keep, "rule": d.rule}
+                for d in decisions]
 
     def undelete(self, point: str) -> dict:
         """Bring DISK@POINT back from the trash under its name."""

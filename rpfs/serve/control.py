@@ -59,6 +59,7 @@ INT = Arg("an integer", lambda v: type(v) is int)
 FLAG = Arg("true or false", lambda v: type(v) is bool, required=False)
 OPTIONAL_STR = Arg("a string or null", lambda v: v is None or type(v) is str, required=False)
 STR_LIST = Arg("a list of strings", lambda v: type(v) is list and all(type(s) is str for s in v))
+OPTIONAL_INT = Arg("an integer or null", lambda v: v is None or type(v) is int, required=False)
 OPTIONAL_STR_LIST = Arg("a list of strings or null",
                         lambda v: v is None or STR_LIST.accepts(v), required=False)
 
@@ -84,6 +85,10 @@ OPERATIONS: dict[str, Operation] = {
     "stalls": Operation(DiskService.stalls, {}),
     "delete_points": Operation(DiskService.delete_points, {"points": STR_LIST, "purge": FLAG}),
     "undelete": Operation(DiskService.undelete, {"point": STR}),
+    "prune": Operation(DiskService.prune, {
+        "disk": STR, "dry_run": FLAG, **{f"keep_{period}": OPTIONAL_INT for period in (
+            "last", "hourly", "daily", "weekly", "monthly", "yearly")},
+    }),
     "list_trash": Operation(DiskService.list_trash, {}),
     "purge_trash": Operation(DiskService.purge_trash, {"points": OPTIONAL_STR_LIST,
                                                        "expired": FLAG}),
