@@ -24,7 +24,7 @@ from . import checkpoint
 from .errors import SPACE_ERRNOS, NoSpace, RpfsError
 from .index import ZERO, DiskRecord, PointRecord
 from .ingest import Change, Ingest, examine
-from .lifecycle import clock
+from .lifecycle import clock, marks
 from .lifecycle.purge import release
 from .lineage import allocated_at
 from .names import ceil_div, check_name, default_point_name, fmt_bytes
@@ -77,15 +77,23 @@ def capture(
     point: str | None = None,
     changed: Path | None = None,
     progress: ProgressFn | None = None,
+    description: str = "",
+    expires: float | None = None,
 ) -> PointRecord:
-    """Capture `source` as a new point of `disk` (created by its first capture)."""
+    """Capture `source` as a new point of `disk` (created by its first capture), with
+    the user's `description` and, if given, its own expiry (seconds since the epoch, in
+    the future: then a daemon moves the point to the trash)."""
     check_name(disk, "disk name")
     point = check_name(point, "point name") if point is not None else default_point_name()
+    marks.check_description(description)
+    if expires is not None:
+        clock.check_expiry(expires)
     src = Source.open(source)
     try:
         with repo.disk_lock(disk):
             reap_dead_captures(repo, disk)
-            taken = _Capture(repo, disk, point, src, changed, progress).run()
+            taken = _Capture(repo, disk, point, src, changed, progress, description,
+                             expires).run()
     finally:
         src.close()
     checkpoint.cover_new_point(repo)
@@ -101,8 +109,12 @@ class _Capture:
         src: Source,
         changed: Path | None,
         progress: ProgressFn | None,
+        description: str = "",
+        expires: float | None = None,
     ) -> None:
         self.repo = repo
+        self.description = description
+        self.expires = expires
         self.index = repo.index
         self.bs = repo.block_size
         self.disk = disk
@@ -240,6 +252,8 @@ class _Capture:
                 allocated_blocks=base.allocated_blocks + self.allocated_delta,
                 bytes_stored=self.ingest.bytes_stored,
                 method=method,
+                description=self.description,
+                expires=self.expires,
             )
             self.index.put_point(txn, point)
         return point

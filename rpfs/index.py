@@ -164,6 +164,9 @@ class PointRecord:
     state: PointState = PointState.COMPLETE
     frozen_blocks: int = 0
     archived_blocks: int = 0
+    description: str = ""  # the user's free text (`--description`, `rpfs point describe`)
+    expires: float | None = None  # an on-demand point's own expiry: then it goes to the trash
+    hold: str | None = None  # the tag of the hold that keeps it from delete, prune and purge
 
     def __post_init__(self) -> None:
         self.state = PointState(self.state)  # records decode it as a plain string

@@ -12,7 +12,7 @@ import pytest
 from rpfs.cli.main import build_parser, main
 
 # DISK names an existing disk, NAME a new one; COMMAND and ACTION are the groups' choices.
-METAVARS = {"DISK", "DISK@POINT", "NAME", "SOURCE", "TARGET", "MOUNTPOINT"}
+METAVARS = {"DISK", "DISK@POINT", "NAME", "SOURCE", "TARGET", "MOUNTPOINT", "TEXT"}
 
 
 def commands(

@@ -13,6 +13,7 @@ from ..names import fmt_bytes, parse_point_ref, parse_size
 from ..progress import progress_bar
 from ..repo import Repository, repo_path
 from ..serve.control import disk_service
+from .marks import expiry_of
 from .output import print_json, print_table
 
 
@@ -61,8 +62,10 @@ def cmd_disks(args: argparse.Namespace) -> int:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
+    expires = expiry_of(args)
     with disk_service(repo_path(args.repo)) as service:
-        points = service.snapshot(disks=args.disks, name=args.name)
+        points = service.snapshot(disks=args.disks, name=args.name,
+                                  description=args.description, expires=expires)
     for p in points:
         if p["rides"]:
             print(f"{p['disk']}@{p['name']}: taken ({p['method']}; nothing written since the "

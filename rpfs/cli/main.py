@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import RpfsError, describe_os_error, is_expected
+from ..lifecycle.marks import DEFAULT_TAG
 from ..repo import repo_path
 from .disks import (
     cmd_clone,
@@ -26,6 +27,7 @@ from .disks import (
     cmd_rollback,
     cmd_snapshot,
 )
+from .marks import cmd_hold, cmd_point_describe, cmd_release
 from .mount import cmd_mount, cmd_umount
 from .output import fmt_time
 from .points import cmd_allocated, cmd_capture, cmd_changed, cmd_points, cmd_restore
@@ -49,9 +51,23 @@ def _command(sub: argparse._SubParsersAction, name: str, summary: str,
                           description=f"{summary[0].upper()}{summary[1:]}.")
 
 
+def _point_options(p: argparse.ArgumentParser) -> None:
+    """What capture and snapshot give a new point: a description and its own expiry."""
+    p.add_argument("--description", default="", metavar="TEXT",
+                   help="free text shown with the point in 'rpfs points'")
+    expiry = p.add_mutually_exclusive_group()
+    expiry.add_argument("--expire-in", metavar="DURATION",
+                        help="the point goes to the trash this long from now (e.g. 10d; "
+                             "s, m, h, d, w); prune leaves it alone")
+    expiry.add_argument("--expire-at", metavar="INSTANT",
+                        help="the point goes to the trash at this UTC time (e.g. "
+                             "2027-01-31T00:00Z); prune leaves it alone")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every command and its arguments. Positionals are named DISK (an existing disk),
-    DISK@POINT, NAME (a new one), SOURCE and TARGET; every one has a help text."""
+    DISK@POINT, NAME (a new one), SOURCE, TARGET and TEXT (free text); every one has a help
+    text."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "-r", "--repo", default=argparse.SUPPRESS,
@@ -81,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="point name (default: UTC timestamp)")
     p.add_argument("--changed", metavar="FILE",
                    help='read only these extents: JSON [{"start": bytes, "length": bytes}, ...]')
+    _point_options(p)
     p.set_defaults(func=cmd_capture)
 
     p = _command(sub, "points", "list recovery points", common)
@@ -91,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tree", action="store_true", help="show branches left by rollbacks")
     p.set_defaults(func=cmd_points)
 
-    p = _command(sub, "point", "delete points", common)
+    p = _command(sub, "point", "delete or describe points", common)
     point_sub = p.add_subparsers(dest="point_command", required=True, metavar="ACTION")
     q = _command(point_sub, "delete", "move points to the trash (or purge them at once)",
                  common)
@@ -99,6 +116,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--purge", action="store_true",
                    help="drop them at once instead of keeping them in the trash")
     q.set_defaults(func=cmd_point_delete)
+    q = _command(point_sub, "describe", "set a point's description", common)
+    q.add_argument("point", metavar="DISK@POINT", help="the point")
+    q.add_argument("text", metavar="TEXT", help="its description (\"\" clears it)")
+    q.set_defaults(func=cmd_point_describe)
+
+    p = _command(sub, "hold", "keep a point from delete, prune and purge", common)
+    p.add_argument("point", metavar="DISK@POINT", help="the point to hold")
+    p.add_argument("--tag", default=DEFAULT_TAG,
+                   help=f"who or what holds it, named in refusals (default: {DEFAULT_TAG})")
+    p.set_defaults(func=cmd_hold)
+
+    p = _command(sub, "release", "release a point's hold", common)
+    p.add_argument("point", metavar="DISK@POINT", help="the held point")
+    p.set_defaults(func=cmd_release)
 
     p = _command(sub, "prune", "move the points a retention policy does not keep to the trash",
                  common)
@@ -171,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("disks", nargs="+", metavar="DISK",
                    help="a writable disk (several are taken at one instant)")
     p.add_argument("--name", help="point name (default: UTC timestamp)")
+    _point_options(p)
     p.set_defaults(func=cmd_snapshot)
 
     p = _command(sub, "rollback", "bring a closed disk back to a point", common)

@@ -18,10 +18,12 @@ from ..repo import Repository, read_daemon_info, repo_path
 from ..restore import restore
 from ..serve.control import RemoteService, socket_path
 from ..store.cache import ChunkCache
+from .marks import expiry_of
 from .output import fmt_time, print_json, print_table
 
 
 def cmd_capture(args: argparse.Namespace) -> int:
+    expires = expiry_of(args)  # before the repository opens: a bad one changes nothing
     with Repository(repo_path(args.repo)) as repo, progress_bar(f"capture {args.disk}") as bar:
         point = capture(
             repo,
@@ -30,6 +32,8 @@ def cmd_capture(args: argparse.Namespace) -> int:
             point=args.name,
             changed=Path(args.changed) if args.changed else None,
             progress=bar,
+            description=args.description,
+            expires=expires,
         )
     print(
         f"{point.ref}: {point.method}, {point.blocks_written} blocks written, "
@@ -70,12 +74,13 @@ def cmd_points(args: argparse.Namespace) -> int:
         [
             p.disk, p.name, fmt_time(p.created), fmt_bytes(p.size), str(p.blocks_written),
             fmt_bytes(s.allocated_bytes), fmt_bytes(p.bytes_stored), p.method, state_text(s),
+            p.hold or "-", "-" if p.expires is None else fmt_time(p.expires), p.description,
         ]
         for s in catalog.points
         for p in [s.record]
     ]
     header = ["DISK", "POINT", "CREATED", "SIZE", "WRITTEN", "ALLOCATED", "STORED", "METHOD",
-              "STATE"]
+              "STATE", "HOLD", "EXPIRES", "DESCRIPTION"]
     print_table(header, rows)
     return 0
 

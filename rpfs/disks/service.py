@@ -15,7 +15,7 @@ import os
 
 from ..errors import RpfsError, describe_os_error
 from ..index import ZERO, DiskRecord, LineageRecord, PointRecord, PointState
-from ..lifecycle import clock, retention, trash
+from ..lifecycle import clock, expiry, marks, retention, trash
 from ..lifecycle.purge import release
 from ..names import ceil_div, check_name, default_point_name, parse_point_ref
 from ..pipeline import ordered_map
@@ -173,10 +173,18 @@ class DiskService:
 
     # -- points of writable disks --------------------------------------------------------
 
-    def snapshot(self, disks: list[str], name: str | None = None) -> list[dict]:
+    def snapshot(
+        self, disks: list[str], name: str | None = None, description: str = "",
+        expires: float | None = None,
+    ) -> list[dict]:
         """One point of each disk, all at the same instant, archived in the background;
-        each point's record, and whether it `rides` (completes with a pending point)."""
+        each point's record, and whether it `rides` (completes with a pending point).
+        Each point gets `description` and, if given, its own expiry (`expires`, seconds
+        since the epoch, in the future: then the daemon moves it to the trash)."""
         point_name = check_name(name, "point name") if name is not None else default_point_name()
+        marks.check_description(description)
+        if expires is not None:
+            clock.check_expiry(expires)
         names = sorted({check_name(d, "disk name") for d in disks})
         if not names:
             raise RpfsError("snapshot needs at least one disk name")
@@ -196,7 +204,7 @@ class DiskService:
                         barriers.enter_context(disk.barrier())
                     if any(d.snapshots.must_finish for d in opened):
                         continue  # a write landed before the barrier: archive, try again
-                    points = self._freeze_all(opened, point_name)
+                    points = self._freeze_all(opened, point_name, description, expires)
                 break
             for disk, point in zip(opened, points, strict=True):
                 if point.rides:
@@ -215,7 +223,8 @@ class DiskService:
                 self.registry.release(disk.name)
         return [{**vars(p), "rides": p.rides} for p in points]
 
-    def _freeze_all(self, opened: list[LiveDisk], point_name: str) -> list[PointRecord]:
+    def _freeze_all(self, opened: list[LiveDisk], point_name: str, description: str,
+                    expires: float | None) -> list[PointRecord]:
         """Take the point of every disk in one transaction (caller holds their barriers)."""
         now = clock.now()
         frozen: list[LiveDisk] = []
@@ -229,7 +238,8 @@ class DiskService:
                         )
                 points = []
                 for disk in opened:
-                    points.append(disk.snapshots.freeze(txn, point_name, now))
+                    points.append(disk.snapshots.freeze(txn, point_name, now, description,
+                                                        expires))
                     frozen.append(disk)
         except BaseException:
             for disk in frozen:
@@ -416,7 +426,8 @@ class DiskService:
             self.index.disk_named(txn, check_name(disk, "disk name"))
             points = self.index.list_points(txn, disk)
         decisions = retention.plan(
-            (retention.Candidate(p.name, p.created, p.state) for p in points), policy)
+            (retention.Candidate(p.name, p.created, p.state, p.hold, p.expires)
+             for p in points), policy)
         removed = [f"{disk}@{d.name}" for d in decisions if not d.keep]
         if removed and not dry_run:
             self.delete_points(removed)
@@ -424,6 +435,26 @@ class DiskService:
                  len(decisions), "would go to the trash" if dry_run else "moved to the trash")
         return [{"disk": disk, "name": d.name, "keep": d.keep, "rule": d.rule}
                 for d in decisions]
+
+    def expire(self) -> list[dict]:
+        """Move the on-demand points whose expiry has come to the trash (the daemon's
+        check, every minute); the mount stops showing them at once."""
+        out = expiry.expire(self.index)
+        for point in out:
+            self.registry.on_point_changed(point["disk"], point["name"])
+        return out
+
+    def hold(self, point: str, tag: str = marks.DEFAULT_TAG) -> dict:
+        """Hold DISK@POINT under `tag`: no delete, prune or purge until it is released."""
+        return marks.hold(self.index, point, tag)
+
+    def release(self, point: str) -> dict:
+        """Release the hold of DISK@POINT."""
+        return marks.release(self.index, point)
+
+    def describe(self, point: str, text: str) -> dict:
+        """Set (or with "" clear) the description of DISK@POINT."""
+        return marks.describe(self.index, point, text)
 
     def undelete(self, point: str) -> dict:
         """Bring DISK@POINT back from the trash under its name."""

@@ -83,9 +83,11 @@ class Snapshots:
 
     # -- freeze ---------------------------------------------------------------------------
 
-    def freeze(self, txn, name: str, now: float) -> PointRecord:
+    def freeze(self, txn, name: str, now: float, description: str = "",
+               expires: float | None = None) -> PointRecord:
         """Create point `name` at a new generation (caller holds the disk's barrier,
-        checked that the name is free, and commits txn).
+        checked that the name is free, and commits txn), with the user's `description`
+        and its own expiry, if any.
 
         Call `frozen(point)` after the transaction commits, `unfreeze()` if it does not.
         """
@@ -112,7 +114,7 @@ class Snapshots:
             size=disk.size, allocated_blocks=allocated_at(index, txn, *base),
             method="tracked" if self.map.tracked else "full-compare",
             state=PointState.ARCHIVING if frozen or self.archiving else PointState.COMPLETE,
-            frozen_blocks=frozen,
+            frozen_blocks=frozen, description=description, expires=expires,
         )
         index.put_point(txn, point)
         return point

@@ -13,6 +13,7 @@ by days without sleeping. Only lifecycle decisions read this clock: the rest of 
 change.
 """
 
+import math
 import os
 import re
 import time
@@ -85,7 +86,16 @@ def parse_expire_in(text: str) -> float:
 def parse_expire_at(text: str) -> float:
     """The instant `--expire-at 2027-01-31T00:00Z` means; it must lie in the future (a
     point that expired as it was made would go to the trash at once)."""
-    at, current = parse_instant(text), now()
+    return check_expiry(parse_instant(text), text)
+
+
+def check_expiry(at: float, shown: str | None = None) -> float:
+    """`at` if it can be a new point's expiry: a printable instant in the future
+    (`shown`: as the user wrote it). The disk service checks it again on its own clock,
+    which a daemon's environment may set apart from the CLI's."""
+    if not (isinstance(at, int | float) and math.isfinite(at)) or at > _LATEST:
+        raise RpfsError(f"bad expiry {at!r}: use seconds since the epoch before the year 10000")
+    current = now()
     if at <= current:
-        raise RpfsError(f"expiry {text} is in the past (now is {iso(current)})")
+        raise RpfsError(f"expiry {shown or iso(at)} is in the past (now is {iso(current)})")
     return at

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 
 from ..errors import RpfsError
-from ..index import Index, PointState, TrashRecord
+from ..index import Index, PointRecord, PointState, TrashRecord
 from ..names import parse_point_ref
 from .clock import now
 from .purge import release
@@ -44,11 +44,11 @@ def delete(index: Index, refs: list[str], purge: bool = False) -> list[dict]:
     for disk, name in dict.fromkeys(wanted):
         with index.write() as txn:
             point = _deletable(index, txn, disk, name)
-            index.delete_point(txn, disk, name)
             if purge:
+                index.delete_point(txn, disk, name)
                 released = release(index, txn, point.lineage, point.gen)
             else:
-                index.put_trash(txn, TrashRecord(point, when))
+                to_trash(index, txn, point, when)
         if purge:
             log.info("disk %s: point %s deleted and purged (%d extents dropped)", disk, name,
                      released.extents)
@@ -58,8 +58,22 @@ def delete(index: Index, refs: list[str], purge: bool = False) -> list[dict]:
     return out
 
 
+def to_trash(index: Index, txn, point: PointRecord, when: float) -> None:
+    """Move `point` from the points to the trash, deleted at `when` (in `txn`)."""
+    index.delete_point(txn, point.disk, point.name)
+    index.put_trash(txn, TrashRecord(point, when))
+
+
+def check_not_held(point: PointRecord, doing: str) -> None:
+    """Refuse `doing` to a held point, naming its hold's tag."""
+    if point.hold is not None:
+        raise RpfsError(f"point {point.ref} is held ({point.hold}): cannot {doing} it; "
+                        f"'rpfs release {point.ref}' first")
+
+
 def _deletable(index: Index, txn, disk: str, name: str):
     point = index.point_named(txn, disk, name)
+    check_not_held(point, "delete")
     if point.state != PointState.COMPLETE:
         raise RpfsError(
             f"point {point.ref} is still being archived; wait until 'rpfs points {disk}' "
@@ -122,6 +136,8 @@ def purge_trash(
         entries = [e for e in entries if (e.point.disk, e.point.name) in named]
     if expired_only:
         entries = [e for e in entries if e.deleted_at + trash_days * DAY <= at]
+    for entry in entries:  # delete refuses held points; a hold never loses data here either
+        check_not_held(entry.point, "purge")
     out = []
     for entry in entries:
         point = entry.point

@@ -60,6 +60,9 @@ FLAG = Arg("true or false", lambda v: type(v) is bool, required=False)
 OPTIONAL_STR = Arg("a string or null", lambda v: v is None or type(v) is str, required=False)
 STR_LIST = Arg("a list of strings", lambda v: type(v) is list and all(type(s) is str for s in v))
 OPTIONAL_INT = Arg("an integer or null", lambda v: v is None or type(v) is int, required=False)
+TEXT = Arg("a string", lambda v: type(v) is str, required=False)
+OPTIONAL_NUMBER = Arg("a number or null", lambda v: v is None or type(v) in (int, float),
+                      required=False)
 OPTIONAL_STR_LIST = Arg("a list of strings or null",
                         lambda v: v is None or STR_LIST.accepts(v), required=False)
 
@@ -80,7 +83,9 @@ OPERATIONS: dict[str, Operation] = {
     "delete": Operation(DiskService.delete, {"name": STR, "force": FLAG, "with_points": FLAG}),
     "hydrate": Operation(DiskService.hydrate, {"name": STR}, progress=True),
     "disks": Operation(DiskService.disks, {}),
-    "snapshot": Operation(DiskService.snapshot, {"disks": STR_LIST, "name": OPTIONAL_STR}),
+    "snapshot": Operation(DiskService.snapshot, {"disks": STR_LIST, "name": OPTIONAL_STR,
+                                                 "description": TEXT,
+                                                 "expires": OPTIONAL_NUMBER}),
     "rollback": Operation(DiskService.rollback, {"point": STR}),
     "stalls": Operation(DiskService.stalls, {}),
     "delete_points": Operation(DiskService.delete_points, {"points": STR_LIST, "purge": FLAG}),
@@ -89,6 +94,9 @@ OPERATIONS: dict[str, Operation] = {
         "disk": STR, "dry_run": FLAG, **{f"keep_{period}": OPTIONAL_INT for period in (
             "last", "hourly", "daily", "weekly", "monthly", "yearly")},
     }),
+    "hold": Operation(DiskService.hold, {"point": STR, "tag": TEXT}),
+    "release": Operation(DiskService.release, {"point": STR}),
+    "describe": Operation(DiskService.describe, {"point": STR, "text": STR}),
     "list_trash": Operation(DiskService.list_trash, {}),
     "purge_trash": Operation(DiskService.purge_trash, {"points": OPTIONAL_STR_LIST,
                                                        "expired": FLAG}),

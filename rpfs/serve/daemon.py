@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 SYNC_INTERVAL = 2.0  # seconds between block-map persists of open disks
 READ_AHEAD_KB = 1024  # the default 128 KiB caps sequential reads well below the ceiling
+EXPIRE_INTERVAL = 60.0  # seconds between checks of on-demand points' expiry
 RELAYED_CORRECTIONS = 20  # repository mode corrections shown by `rpfs mount` (all are logged)
 
 
@@ -138,6 +139,24 @@ async def _sync_periodically(service: DiskService) -> None:
         failing = set(failed)
 
 
+async def _expire_periodically(service: DiskService) -> None:
+    """Move on-demand points whose expiry has come to the trash: once as the daemon
+    starts serving (a point that expired while none ran), then every EXPIRE_INTERVAL.
+
+    A check that fails (a full disk) is tried again at the next one: it must not end the
+    daemon, which serves every disk.
+    """
+    while True:
+        try:
+            await trio.to_thread.run_sync(service.expire)
+        except RpfsError as exc:
+            log.warning("cannot move expired points to the trash (tried again in %g s): %s",
+                        EXPIRE_INTERVAL, exc)
+        except Exception:
+            log.exception("the expiry check failed; tried again in %g s", EXPIRE_INTERVAL)
+        await trio.sleep(EXPIRE_INTERVAL)
+
+
 class _Checkpoints:
     """The daemon's index checkpoints: every so often and at the end, if it changed."""
 
@@ -187,6 +206,7 @@ async def _serve(
         nursery.start_soon(stop_on_signal)
         nursery.start_soon(serve_control, root, service)
         nursery.start_soon(_sync_periodically, service)
+        nursery.start_soon(_expire_periodically, service)
         nursery.start_soon(checkpoints.run)
         nursery.start_soon(ready)
         await pyfuse3.main()
