@@ -21,8 +21,10 @@ def cmd_point_delete(args: argparse.Namespace) -> int:
     with disk_service(repo_path(args.repo)) as service:
         done = service.delete_points(points=args.points, purge=args.purge)
     for point in done:
-        where = "deleted and purged" if point["purged"] else (
-            "moved to the trash ('rpfs undelete' brings it back)")
+        where = "moved to the trash ('rpfs undelete' brings it back)"
+        if point["purged"]:
+            where = "deleted and purged" if args.purge else (
+                "deleted and purged (the trash is off: trash-days is 0)")
         print(f"{point['disk']}@{point['name']}: {where}")
     return 0
 
