@@ -17,12 +17,13 @@ import logging
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from . import perms
 from .errors import CorruptChunk, RpfsError
 from .index import Index
+from .lifecycle.trash import TRASH_DAYS
 from .space import Space, parse_reserve
 from .store.format import decode_chunk, pack_name
 from .store.local import LocalBackend
@@ -35,6 +36,7 @@ DEFAULT_REPO = "/var/lib/rpfs"
 MIN_BLOCK, MAX_BLOCK = 4 << 10, 4 << 20
 HASH, CODEC = "blake3", "zstd"
 _PERCENT = re.compile(r"(\d+(\.\d+)?)%")
+MAX_TRASH_DAYS = 36500  # a century: a deadline past it would not print (year 9999)
 
 
 def pack_backend(root: Path) -> LocalBackend:
@@ -54,6 +56,7 @@ class Config:
     hash: str = HASH
     codec: str = CODEC
     reserve: int | str | None = None  # free-space floor: bytes or "N%"; None: the default
+    trash_days: int = TRASH_DAYS  # how long a deleted point can be undeleted; 0: no trash
 
     def recorded(self) -> dict:
         """What the index records of this config, at init, and must keep agreeing with:
@@ -75,6 +78,19 @@ def _valid_reserve(v: object) -> bool:
     return match is not None and float(match.group(1)) < 100
 
 
+def _valid_trash_days(v: object) -> bool:
+    return type(v) is int and 0 <= v <= MAX_TRASH_DAYS
+
+
+def parse_trash_days(text: str) -> int:
+    """`--trash-days N`, `config set trash-days N`: whole days, ASCII digits (int() takes
+    other scripts' digits and '+1'); raises RpfsError."""
+    if not re.fullmatch(r"[0-9]{1,6}", text) or not _valid_trash_days(int(text)):
+        raise RpfsError(f"invalid trash-days {text!r}: give a whole number of days from 0 "
+                        f"(no trash: a delete purges at once) to {MAX_TRASH_DAYS}")
+    return int(text)
+
+
 # key: (required, test, what the value must be); exact types: a bool is no int
 _CONFIG_KEYS = {
     "format": (True, lambda v: type(v) is int, "an integer"),
@@ -84,6 +100,7 @@ _CONFIG_KEYS = {
     "codec": (True, lambda v: v == CODEC, f'"{CODEC}"'),
     "reserve": (False, _valid_reserve,
                 'a number of bytes >= 0, a string "N%" with N < 100, or null'),
+    "trash_days": (False, _valid_trash_days, f"an integer from 0 to {MAX_TRASH_DAYS}"),
 }
 
 
@@ -131,7 +148,7 @@ def _put_back(root: Path, key: str | None) -> str:
     block size, hash and codec, so it can tell those when it opens)."""
     if key == "format":
         return f'; put back "format": {FORMAT}'
-    if key == "reserve":
+    if key in ("reserve", "trash_days"):
         return "; fix it, or remove it to get the default"
     recorded = None
     with contextlib.suppress(RpfsError):
@@ -215,8 +232,24 @@ class Repository:
                         self.root, where[0], exc)
             return None
 
+    def set_trash_days(self, days: int) -> None:
+        """Change the trash period (rpfs.json, atomically). It applies to the points
+        already in the trash too: their purge time is always deleted_at + the period. A
+        daemon sees it at once because this runs in the daemon when one serves (a control
+        operation), not in a CLI process writing the file behind its back."""
+        if not _valid_trash_days(days):
+            raise RpfsError(f"invalid trash-days {days}: give a whole number of days from 0 "
+                            f"(no trash) to {MAX_TRASH_DAYS}; nothing was changed")
+        config = replace(self.config, trash_days=days)
+        _write_config(self.root, config)
+        self.config = config  # one assignment: a reading thread sees the old or the new
+        log.info("%s: trash period set to %d days", self.root, days)
+
     @classmethod
-    def init(cls, root: Path, block_size: int, reserve: int | str | None = None) -> Repository:
+    def init(
+        cls, root: Path, block_size: int, reserve: int | str | None = None,
+        trash_days: int = TRASH_DAYS,
+    ) -> Repository:
         """Create a repository at `root`, which must be missing or an empty directory."""
         if not _valid_block_size(block_size):
             raise RpfsError(
@@ -234,15 +267,11 @@ class Repository:
         root.mkdir(mode=perms.DIR_MODE, parents=True, exist_ok=True)
         for sub in ("index", "packs", "locks"):
             (root / sub).mkdir(mode=perms.DIR_MODE, exist_ok=True)
-        config = Config(block_size=block_size, reserve=reserve)
+        if not _valid_trash_days(trash_days):
+            raise RpfsError(f"invalid trash-days {trash_days}: from 0 to {MAX_TRASH_DAYS}")
+        config = Config(block_size=block_size, reserve=reserve, trash_days=trash_days)
         Index(root / "index", create=config.recorded()).close()
-        tmp = root / "rpfs.json.tmp"
-        tmp.touch(mode=perms.FILE_MODE)
-        fields = {k: v for k, v in asdict(config).items() if v is not None}
-        tmp.write_text(json.dumps(fields, indent=1) + "\n")
-        with open(tmp) as f:
-            os.fsync(f.fileno())
-        tmp.rename(root / "rpfs.json")
+        _write_config(root, config)
         perms.enforce(root)  # an existing directory, or a umask that took bits away
         return cls(root)
 
@@ -306,6 +335,18 @@ class Repository:
         """Write the running daemon's pid and mountpoint into its lock (see daemon_lock)."""
         os.ftruncate(lock_fd, 0)
         os.pwrite(lock_fd, json.dumps(info).encode(), 0)
+
+
+def _write_config(root: Path, config: Config) -> None:
+    """rpfs.json, whole or not at all (a temporary file, fsynced, renamed over it)."""
+    tmp = root / "rpfs.json.tmp"
+    tmp.unlink(missing_ok=True)  # left by a crash; touch() would keep its mode
+    tmp.touch(mode=perms.FILE_MODE)
+    fields = {k: v for k, v in asdict(config).items() if v is not None}
+    tmp.write_text(json.dumps(fields, indent=1) + "\n")
+    with open(tmp) as f:
+        os.fsync(f.fileno())
+    tmp.rename(root / "rpfs.json")
 
 
 def _try_lock(path: Path) -> int | None:

@@ -11,8 +11,10 @@ import pytest
 
 from rpfs.cli.main import build_parser, main
 
-# DISK names an existing disk, NAME a new one; COMMAND and ACTION are the groups' choices.
-METAVARS = {"DISK", "DISK@POINT", "NAME", "SOURCE", "TARGET", "MOUNTPOINT", "TEXT"}
+# DISK names an existing disk, NAME a new one; COMMAND and ACTION are the groups' choices;
+# TEXT is a description; KEY and VALUE are a repository setting's (`config set`).
+METAVARS = {"DISK", "DISK@POINT", "NAME", "SOURCE", "TARGET", "MOUNTPOINT", "TEXT", "KEY",
+            "VALUE"}
 
 
 def commands(

@@ -17,6 +17,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import RpfsError, describe_os_error, is_expected
 from ..lifecycle.marks import DEFAULT_TAG
+from ..lifecycle.trash import TRASH_DAYS
 from ..repo import repo_path
 from .disks import (
     cmd_clone,
@@ -31,7 +32,7 @@ from .marks import cmd_hold, cmd_point_describe, cmd_release
 from .mount import cmd_mount, cmd_umount
 from .output import fmt_time
 from .points import cmd_allocated, cmd_capture, cmd_changed, cmd_points, cmd_restore
-from .repository import cmd_index_restore, cmd_init
+from .repository import cmd_config_set, cmd_config_show, cmd_index_restore, cmd_init
 from .trash import (
     KEEP_OPTIONS,
     KEEP_SPANS,
@@ -89,7 +90,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reserve", metavar="SIZE|N%",
                    help="free space to keep on the repository's filesystem (default: the "
                         "smaller of 1%% and 256M)")
+    p.add_argument("--trash-days", metavar="N", default=str(TRASH_DAYS),
+                   help=f"days a deleted point stays in the trash, undeletable (default "
+                        f"{TRASH_DAYS}; 0: no trash, a delete purges at once)")
     p.set_defaults(func=cmd_init)
+
+    p = _command(sub, "config", "show or change the repository's settings", common)
+    config_sub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    q = _command(config_sub, "show", "show the repository's settings", common)
+    q.add_argument("--json", action="store_true",
+                   help="print them as a JSON object: block_size, hash, codec, reserve "
+                        "(null: the default) and trash_days")
+    q.set_defaults(func=cmd_config_show)
+    q = _command(config_sub, "set", "change a setting (it applies to the trash already)",
+                 common)
+    q.add_argument("key", metavar="KEY", choices=["trash-days"],
+                   help="the setting: trash-days (days a deleted point stays undeletable; 0 "
+                        "turns the trash off)")
+    q.add_argument("value", metavar="VALUE", help="its new value")
+    q.set_defaults(func=cmd_config_set)
 
     p = _command(sub, "capture", "capture an image or device as a point", common)
     p.add_argument("disk", metavar="DISK", help="disk name (created by its first capture)")

@@ -1,4 +1,5 @@
-"""The commands on the repository itself: init, and index restore (its checkpoints)."""
+"""The commands on the repository itself: init, config (its settings), and index restore
+(its checkpoints)."""
 
 from __future__ import annotations
 
@@ -7,16 +8,45 @@ import sys
 
 from .. import checkpoint
 from ..names import fmt_bytes, parse_size
-from ..repo import Repository, repo_path
-from .output import fmt_time, print_table
+from ..repo import Repository, parse_trash_days, repo_path
+from ..serve.control import disk_service
+from .output import fmt_time, print_json, print_table
 
 
 def cmd_init(args: argparse.Namespace) -> int:
     root = repo_path(args.repo)
-    with Repository.init(root, parse_size(args.block_size), args.reserve) as repo:
+    days = parse_trash_days(args.trash_days)
+    with Repository.init(root, parse_size(args.block_size), args.reserve, days) as repo:
         free, floor = repo.space.figures()
     print(f"initialised rpfs repository at {root} (block size {args.block_size}, "
-          f"reserve {fmt_bytes(floor)} of {fmt_bytes(free)} free)")
+          f"reserve {fmt_bytes(floor)} of {fmt_bytes(free)} free, {_trash(days)})")
+    return 0
+
+
+def _trash(days: int) -> str:
+    return "no trash: a delete purges at once" if days == 0 else f"trash period {days} days"
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    with disk_service(repo_path(args.repo)) as service:
+        config = service.config()
+    if args.json:
+        print_json(config)
+        return 0
+    reserve = "default" if config["reserve"] is None else config["reserve"]
+    rows = [["block-size", fmt_bytes(config["block_size"])], ["hash", config["hash"]],
+            ["codec", config["codec"]], ["reserve", str(reserve)],
+            ["trash-days", f"{config['trash_days']} ({_trash(config['trash_days'])})"]]
+    print_table(["SETTING", "VALUE"], rows)
+    return 0
+
+
+def cmd_config_set(args: argparse.Namespace) -> int:
+    days = parse_trash_days(args.value)  # the one setting that changes (argparse: choices)
+    with disk_service(repo_path(args.repo)) as service:
+        service.set_trash_days(days=days)
+    print(f"trash-days set to {days} ({_trash(days)}; applies to the points in the trash "
+          "too: 'rpfs trash' shows when each goes)")
     return 0
 
 

@@ -21,8 +21,10 @@ def cmd_point_delete(args: argparse.Namespace) -> int:
     with disk_service(repo_path(args.repo)) as service:
         done = service.delete_points(points=args.points, purge=args.purge)
     for point in done:
-        where = "deleted and purged" if point["purged"] else (
-            "moved to the trash ('rpfs undelete' brings it back)")
+        where = "moved to the trash ('rpfs undelete' brings it back)"
+        if point["purged"]:
+            where = "deleted and purged" if args.purge else (
+                "deleted and purged (the trash is off: trash-days is 0)")
         print(f"{point['disk']}@{point['name']}: {where}")
     return 0
 
@@ -31,6 +33,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     keep = {option: getattr(args, option) for option in KEEP_OPTIONS}
     with disk_service(repo_path(args.repo)) as service:
         plan = service.prune(disk=args.disk, dry_run=args.dry_run, **keep)
+        trash_off = service.config()["trash_days"] == 0
     if args.json:
         print_json(plan)
         return 0
@@ -41,6 +44,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(f"{removed} of {len(plan)} points would go to the trash (--dry-run: nothing "
               "changed)")
+    elif trash_off:
+        print(f"{removed} of {len(plan)} points deleted and purged (the trash is off: "
+              "trash-days is 0)")
     else:
         print(f"{removed} of {len(plan)} points moved to the trash ('rpfs undelete' brings "
               "one back)")

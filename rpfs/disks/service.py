@@ -407,8 +407,10 @@ class DiskService:
 
         An image of a point in the trash reads on (its extents stay) until it is closed.
         A purge is refused while an image of a point of the same disk is open in the
-        mount: it might read the extents the purge drops.
+        mount: it might read the extents the purge drops. With the trash off (a trash
+        period of 0 days) every delete is a purge.
         """
+        purge = purge or self.trash_days == 0
         disks = {parse_point_ref(ref)[0] for ref in points}
         with self._purging(disks if purge else set()):
             out = trash.delete(self.index, points, purge)
@@ -458,13 +460,13 @@ class DiskService:
 
     def undelete(self, point: str) -> dict:
         """Bring DISK@POINT back from the trash under its name."""
-        out = trash.undelete(self.index, point)
+        out = trash.undelete(self.index, point, self.trash_days)
         self.registry.on_point_changed(out["disk"], out["name"])
         return out
 
     def list_trash(self) -> list[dict]:
         """What the trash holds and when each point in it is purged."""
-        return trash.listing(self.index)
+        return trash.listing(self.index, self.trash_days)
 
     def purge_trash(self, points: list[str] | None = None, expired: bool = False) -> list[dict]:
         """Purge the trash (all of it, the points named, or those whose time has come);
@@ -472,7 +474,44 @@ class DiskService:
         named = None if points is None else {parse_point_ref(ref)[0] for ref in points}
         disks = {e["disk"] for e in trash.listing(self.index)} if named is None else named
         with self._purging(disks):
-            return trash.purge_trash(self.index, points, expired_only=expired)
+            return trash.purge_trash(self.index, points, expired_only=expired,
+                                     trash_days=self.trash_days)
+
+    def purge_expired(self) -> tuple[list[dict], dict[str, str]]:
+        """The daemon's own purge of the points whose trash period is over, disk by disk,
+        so that an open image of one disk's point holds back that disk's only: what was
+        purged, and why each disk held back was (the claim's refusal)."""
+        at = clock.now()
+        due = sorted({e["disk"] for e in trash.listing(self.index, self.trash_days)
+                      if e["purge_after"] <= at})
+        purged: list[dict] = []
+        held: dict[str, str] = {}
+        for disk in due:
+            try:
+                with self._purging({disk}):
+                    refs = [f"{e['disk']}@{e['name']}" for e in trash.listing(self.index)
+                            if e["disk"] == disk]
+                    purged += trash.purge_trash(self.index, refs, expired_only=True, at=at,
+                                                trash_days=self.trash_days)
+            except RpfsError as exc:  # an open point image; or undeleted meanwhile
+                held[disk] = str(exc)
+        return purged, held
+
+    @property
+    def trash_days(self) -> int:
+        """The repository's trash period, as it is now (`set_trash_days` changes it)."""
+        return self.repo.config.trash_days
+
+    def config(self) -> dict:
+        """The repository's settings that `rpfs config show` prints."""
+        config = self.repo.config
+        return {"block_size": config.block_size, "hash": config.hash, "codec": config.codec,
+                "reserve": config.reserve, "trash_days": config.trash_days}
+
+    def set_trash_days(self, days: int) -> dict:
+        """Change the trash period; it applies to the points in the trash already."""
+        self.repo.set_trash_days(days)
+        return self.config()
 
     @contextlib.contextmanager
     def _purging(self, disks: set[str]):

@@ -23,16 +23,20 @@ from .purge import release
 
 log = logging.getLogger(__name__)
 
-TRASH_DAYS = 14  # how long a deleted point can be undeleted (a repository setting later)
+TRASH_DAYS = 14  # the default of the repository's trash period (rpfs.json's trash_days)
 DAY = 86400.0
 
 
-def delete(index: Index, refs: list[str], purge: bool = False) -> list[dict]:
-    """Move points DISK@POINT to the trash (or, with `purge`, drop them at once).
+def delete(
+    index: Index, refs: list[str], purge: bool = False, trash_days: int = TRASH_DAYS
+) -> list[dict]:
+    """Move points DISK@POINT to the trash (or, with `purge` or a trash period of 0 days,
+    drop them at once).
 
     Every name is checked first, so an unknown or archiving point changes nothing; then
     each point goes in its own transaction.
     """
+    purge = purge or trash_days == 0
     if not refs:
         raise RpfsError("name at least one point to delete (DISK@POINT)")
     wanted = [parse_point_ref(ref) for ref in refs]
@@ -82,7 +86,7 @@ def _deletable(index: Index, txn, disk: str, name: str):
     return point
 
 
-def undelete(index: Index, ref: str) -> dict:
+def undelete(index: Index, ref: str, trash_days: int = TRASH_DAYS) -> dict:
     """Bring DISK@POINT back from the trash, exactly as it was, under its name (the most
     recently deleted one, if that name was deleted more than once)."""
     disk, name = parse_point_ref(ref)
@@ -100,11 +104,12 @@ def undelete(index: Index, ref: str) -> dict:
         index.delete_trash(txn, entry.point)
         index.put_point(txn, entry.point)
     log.info("disk %s: point %s undeleted", disk, name)
-    return _shown(entry, TRASH_DAYS)
+    return _shown(entry, trash_days)
 
 
 def listing(index: Index, trash_days: int = TRASH_DAYS) -> list[dict]:
-    """What the trash holds, oldest deletion first, with when each is purged."""
+    """What the trash holds, oldest deletion first, with when each is purged: deleted_at
+    plus the trash period as it is now (a changed period applies to what is there)."""
     with index.read() as txn:
         return [_shown(entry, trash_days) for entry in index.list_trash(txn)]
 

@@ -100,6 +100,8 @@ OPERATIONS: dict[str, Operation] = {
     "list_trash": Operation(DiskService.list_trash, {}),
     "purge_trash": Operation(DiskService.purge_trash, {"points": OPTIONAL_STR_LIST,
                                                        "expired": FLAG}),
+    "config": Operation(DiskService.config, {}),
+    "set_trash_days": Operation(DiskService.set_trash_days, {"days": INT}),
 }
 
 

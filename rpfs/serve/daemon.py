@@ -1,7 +1,10 @@
 """The FUSE daemon's life: lock the repository, mount, tune the mount, serve, unmount.
 
 `rpfs mount` starts this in a child process and returns when it reports ready (or
-relays its error). SIGTERM, SIGINT and `fusermount3 -u` all end it with a clean unmount.
+relays its error); under systemd (`rpfs mount --foreground`, contrib/systemd) it tells
+systemd too. SIGTERM, SIGINT and `fusermount3 -u` all end it with a clean unmount. While
+it serves it persists open disks' block maps, takes index checkpoints and purges the
+trash of points whose trash period is over.
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ import trio
 from .. import checkpoint, perms
 from ..disks.service import DiskService
 from ..errors import RpfsError
+from ..lifecycle.clock import iso
 from ..repo import Repository
 from ..store.cache import ChunkCache
 from .control import serve_control
 from .fuse import Operations
 from .handles import Images
 from .mounts import is_dead, mount_at, table_path
+from .sdnotify import notify
 from .vfs import Access, Tree
 
 log = logging.getLogger(__name__)
@@ -34,6 +39,7 @@ SYNC_INTERVAL = 2.0  # seconds between block-map persists of open disks
 READ_AHEAD_KB = 1024  # the default 128 KiB caps sequential reads well below the ceiling
 EXPIRE_INTERVAL = 60.0  # seconds between checks of on-demand points' expiry
 RELAYED_CORRECTIONS = 20  # repository mode corrections shown by `rpfs mount` (all are logged)
+PURGE_EVERY = 300.0  # seconds between looks for points whose trash period is over
 
 
 M_ARENA_MAX = -8  # a mallopt parameter (glibc's malloc.h)
@@ -185,6 +191,40 @@ class _Checkpoints:
             await trio.sleep(self.CHECK_EVERY)
 
 
+class _TrashPurge:
+    """The daemon's purge of the trash: the points whose trash period is over go, at
+    start and every PURGE_EVERY seconds (a day's precision needs no more), so a
+    repository served by a daemon frees their space without anyone running `rpfs trash
+    purge`. The period is read at each look (`rpfs config set` changes it in the daemon).
+    """
+
+    def __init__(self, service: DiskService) -> None:
+        self.service = service
+        self.held: set[str] = set()  # disks whose expired points an open image holds back
+
+    def purge_once(self) -> None:
+        try:
+            purged, held = self.service.purge_expired()
+        except RpfsError as exc:  # e.g. the index's filesystem is full
+            log.warning("cannot purge the expired trash: %s; trying again in %.0f s", exc,
+                        PURGE_EVERY)
+            return
+        for point in purged:
+            log.info("disk %s: point %s: trash period of %d days over since %s: purged",
+                     point["disk"], point["name"], self.service.trash_days,
+                     iso(point["purge_after"]))
+        for disk, why in held.items():  # said once, until it went through
+            if disk not in self.held:
+                log.warning("disk %s: its expired points stay in the trash for now (%s); "
+                            "tried again every %.0f s", disk, why, PURGE_EVERY)
+        self.held = set(held)
+
+    async def run(self) -> None:
+        while True:
+            await trio.to_thread.run_sync(self.purge_once)
+            await trio.sleep(PURGE_EVERY)
+
+
 async def _serve(
     root: Path, mountpoint: Path, service: DiskService, checkpoints: _Checkpoints, on_ready
 ) -> None:
@@ -195,6 +235,7 @@ async def _serve(
             # the kernel has had FUSE_INIT, which resets readahead; tune it after that.
             await trio.to_thread.run_sync(tune_readahead, mountpoint)
             on_ready()
+            notify("READY=1")
 
         async def stop_on_signal() -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
@@ -208,8 +249,10 @@ async def _serve(
         nursery.start_soon(_sync_periodically, service)
         nursery.start_soon(_expire_periodically, service)
         nursery.start_soon(checkpoints.run)
+        nursery.start_soon(_TrashPurge(service).run)
         nursery.start_soon(ready)
         await pyfuse3.main()
+        notify("STOPPING=1")  # a signal, or an unmount from outside
         nursery.cancel_scope.cancel()
 
 
