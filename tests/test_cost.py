@@ -1,6 +1,7 @@
 """Storage cost (`lifecycle/cost.py`): owned and shared bytes of points, a disk's total.
 
-On test_purge's seeded random history (captures with churn, live snapshots of a created
+On test_purge's seeded random history (captures with churn, some writing one chunk to
+two blocks and then rewriting both or one of them, live snapshots of a created
 disk and of clones, a rollback that leaves a branch, points in the trash), points are
 purged one by one in random order; before each purge every listed point is priced, and
 checked against oracles that read the index another way:
@@ -20,7 +21,7 @@ import random
 from pathlib import Path
 
 import pytest
-from test_purge import NBLOCKS, SEEDS, History
+from test_purge import BS, NBLOCKS, SEEDS, History
 
 from rpfs.index import Index, PointRecord
 from rpfs.lifecycle.cost import costs, owned_chunks
@@ -43,11 +44,27 @@ def live(index: Index) -> int:
         return index.live_stored_bytes(txn)
 
 
+def capture_repeated(h: History, rewrite: list[int]) -> None:
+    """Rewrite blocks with one new content per pair of blocks (one chunk, two extents per
+    pair), the last `rewrite` list's blocks first, and capture."""
+    blocks = h.rng.sample(range(NBLOCKS), 6)
+    for pair in range(3):
+        data = h.rng.randbytes(BS)
+        for b in blocks[2 * pair : 2 * pair + 2]:
+            h.source[b * BS : (b + 1) * BS] = data
+    h.capture()
+    for b in rewrite:  # the next capture rewrites these too
+        h.source[b * BS : (b + 1) * BS] = h.rng.randbytes(BS)
+    rewrite[:] = blocks[:3]  # both extents of one chunk, one of another
+
+
 def history(root: Path, seed: int) -> History:
     rng = random.Random(seed)
     h = History(root, rng)
-    for _ in range(4):
-        h.capture()
+    rewrite: list[int] = []
+    for _ in range(3):  # a point whose purge drops two extents of one chunk (two refs)
+        capture_repeated(h, rewrite)
+    h.capture()
     caps = h.points_of("cap")
     h.clone(caps[1], "cl")
     h.create("vm")
