@@ -552,6 +552,11 @@ class Index:
         for digest, raw in self._scan(txn, "chunks", b""):
             yield digest, self._chunk_loc(digest, raw)
 
+    def live_stored_bytes(self, txn: lmdb.Transaction) -> int:
+        """Stored bytes that some extent still references: the record lengths of the
+        chunks with a refcount above 0 (a scan of `chunks`)."""
+        return sum(loc.length for _, loc in self.iter_chunks(txn) if loc.refcount > 0)
+
     def has_chunk(self, txn: lmdb.Transaction, digest: bytes) -> bool:
         return txn.get(digest, db=self.db["chunks"]) is not None
 

@@ -77,15 +77,21 @@ def allocated(index: Index, txn: lmdb.Transaction, chain: Chain) -> list[int]:
     does not count and a ZERO extent hides older data. (Measured on 1 GiB of 4 KiB
     blocks, all written: 0.19 s, against 0.49 s for candidates and their resolution.)
     """
+    return sorted(reads(index, txn, chain))
+
+
+def reads(index: Index, txn: lmdb.Transaction, chain: Chain) -> dict[int, bytes]:
+    """What each block that holds data reads through a chain (its chunk's digest), by
+    the scan `allocated` describes."""
     decided: set[int] = set()
-    data = []
+    data: dict[int, bytes] = {}
     for lineage, gen in chain:
         for block, written, value in index.iter_extents(txn, lineage):
             if written <= gen and block not in decided:
                 decided.add(block)
                 if value != ZERO:
-                    data.append(block)
-    return sorted(data)
+                    data[block] = value
+    return data
 
 
 def allocated_at(index: Index, txn: lmdb.Transaction, lineage: int, gen: int) -> int:

@@ -57,7 +57,7 @@ def cmd_points(args: argparse.Namespace) -> int:
     with Repository(root) as repo:
         stalls = _stalls(root)
         disk = None if args.disk is None else check_name(args.disk)
-        catalog = read_catalog(repo, disk, stalls)
+        catalog = read_catalog(repo, disk, stalls, with_costs=not args.tree)
     if args.tree:
         for d in catalog.disks:
             _print_tree(d, catalog)
@@ -65,7 +65,7 @@ def cmd_points(args: argparse.Namespace) -> int:
     if args.json:
         print_json([
             {**vars(s.record), "allocated_bytes": s.allocated_bytes,
-             "block_size": catalog.block_size,
+             "block_size": catalog.block_size, **vars(s.cost),
              **({"stalled": s.stalled} if s.stalled is not None else {})}
             for s in catalog.points
         ])
@@ -73,15 +73,18 @@ def cmd_points(args: argparse.Namespace) -> int:
     rows = [
         [
             p.disk, p.name, fmt_time(p.created), fmt_bytes(p.size), str(p.blocks_written),
-            fmt_bytes(s.allocated_bytes), fmt_bytes(p.bytes_stored), p.method, state_text(s),
+            fmt_bytes(s.allocated_bytes), fmt_bytes(p.bytes_stored),
+            fmt_bytes(s.cost.owned_bytes), p.method, state_text(s),
             p.hold or "-", "-" if p.expires is None else fmt_time(p.expires), p.description,
         ]
         for s in catalog.points
         for p in [s.record]
     ]
-    header = ["DISK", "POINT", "CREATED", "SIZE", "WRITTEN", "ALLOCATED", "STORED", "METHOD",
-              "STATE", "HOLD", "EXPIRES", "DESCRIPTION"]
+    header = ["DISK", "POINT", "CREATED", "SIZE", "WRITTEN", "ALLOCATED", "STORED", "OWNED",
+              "METHOD", "STATE", "HOLD", "EXPIRES", "DESCRIPTION"]
     print_table(header, rows)
+    for d, total in sorted(catalog.disk_bytes.items()):
+        print(f"{d}: {fmt_bytes(total)} stored by its points (after dedup)")
     return 0
 
 

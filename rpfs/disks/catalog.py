@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from ..index import DiskRecord, LineageRecord, PointRecord, PointState
+from ..lifecycle.cost import Costs, PointCost, costs
 from ..repo import Repository
 
 
@@ -40,6 +41,7 @@ class PointStatus:
     allocated_bytes: int
     rides_on: PointRecord | None = None  # the pending point a rider completes with
     stalled: str | None = None  # why its (pending) archive waits, if it does
+    cost: PointCost | None = None  # owned and shared bytes, when asked for
 
     @property
     def archived_pct(self) -> int:
@@ -56,15 +58,18 @@ class Catalog:
     disks: list[DiskRecord]
     lineages: list[LineageRecord]
     points: list[PointStatus]
+    disk_bytes: dict[str, int]  # stored bytes of each disk's points after dedup, if asked
 
 
 def read_catalog(
-    repo: Repository, disk: str | None = None, stalls: Mapping[str, str] | None = None
+    repo: Repository, disk: str | None = None, stalls: Mapping[str, str] | None = None,
+    with_costs: bool = False,
 ) -> Catalog:
     """The catalog of `disk` (an error if there is none), or of every disk.
 
     `stalls` says which disks' archives are stalled and why: only a serving daemon knows
     (it keeps that in memory), so the caller asks it and passes the answer on.
+    `with_costs` prices every point (`lifecycle/cost.py`: a scan of each lineage).
     """
     stalls = stalls or {}
     index, bs = repo.index, repo.block_size
@@ -72,6 +77,7 @@ def read_catalog(
         disks = [index.disk_named(txn, disk)] if disk is not None else index.list_disks(txn)
         lineages = index.list_lineages(txn)
         records = index.list_points(txn, disk)
+        priced = costs(index, txn, records) if with_costs else Costs()
     heads: dict[tuple[str, int], tuple[PointRecord | None, list[PointRecord]]] = {}
     statuses = []
     for p in records:
@@ -86,5 +92,7 @@ def read_catalog(
             allocated_bytes=p.allocated_blocks * bs,
             rides_on=head if p in riders else None,
             stalled=stalls.get(p.disk) if pending else None,
+            cost=priced.points.get((p.disk, p.name)),
         ))
-    return Catalog(block_size=bs, disks=disks, lineages=lineages, points=statuses)
+    return Catalog(block_size=bs, disks=disks, lineages=lineages, points=statuses,
+                   disk_bytes=priced.disks)

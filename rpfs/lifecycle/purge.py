@@ -20,11 +20,13 @@ crash leaves the point either fully present or fully gone, with exact refcounts.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Collection
+from dataclasses import dataclass, field
 
 import lmdb
 
-from ..index import MAX_GEN, Index, LineageRecord
+from ..index import MAX_GEN, Index, LineageRecord, PointRecord
 
 log = logging.getLogger(__name__)
 
@@ -37,33 +39,62 @@ class Released:
     lineages: int = 0
 
 
-def reader_gens(index: Index, txn: lmdb.Transaction, lineage: LineageRecord) -> list[int]:
-    """The generations at which something still reads `lineage`, ascending."""
+@dataclass
+class Doomed:
+    """What dropping one reader would drop, found without changing the index: the
+    extents of lineages that keep other readers, and the lineages that go whole."""
+
+    extents: list[tuple[int, int, int]] = field(default_factory=list)  # lineage, block, gen
+    lineages: list[int] = field(default_factory=list)
+
+    def decrements(self, index: Index, txn: lmdb.Transaction) -> Counter[bytes]:
+        """How many references each chunk would lose: one per dropped extent naming it
+        (two extents of one chunk, two references)."""
+        out: Counter[bytes] = Counter()
+        for lineage, block, gen in self.extents:
+            value = index.lookup(txn, lineage, block, gen)
+            if value:  # the extent itself (ZERO holds no reference)
+                out[value] += 1
+        for lineage in self.lineages:
+            out.update(value for _, _, value in index.iter_extents(txn, lineage) if value)
+        return out
+
+
+def reader_gens(
+    index: Index, txn: lmdb.Transaction, lineage: LineageRecord,
+    gone: PointRecord | None = None, gone_lineages: Collection[int] = (),
+) -> list[int]:
+    """The generations at which something still reads `lineage`, ascending, not counting
+    the point `gone` nor lineages in `gone_lineages` (a purge being planned)."""
     gens: set[int] = set()
     for disk in lineage.disks:
-        gens.update(p.gen for p in index.list_points(txn, disk) if p.lineage == lineage.id)
+        gens.update(p.gen for p in index.list_points(txn, disk)
+                    if p.lineage == lineage.id and p != gone)
         gens.update(t.point.gen for t in index.list_trash(txn, disk)
-                    if t.point.lineage == lineage.id)
+                    if t.point.lineage == lineage.id and t.point != gone)
         record = index.get_disk(txn, disk)
         if record is not None and record.lineage == lineage.id:
             gens.add(MAX_GEN)
-    gens.update(lin.parent_gen for lin in index.list_lineages(txn) if lin.parent == lineage.id)
+    gens.update(lin.parent_gen for lin in index.list_lineages(txn)
+                if lin.parent == lineage.id and lin.id not in gone_lineages)
     return sorted(gens)
 
 
-def release(index: Index, txn: lmdb.Transaction, lineage: int, gen: int) -> Released:
-    """A reader of `lineage` at `gen` is gone (the caller removed it in `txn`): drop the
-    extents no surviving reader reads, releasing their chunks' references."""
-    out = Released()
+def doomed(
+    index: Index, txn: lmdb.Transaction, lineage: int, gen: int,
+    gone: PointRecord | None = None,
+) -> Doomed:
+    """What no surviving reader would read once the reader of `lineage` at `gen` is gone:
+    the caller removed it in `txn`, or names it as `gone` (a point still in the index,
+    whose purge is being priced). Reads only."""
+    out = Doomed()
     while True:
         record = index.get_lineage(txn, lineage)
         if record is None:
             return out
-        gens = reader_gens(index, txn, record)
+        gens = reader_gens(index, txn, record, gone, out.lineages)
         if not gens:  # nothing reads it any more: all of it goes, and its read of its origin
-            out.extents += index.delete_lineage(txn, lineage)
-            out.lineages += 1
-            log.info("lineage %d: no reader left, dropped", lineage)
+            out.lineages.append(lineage)
             if record.parent is None:
                 return out
             lineage, gen = record.parent, record.parent_gen
@@ -72,15 +103,25 @@ def release(index: Index, txn: lmdb.Transaction, lineage: int, gen: int) -> Rele
             return out
         below = max((g for g in gens if g < gen), default=-1)  # gen-0 extents count
         above = min((g for g in gens if g > gen), default=None)
-        doomed = [
-            (block, written)
+        out.extents += [
+            (lineage, block, written)
             for block, written in index.iter_gens(txn, lineage, below + 1, gen)
             if above is None or _rewritten_by(index, txn, lineage, block, written, above)
         ]
-        for block, written in doomed:
-            index.drop_extent(txn, lineage, block, written)
-        out.extents += len(doomed)
         return out
+
+
+def release(index: Index, txn: lmdb.Transaction, lineage: int, gen: int) -> Released:
+    """A reader of `lineage` at `gen` is gone (the caller removed it in `txn`): drop the
+    extents no surviving reader reads, releasing their chunks' references."""
+    plan = doomed(index, txn, lineage, gen)
+    for lin, block, written in plan.extents:
+        index.drop_extent(txn, lin, block, written)
+    out = Released(extents=len(plan.extents), lineages=len(plan.lineages))
+    for lin in plan.lineages:
+        out.extents += index.delete_lineage(txn, lin)
+        log.info("lineage %d: no reader left, dropped", lin)
+    return out
 
 
 def _rewritten_by(
