@@ -83,16 +83,19 @@ class Rpfs:
         return self.point_record(disk, name)
 
     def point_record(self, disk: str, name: str) -> dict:
+        from rpfs.lifecycle.cost import costs
         from rpfs.repo import Repository
 
         with Repository(self.repo) as repo, repo.index.read() as txn:
             point = repo.index.get_point(txn, disk, name)
             bs = repo.block_size
-        assert point is not None, f"no point {disk}@{name}"
+            assert point is not None, f"no point {disk}@{name}"
+            cost = costs(repo.index, txn, [point]).points[(disk, name)]
         return {
             **dataclasses.asdict(point),
             "allocated_bytes": point.allocated_blocks * bs,
             "block_size": bs,
+            **dataclasses.asdict(cost),
         }
 
 
