@@ -11,6 +11,7 @@ from ..repo import repo_path
 from ..serve.control import disk_service
 from .output import fmt_time, print_json, print_table
 
+TRASH_OFF = "(the trash is off: trash-days is 0)"  # why a delete purged at once
 KEEP_OPTIONS = ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly",
                 "keep_yearly")
 # What each option's buckets are, for its help (UTC, as every bucket is; weeks are ISO's).
@@ -23,8 +24,7 @@ def cmd_point_delete(args: argparse.Namespace) -> int:
     for point in done:
         where = "moved to the trash ('rpfs undelete' brings it back)"
         if point["purged"]:
-            where = "deleted and purged" if args.purge else (
-                "deleted and purged (the trash is off: trash-days is 0)")
+            where = "deleted and purged" if args.purge else f"deleted and purged {TRASH_OFF}"
         print(f"{point['disk']}@{point['name']}: {where}")
     return 0
 
@@ -45,8 +45,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"{removed} of {len(plan)} points would go to the trash (--dry-run: nothing "
               "changed)")
     elif trash_off:
-        print(f"{removed} of {len(plan)} points deleted and purged (the trash is off: "
-              "trash-days is 0)")
+        print(f"{removed} of {len(plan)} points deleted and purged {TRASH_OFF}")
     else:
         print(f"{removed} of {len(plan)} points moved to the trash ('rpfs undelete' brings "
               "one back)")

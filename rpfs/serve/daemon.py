@@ -145,22 +145,21 @@ async def _sync_periodically(service: DiskService) -> None:
         failing = set(failed)
 
 
-async def _expire_periodically(service: DiskService) -> None:
-    """Move on-demand points whose expiry has come to the trash: once as the daemon
-    starts serving (a point that expired while none ran), then every EXPIRE_INTERVAL.
+async def _every(interval: float, job: Callable[[], object], what: str) -> None:
+    """Run blocking `job` in a worker thread now and then every `interval` seconds.
 
-    A check that fails (a full disk) is tried again at the next one: it must not end the
-    daemon, which serves every disk.
+    A turn that fails is tried again at the next one: it must not end the daemon, which
+    serves every disk. An operator's error (a full disk) is one warning line, a bug a
+    traceback.
     """
     while True:
         try:
-            await trio.to_thread.run_sync(service.expire)
+            await trio.to_thread.run_sync(job)
         except RpfsError as exc:
-            log.warning("cannot move expired points to the trash (tried again in %g s): %s",
-                        EXPIRE_INTERVAL, exc)
+            log.warning("%s failed (tried again in %g s): %s", what, interval, exc)
         except Exception:
-            log.exception("the expiry check failed; tried again in %g s", EXPIRE_INTERVAL)
-        await trio.sleep(EXPIRE_INTERVAL)
+            log.exception("%s failed; tried again in %g s", what, interval)
+        await trio.sleep(interval)
 
 
 class _Checkpoints:
@@ -182,13 +181,11 @@ class _Checkpoints:
         except RpfsError as exc:
             log.warning("%s; trying again in %.0f s", exc, self.CHECK_EVERY)
 
-    async def run(self) -> None:
+    def take_if_due(self) -> None:
         """Take one when the newest is older than checkpoint.INTERVAL and the index
         changed since: new points are covered within minutes, an idle repository costs
-        nothing."""
-        while True:
-            await trio.to_thread.run_sync(self.take_if_changed, checkpoint.INTERVAL)
-            await trio.sleep(self.CHECK_EVERY)
+        nothing (the daemon asks every CHECK_EVERY seconds)."""
+        self.take_if_changed(checkpoint.INTERVAL)
 
 
 class _TrashPurge:
@@ -219,11 +216,6 @@ class _TrashPurge:
                             "tried again every %.0f s", disk, why, PURGE_EVERY)
         self.held = set(held)
 
-    async def run(self) -> None:
-        while True:
-            await trio.to_thread.run_sync(self.purge_once)
-            await trio.sleep(PURGE_EVERY)
-
 
 async def _serve(
     root: Path, mountpoint: Path, service: DiskService, checkpoints: _Checkpoints, on_ready
@@ -247,9 +239,11 @@ async def _serve(
         nursery.start_soon(stop_on_signal)
         nursery.start_soon(serve_control, root, service)
         nursery.start_soon(_sync_periodically, service)
-        nursery.start_soon(_expire_periodically, service)
-        nursery.start_soon(checkpoints.run)
-        nursery.start_soon(_TrashPurge(service).run)
+        nursery.start_soon(_every, EXPIRE_INTERVAL, service.expire, "the expiry check")
+        nursery.start_soon(_every, _Checkpoints.CHECK_EVERY, checkpoints.take_if_due,
+                           "the index checkpoint")
+        nursery.start_soon(_every, PURGE_EVERY, _TrashPurge(service).purge_once,
+                           "the purge of the expired trash")
         nursery.start_soon(ready)
         await pyfuse3.main()
         notify("STOPPING=1")  # a signal, or an unmount from outside
