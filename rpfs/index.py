@@ -14,6 +14,7 @@ Named databases (see docs/design.md for the reasoning):
               "suspect/" ‖ chunk hash(32)  ->  time first found corrupt (8): for verify
     gens      lineage(8) ‖ gen(8) ‖ block(8)  ->  b""   (the extents of each generation)
     trash     disk ‖ 0x00 ‖ name ‖ 0x00 ‖ lineage(8) ‖ gen(8)  ->  JSON TrashRecord
+    policies  disk name  ->  JSON retention.Policy (lifecycle/retention.py encodes it)
 
 All integers are big-endian so that LMDB's byte order is numeric order. Inverting the
 generation makes the newest write at or before a generation the first key at or after
@@ -52,12 +53,12 @@ _U64 = struct.Struct(">Q")
 
 _DBS = (
     "extents", "chunks", "staging", "captures", "blockmap", "disks", "points", "lineages", "meta",
-    "gens", "trash",
+    "gens", "trash", "policies",
 )
 # Databases added after the first release: an index without them gets them at its first
 # writable open (`gens` filled from `extents`); a read-only copy (a checkpoint) opens
 # without them.
-_ADDED = ("gens", "trash")
+_ADDED = ("gens", "trash", "policies")
 # LMDB errors that mean the file's pages are not what LMDB wrote (not a full map, a
 # lock or a bug of ours): reported as a damaged index.
 _DAMAGE = (
@@ -614,7 +615,29 @@ class Index:
         txn.put(disk.name.encode(), disk.encode(), db=self.db["disks"])
 
     def delete_disk(self, txn: lmdb.Transaction, name: str) -> None:
+        """Drop the disk's record, and its policy with it (a new disk of that name starts
+        without one)."""
         txn.delete(name.encode(), db=self.db["disks"])
+        txn.delete(name.encode(), db=self.db["policies"])
+
+    def get_policy(self, txn: lmdb.Transaction, disk: str) -> bytes | None:
+        """The disk's stored policy, as `Policy.encode` wrote it (None: it has none)."""
+        if "policies" not in self.db:  # a read-only copy made before policies existed
+            return None
+        return txn.get(disk.encode(), db=self.db["policies"])
+
+    def put_policy(self, txn: lmdb.Transaction, disk: str, policy: bytes) -> None:
+        txn.put(disk.encode(), policy, db=self.db["policies"])
+
+    def delete_policy(self, txn: lmdb.Transaction, disk: str) -> bool:
+        """Drop the disk's policy; whether it had one."""
+        return txn.delete(disk.encode(), db=self.db["policies"])
+
+    def list_policies(self, txn: lmdb.Transaction) -> list[tuple[str, bytes]]:
+        """(disk, stored policy) of every disk that has one, by disk name."""
+        if "policies" not in self.db:
+            return []
+        return [(key.decode(), value) for key, value in self._scan(txn, "policies", b"")]
 
     def delete_point(self, txn: lmdb.Transaction, disk: str, name: str) -> None:
         txn.delete(_point_key(disk, name), db=self.db["points"])

@@ -26,10 +26,12 @@ def check_name(name: str, what: str = "name") -> str:
     return name
 
 
-def default_point_name() -> str:
-    """A UTC timestamp to the millisecond, the name of a point the user did not name
-    (seconds alone collide when points are taken in quick succession)."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+def default_point_name(at: float | None = None) -> str:
+    """A UTC timestamp to the millisecond (of now, or of `at`, seconds since the epoch),
+    the name of a point the user did not name (seconds alone collide when points are
+    taken in quick succession)."""
+    when = datetime.now(UTC) if at is None else datetime.fromtimestamp(at, UTC)
+    return when.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 def parse_point_ref(ref: str) -> tuple[str, str]:

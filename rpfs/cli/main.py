@@ -17,6 +17,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import RpfsError, describe_os_error, is_expected
 from ..lifecycle.marks import DEFAULT_TAG
+from ..lifecycle.retention import KEEP_OPTIONS
 from ..lifecycle.trash import TRASH_DAYS
 from ..repo import repo_path
 from .disks import (
@@ -32,9 +33,9 @@ from .marks import cmd_hold, cmd_point_describe, cmd_release
 from .mount import cmd_mount, cmd_umount
 from .output import fmt_time
 from .points import cmd_allocated, cmd_capture, cmd_changed, cmd_points, cmd_restore
+from .policy import cmd_policy_clear, cmd_policy_set, cmd_policy_show
 from .repository import cmd_config_set, cmd_config_show, cmd_index_restore, cmd_init
 from .trash import (
-    KEEP_OPTIONS,
     KEEP_SPANS,
     cmd_point_delete,
     cmd_prune,
@@ -63,6 +64,15 @@ def _point_options(p: argparse.ArgumentParser) -> None:
     expiry.add_argument("--expire-at", metavar="INSTANT",
                         help="the point goes to the trash at this UTC time (e.g. "
                              "2027-01-31T00:00Z); prune leaves it alone")
+
+
+def _keep_options(p: argparse.ArgumentParser) -> None:
+    """The retention's options, which prune and policy set share."""
+    for option, span in zip(KEEP_OPTIONS, KEEP_SPANS, strict=True):
+        what = "N newest points" if span is None else (
+            f"newest point of each of the N newest {span} that have points (UTC)")
+        p.add_argument(f"--{option.replace('_', '-')}", type=int, metavar="N",
+                       help=f"keep the {what}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,17 +163,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "prune", "move the points a retention policy does not keep to the trash",
                  common)
     p.add_argument("disk", metavar="DISK", help="the disk whose points to prune")
-    for option, span in zip(KEEP_OPTIONS, KEEP_SPANS, strict=True):
-        what = "N newest points" if span is None else (
-            f"newest point of each of the N newest {span} that have points (UTC)")
-        p.add_argument(f"--{option.replace('_', '-')}", type=int, metavar="N",
-                       help=f"keep the {what}")
+    _keep_options(p)
     p.add_argument("--dry-run", action="store_true",
                    help="print what would be kept and removed, and why; change nothing")
     p.add_argument("--json", action="store_true",
                    help="print the plan as a JSON list: disk, name, keep and rule of each "
                         "point, newest first")
     p.set_defaults(func=cmd_prune)
+
+    p = _command(sub, "policy", "per-disk schedules of points and their retention", common)
+    policy_sub = p.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
+    q = _command(policy_sub, "set", "store a disk's policy (replacing its old one) and apply "
+                 "its retention to the points it has now", common)
+    q.add_argument("disk", metavar="DISK", help="the disk the policy is for")
+    q.add_argument("--every", metavar="DURATION",
+                   help="the daemon takes a point of this writable disk when its newest "
+                        "point is this old (e.g. 1h; s, m, h, d, w)")
+    _keep_options(q)
+    q.epilog = ("The retention runs now and after each new point; see what it keeps first "
+                "with 'rpfs prune DISK --dry-run' and the same --keep options.")
+    q.set_defaults(func=cmd_policy_set)
+    q = _command(policy_sub, "show", "list the stored policies", common)
+    q.add_argument("disk", nargs="?", metavar="DISK", help="only this disk's")
+    q.add_argument("--json", action="store_true",
+                   help="print a JSON list: disk, every (seconds), the keep_* options, "
+                        "next_point and summary of each")
+    q.set_defaults(func=cmd_policy_show)
+    q = _command(policy_sub, "clear", "drop a disk's policy (its points stay)", common)
+    q.add_argument("disk", metavar="DISK", help="the disk whose policy to drop")
+    q.set_defaults(func=cmd_policy_clear)
 
     p = _command(sub, "trash", "list deleted points, or purge them", common)
     p.add_argument("--json", action="store_true",

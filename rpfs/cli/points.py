@@ -16,7 +16,7 @@ from ..names import check_name, fmt_bytes, parse_point_ref
 from ..progress import progress_bar
 from ..repo import Repository, read_daemon_info, repo_path
 from ..restore import restore
-from ..serve.control import RemoteService, socket_path
+from ..serve.control import RemoteService, disk_service, socket_path
 from ..store.cache import ChunkCache
 from .marks import expiry_of
 from .output import fmt_time, print_json, print_table
@@ -39,6 +39,12 @@ def cmd_capture(args: argparse.Namespace) -> int:
         f"{point.ref}: {point.method}, {point.blocks_written} blocks written, "
         f"{fmt_bytes(point.bytes_stored)} stored"
     )
+    with disk_service(repo_path(args.repo)) as service:  # the disk's policy, if it has one
+        plan = service.apply_policy(disk=args.disk)
+    removed = [p["name"] for p in plan if not p["keep"]]
+    if removed:
+        print(f"its policy's retention moved {len(removed)} older points to the trash: "
+              f"{', '.join(removed)}")
     return 0
 
 

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import argparse
 
+from ..lifecycle.retention import KEEP_OPTIONS
 from ..names import fmt_bytes
 from ..repo import repo_path
 from ..serve.control import disk_service
 from .output import fmt_time, print_json, print_table
 
 TRASH_OFF = "(the trash is off: trash-days is 0)"  # why a delete purged at once
-KEEP_OPTIONS = ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly",
-                "keep_yearly")
 # What each option's buckets are, for its help (UTC, as every bucket is; weeks are ISO's).
 KEEP_SPANS = (None, "hours", "days", "ISO weeks", "months", "years")
 

@@ -15,7 +15,7 @@ import os
 
 from ..errors import RpfsError, describe_os_error
 from ..index import ZERO, DiskRecord, LineageRecord, PointRecord, PointState
-from ..lifecycle import clock, expiry, marks, retention, trash
+from ..lifecycle import clock, expiry, marks, policy, retention, trash
 from ..lifecycle.purge import release
 from ..names import ceil_div, check_name, default_point_name, parse_point_ref
 from ..pipeline import ordered_map
@@ -423,20 +423,88 @@ class DiskService:
         the points of `disk`: the plan for every point, newest first, with the rule that
         decided it; unless `dry_run`, the points it removes go to the trash, in one step
         that checks every name first (a point deleted meanwhile changes nothing)."""
-        policy = retention.Policy(**keep)
+        keep_policy = retention.Policy(**keep)
+        decisions = self._retention(disk, keep_policy, dry_run)
+        log.info("disk %s: prune %s: %d of %d points %s", disk, keep,
+                 sum(not d["keep"] for d in decisions), len(decisions),
+                 "would go to the trash" if dry_run else "moved to the trash")
+        return decisions
+
+    def _retention(self, disk: str, keep: retention.Policy, dry_run: bool = False
+                   ) -> list[dict]:
+        """The retention plan of `keep` for the points of `disk`, carried out unless
+        `dry_run` (see prune)."""
         with self.index.read() as txn:
             self.index.disk_named(txn, check_name(disk, "disk name"))
             points = self.index.list_points(txn, disk)
         decisions = retention.plan(
             (retention.Candidate(p.name, p.created, p.state, p.hold, p.expires)
-             for p in points), policy)
+             for p in points), keep)
         removed = [f"{disk}@{d.name}" for d in decisions if not d.keep]
         if removed and not dry_run:
             self.delete_points(removed)
-        log.info("disk %s: prune %s: %d of %d points %s", disk, keep, len(removed),
-                 len(decisions), "would go to the trash" if dry_run else "moved to the trash")
         return [{"disk": disk, "name": d.name, "keep": d.keep, "rule": d.rule}
                 for d in decisions]
+
+    # -- stored policies --------------------------------------------------------------
+
+    def set_policy(self, disk: str, every: int | None = None, **keep: int | None) -> dict:
+        """Store the policy of `disk` (replacing its old one) and apply its retention to
+        the points it has now (a policy change applies to existing points): the policy
+        as `policies` shows it, and the retention's plan."""
+        stored = policy.set_policy(self.index, disk, retention.Policy(**keep, every=every))
+        plan = self.apply_policy(disk)
+        log.info("disk %s: policy set: %s", disk, policy.describe(stored))
+        [(_, _, next_at)] = policy.policies(self.index, disk)
+        return {"policy": policy.shown(disk, stored, next_at), "plan": plan}
+
+    def policies(self, disk: str | None = None) -> list[dict]:
+        """The stored policies (of `disk` alone if given), with when each schedule takes
+        its next point."""
+        return [policy.shown(*entry) for entry in policy.policies(self.index, disk)]
+
+    def clear_policy(self, disk: str) -> dict:
+        """Drop the policy of `disk`: no more scheduled points, no retention; its points
+        stay as they are."""
+        had = policy.clear_policy(self.index, disk)
+        if had:
+            log.info("disk %s: policy cleared", disk)
+        return {"disk": disk, "cleared": had}
+
+    def apply_policy(self, disk: str) -> list[dict]:
+        """Apply the retention of the disk's stored policy, if it has one that keeps
+        something (after a capture, and in each turn of the daemon's schedule): the plan,
+        or [] when there is none."""
+        with self.index.read() as txn:
+            stored = policy.policy_of(self.index, txn, disk)
+        if stored is None or not stored.keeps_something:
+            return []
+        plan = self._retention(disk, stored)
+        removed = [d["name"] for d in plan if not d["keep"]]
+        if removed:
+            log.info("disk %s: policy (%s) moved %d points to the trash: %s", disk,
+                     policy.describe(stored), len(removed), _some(removed))
+        return plan
+
+    def run_policies(self) -> dict[str, str]:
+        """One turn of the daemon's schedule: for each disk with a policy, apply its
+        retention (the points completed since the last turn count now), then take a
+        point if its `every` is due. A disk that fails does not stop the others: why
+        each failed, by disk (the daemon logs it)."""
+        failed: dict[str, str] = {}
+        for disk, stored, next_at in policy.policies(self.index):
+            try:
+                self.apply_policy(disk)
+                if next_at is not None and next_at <= clock.now():
+                    [point] = self.snapshot(
+                        [disk], default_point_name(clock.now()),
+                        description=f"scheduled (every {clock.fmt_duration(stored.every)})")
+                    log.info("disk %s: scheduled point %s taken", disk, point["name"])
+            except RpfsError as exc:
+                failed[disk] = str(exc)
+            except OSError as exc:  # a full disk: the operator's to act on
+                failed[disk] = describe_os_error(exc, self.repo.root)
+        return failed
 
     def expire(self) -> list[dict]:
         """Move the on-demand points whose expiry has come to the trash (the daemon's

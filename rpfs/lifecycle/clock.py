@@ -75,6 +75,14 @@ def parse_duration(text: str) -> int:
     return int(digits) * _UNIT_SECONDS[unit]
 
 
+def fmt_duration(seconds: int) -> str:
+    """`1h`, `90m`, `2w`: whole seconds in the largest unit that divides them, the form
+    `parse_duration` reads back."""
+    unit, size = next((unit, size) for unit, size in reversed(_UNIT_SECONDS.items())
+                      if seconds % size == 0)  # "s" divides every one
+    return f"{seconds // size}{unit}"
+
+
 def parse_expire_in(text: str) -> float:
     """The instant `--expire-in 10d` means: that long from now."""
     at = now() + parse_duration(text)

@@ -138,6 +138,7 @@ _PASSES: tuple[tuple[str, str, Callable[[Candidate], str]], ...] = (
     ("keep_yearly", "yearly {bucket}", lambda p: _utc(p).strftime("%Y")),
 )
 
+KEEP_OPTIONS = tuple(option for option, _, _ in _PASSES)  # the Policy's keep fields
 NO_RULE = "no rule keeps it"
 
 

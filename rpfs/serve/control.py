@@ -31,6 +31,7 @@ import trio
 
 from ..disks.service import DiskService
 from ..errors import RpfsError, describe_os_error, is_expected
+from ..lifecycle.retention import KEEP_OPTIONS
 from ..progress import ProgressFn
 from ..repo import Repository, read_daemon_info
 
@@ -65,6 +66,8 @@ OPTIONAL_NUMBER = Arg("a number or null", lambda v: v is None or type(v) in (int
                       required=False)
 OPTIONAL_STR_LIST = Arg("a list of strings or null",
                         lambda v: v is None or STR_LIST.accepts(v), required=False)
+# A retention's options, as prune and set_policy take them.
+KEEP = dict.fromkeys(KEEP_OPTIONS, OPTIONAL_INT)
 
 
 @dataclass(frozen=True)
@@ -90,16 +93,18 @@ OPERATIONS: dict[str, Operation] = {
     "stalls": Operation(DiskService.stalls, {}),
     "delete_points": Operation(DiskService.delete_points, {"points": STR_LIST, "purge": FLAG}),
     "undelete": Operation(DiskService.undelete, {"point": STR}),
-    "prune": Operation(DiskService.prune, {
-        "disk": STR, "dry_run": FLAG, **{f"keep_{period}": OPTIONAL_INT for period in (
-            "last", "hourly", "daily", "weekly", "monthly", "yearly")},
-    }),
+    "prune": Operation(DiskService.prune, {"disk": STR, "dry_run": FLAG, **KEEP}),
     "hold": Operation(DiskService.hold, {"point": STR, "tag": TEXT}),
     "release": Operation(DiskService.release, {"point": STR}),
     "describe": Operation(DiskService.describe, {"point": STR, "text": STR}),
     "list_trash": Operation(DiskService.list_trash, {}),
     "purge_trash": Operation(DiskService.purge_trash, {"points": OPTIONAL_STR_LIST,
                                                        "expired": FLAG}),
+    "set_policy": Operation(DiskService.set_policy, {"disk": STR, "every": OPTIONAL_INT,
+                                                     **KEEP}),
+    "policies": Operation(DiskService.policies, {"disk": OPTIONAL_STR}),
+    "clear_policy": Operation(DiskService.clear_policy, {"disk": STR}),
+    "apply_policy": Operation(DiskService.apply_policy, {"disk": STR}),
     "config": Operation(DiskService.config, {}),
     "set_trash_days": Operation(DiskService.set_trash_days, {"days": INT}),
 }

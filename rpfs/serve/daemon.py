@@ -3,8 +3,9 @@
 `rpfs mount` starts this in a child process and returns when it reports ready (or
 relays its error); under systemd (`rpfs mount --foreground`, contrib/systemd) it tells
 systemd too. SIGTERM, SIGINT and `fusermount3 -u` all end it with a clean unmount. While
-it serves it persists open disks' block maps, takes index checkpoints and purges the
-trash of points whose trash period is over.
+it serves it persists open disks' block maps, takes index checkpoints, moves expired
+points to the trash, purges the trash of points whose trash period is over, and runs the
+disks' policies (scheduled points and their retention).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ READ_AHEAD_KB = 1024  # the default 128 KiB caps sequential reads well below the
 EXPIRE_INTERVAL = 60.0  # seconds between checks of on-demand points' expiry
 RELAYED_CORRECTIONS = 20  # repository mode corrections shown by `rpfs mount` (all are logged)
 PURGE_EVERY = 300.0  # seconds between looks for points whose trash period is over
+SCHEDULE_INTERVAL = 30.0  # seconds between turns of the policies' schedules and retention
 
 
 M_ARENA_MAX = -8  # a mallopt parameter (glibc's malloc.h)
@@ -217,6 +219,25 @@ class _TrashPurge:
         self.held = set(held)
 
 
+class _Schedules:
+    """The daemon's turns of the stored policies (lifecycle/policy.py): at start and every
+    SCHEDULE_INTERVAL seconds, each policy's retention, then its scheduled point if one
+    is due. A disk whose turn fails (a full disk, a name taken) is said once, until a turn
+    of it goes through; the other disks go on."""
+
+    def __init__(self, service: DiskService) -> None:
+        self.service = service
+        self.failing: set[str] = set()
+
+    def turn(self) -> None:
+        failed = self.service.run_policies()
+        for disk, why in failed.items():
+            if disk not in self.failing:
+                log.warning("disk %s: its policy's turn failed (tried again every %.0f s): "
+                            "%s", disk, SCHEDULE_INTERVAL, why)
+        self.failing = set(failed)
+
+
 async def _serve(
     root: Path, mountpoint: Path, service: DiskService, checkpoints: _Checkpoints, on_ready
 ) -> None:
@@ -244,6 +265,8 @@ async def _serve(
                            "the index checkpoint")
         nursery.start_soon(_every, PURGE_EVERY, _TrashPurge(service).purge_once,
                            "the purge of the expired trash")
+        nursery.start_soon(_every, SCHEDULE_INTERVAL, _Schedules(service).turn,
+                           "the policies' turn")
         nursery.start_soon(ready)
         await pyfuse3.main()
         notify("STOPPING=1")  # a signal, or an unmount from outside
