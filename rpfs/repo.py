@@ -26,12 +26,17 @@ from .index import Index
 from .lifecycle.trash import TRASH_DAYS
 from .space import Space, parse_reserve
 from .store.format import decode_chunk, pack_name
-from .store.local import LocalBackend
+from .store.local import LocalBackend, fsync_dir
 from .store.packs import PackStore
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+# Format 2: the index has `gens`, `trash` and `policies` (point lifecycle). An rpfs that
+# reads format 1 only would write extents that `gens` does not list (a purge would never
+# drop them) and would not see the trash, so it must refuse the repository: rpfs.json
+# says 2 from the first open by this rpfs on.
+FORMAT = 2
+READS = (1, 2)  # format 1 is upgraded at its first open
 DEFAULT_REPO = "/var/lib/rpfs"
 MIN_BLOCK, MAX_BLOCK = 4 << 10, 4 << 20
 HASH, CODEC = "blake3", "zstd"
@@ -137,9 +142,9 @@ def load_config(root: Path) -> Config:
         if not valid(raw[key]):
             raise RpfsError(f"{path}: {key!r} must be {what}, not {json.dumps(raw[key])}"
                             f"{_put_back(root, key)}")
-    if raw["format"] != FORMAT:
+    if raw["format"] not in READS:
         raise RpfsError(f"{root} has repository format {raw['format']} ({path}), this rpfs "
-                        f"reads format {FORMAT}")
+                        f"reads formats {READS[0]} to {READS[-1]}: use a newer rpfs")
     return Config(**raw)
 
 
@@ -176,9 +181,22 @@ class Repository:
         self.space = Space(root, self.config.reserve)
         try:
             self._check_recorded()
+            if self.config.format < FORMAT:
+                self._upgrade()
         except BaseException:
             self.close()
             raise
+
+    def _upgrade(self) -> None:
+        """Say format 2 in rpfs.json once the index opened cleanly (its open added format
+        2's databases): an older rpfs then refuses the repository instead of writing
+        extents that the lifecycle's `gens` would not list. Nothing else changes: a
+        format 1 repository is a format 2 one without those databases. (A damaged index
+        or rpfs.json fails before this, and leaves rpfs.json as it was.)"""
+        self.config = replace(self.config, format=FORMAT)
+        _write_config(self.root, self.config)
+        log.info("%s: repository format %d now (rpfs older than the point lifecycle cannot "
+                 "open it)", self.root, FORMAT)
 
     def _check_recorded(self) -> None:
         """rpfs.json must agree with what the index recorded at init."""
@@ -347,6 +365,7 @@ def _write_config(root: Path, config: Config) -> None:
     with open(tmp) as f:
         os.fsync(f.fileno())
     tmp.rename(root / "rpfs.json")
+    fsync_dir(root)  # the rename itself, durable
 
 
 def _try_lock(path: Path) -> int | None:

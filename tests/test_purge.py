@@ -19,6 +19,7 @@ Replay one sequence with RPFS_PURGE_SEED=N.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 from pathlib import Path
@@ -276,7 +277,8 @@ def test_purging_the_full_point_merges_it_into_the_next(tmp_path: Path, monkeypa
 
 
 def test_an_index_without_gens_gets_them_at_open(tmp_path: Path):
-    """An index made before `gens` existed: every extent is indexed at its first open."""
+    """A format 1 repository, made before `gens` existed: every extent is indexed at its
+    first open, and rpfs.json says format 2 (so an older rpfs refuses it)."""
     h = History(tmp_path / "repo", random.Random(2))
     try:
         h.capture()
@@ -288,7 +290,10 @@ def test_an_index_without_gens_gets_them_at_open(tmp_path: Path):
         txn.drop(index.db["gens"], delete=True)
         txn.drop(index.db["trash"], delete=True)
     index.close()
+    config = tmp_path / "repo" / "rpfs.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "format": 1}))
     with Repository(tmp_path / "repo") as repo:
+        assert json.loads(config.read_text())["format"] == 2, "upgraded at its first open"
         assert refcount_errors(repo.index) == []
         with repo.index.read() as txn:
             assert len(list(repo.index.iter_gens(txn, 1, 0, MAX_GEN))) > NBLOCKS // 2
