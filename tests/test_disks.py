@@ -429,6 +429,7 @@ def test_fio_verify_on_a_clone(rpfs, repo, mounted, tmp_path, direct):
             "--size=24M",
             "--verify=crc32c",
             "--do_verify=1",
+            "--verify_state_save=0",  # else it leaves local-v-0-verify.state in the cwd
             f"--direct={direct}",
             "--ioengine=psync",
             "--randseed=11",
