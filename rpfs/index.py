@@ -15,6 +15,9 @@ Named databases (see docs/design.md for the reasoning):
     gens      lineage(8) ‖ gen(8) ‖ block(8)  ->  b""   (the extents of each generation)
     trash     disk ‖ 0x00 ‖ name ‖ 0x00 ‖ lineage(8) ‖ gen(8)  ->  JSON TrashRecord
     policies  disk name  ->  JSON retention.Policy (lifecycle/retention.py encodes it)
+    packstats pack(4)  ->  named chunks(8) ‖ named bytes(8) ‖ live chunks(8) ‖ live bytes(8)
+              (the chunk records each pack holds that `chunks` names, and those of them
+              with a refcount above 0: kept by put_chunk, incref and delete_chunk)
 
 All integers are big-endian so that LMDB's byte order is numeric order. Inverting the
 generation makes the newest write at or before a generation the first key at or after
@@ -50,15 +53,17 @@ _EXTENT_KEY = struct.Struct(">QQQ")
 _BLOCK_PREFIX = struct.Struct(">QQ")
 _CHUNK_VAL = struct.Struct(">IQIQ")
 _U64 = struct.Struct(">Q")
+_PACK_KEY = struct.Struct(">I")
+_PACK_STATS = struct.Struct(">QQQQ")
 
 _DBS = (
     "extents", "chunks", "staging", "captures", "blockmap", "disks", "points", "lineages", "meta",
-    "gens", "trash", "policies",
+    "gens", "trash", "policies", "packstats",
 )
 # Databases added after the first release: an index without them gets them at its first
 # writable open (`gens` filled from `extents`); a read-only copy (a checkpoint) opens
 # without them.
-_ADDED = ("gens", "trash", "policies")
+_ADDED = ("gens", "trash", "policies", "packstats")
 # LMDB errors that mean the file's pages are not what LMDB wrote (not a full map, a
 # lock or a bug of ours): reported as a damaged index.
 _DAMAGE = (
@@ -110,6 +115,27 @@ class ChunkLoc:
     @classmethod
     def decode(cls, raw: bytes) -> ChunkLoc:
         return cls(*_CHUNK_VAL.unpack(raw))
+
+
+@dataclass(frozen=True)
+class PackStats:
+    """What one pack holds that the index names: chunk records (`named`) and those of
+    them some extent references (`live`), in count and stored bytes. The rest of the
+    pack's file is dead: records of chunks with refcount 0, or named by nothing."""
+
+    named_chunks: int = 0
+    named_bytes: int = 0
+    live_chunks: int = 0
+    live_bytes: int = 0
+
+    def encode(self) -> bytes:
+        return _PACK_STATS.pack(self.named_chunks, self.named_bytes, self.live_chunks,
+                                self.live_bytes)
+
+    def plus(self, named: int, live: int, length: int) -> PackStats:
+        """These stats with `named` and `live` records of `length` bytes more (or less)."""
+        return PackStats(self.named_chunks + named, self.named_bytes + named * length,
+                         self.live_chunks + live, self.live_bytes + live * length)
 
 
 @dataclass
@@ -289,8 +315,11 @@ class Index:
                         name.encode(), txn=txn, create=create is not None or name in missing)
                 if create is not None:
                     txn.put(CONFIG_KEY, json.dumps(create).encode(), db=dbs["meta"])
-                elif "gens" in missing:
-                    self._fill_gens(txn, dbs)
+                else:
+                    if "gens" in missing:
+                        self._fill_gens(txn, dbs)
+                    if "packstats" in missing:
+                        self._fill_packstats(txn, dbs)
         except lmdb.NotFoundError:
             raise self.damaged(f"its database {name!r} is missing") from None
         except _DAMAGE as exc:
@@ -304,6 +333,12 @@ class Index:
             for key in cur.iternext(values=False):
                 lineage, block, gen = decode_extent_key(key)
                 txn.put(gen_key(lineage, gen, block), b"", db=dbs["gens"])
+
+    @classmethod
+    def _fill_packstats(cls, txn: lmdb.Transaction, dbs: dict[str, lmdb._Database]) -> None:
+        """Count each pack's named and live records: an index made before `packstats`."""
+        for pack, stats in cls.count_packs(txn, dbs["chunks"]).items():
+            txn.put(_PACK_KEY.pack(pack), stats.encode(), db=dbs["packstats"])
 
     def damaged(self, detail: str) -> IndexDamaged:
         return IndexDamaged(self.path, detail)
@@ -562,18 +597,64 @@ class Index:
         return txn.get(digest, db=self.db["chunks"]) is not None
 
     def put_chunk(self, txn: lmdb.Transaction, digest: bytes, loc: ChunkLoc) -> None:
+        """Name a new chunk record (the digest must not be named yet)."""
         txn.put(digest, loc.encode(), db=self.db["chunks"])
+        self._account(txn, loc.pack, 1, loc.refcount > 0, loc.length)
 
     def delete_chunk(self, txn: lmdb.Transaction, digest: bytes) -> None:
+        loc = self.get_chunk(txn, digest)
+        if loc is None:
+            return
         txn.delete(digest, db=self.db["chunks"])
+        self._account(txn, loc.pack, -1, -(loc.refcount > 0), loc.length)
 
     def incref(self, txn: lmdb.Transaction, digest: bytes, n: int = 1) -> None:
         loc = self.get_chunk(txn, digest)
         if loc is None:
             raise KeyError(f"chunk {digest.hex()} is referenced but not stored")
-        self.put_chunk(
-            txn, digest, ChunkLoc(loc.pack, loc.offset, loc.length, loc.refcount + n)
-        )
+        count = loc.refcount + n
+        txn.put(digest, ChunkLoc(loc.pack, loc.offset, loc.length, count).encode(),
+                db=self.db["chunks"])
+        live = (count > 0) - (loc.refcount > 0)  # only a change to or from 0 counts
+        if live:
+            self._account(txn, loc.pack, 0, live, loc.length)
+
+    def _account(self, txn: lmdb.Transaction, pack: int, named: int, live: int,
+                 length: int) -> None:
+        key = _PACK_KEY.pack(pack)
+        stats = self._pack_stats(key, txn.get(key, db=self.db["packstats"]))
+        stats = stats.plus(named, live, length)
+        if stats == PackStats():
+            txn.delete(key, db=self.db["packstats"])
+        else:
+            txn.put(key, stats.encode(), db=self.db["packstats"])
+
+    def _pack_stats(self, key: bytes, raw: bytes | None) -> PackStats:
+        if raw is None:
+            return PackStats()
+        if len(raw) != _PACK_STATS.size:
+            raise self.damaged(
+                f"record packstats/{_PACK_KEY.unpack_from(key)[0]} is {len(raw)} bytes")
+        return PackStats(*_PACK_STATS.unpack(raw))
+
+    def pack_stats(self, txn: lmdb.Transaction) -> dict[int, PackStats]:
+        """What each pack holds that the index names (packs holding none are absent)."""
+        if "packstats" not in self.db:  # a read-only copy made before it existed
+            return {}
+        return {_PACK_KEY.unpack(key)[0]: self._pack_stats(key, raw)
+                for key, raw in self._scan(txn, "packstats", b"")}
+
+    @staticmethod
+    def count_packs(txn: lmdb.Transaction, chunks: lmdb._Database) -> dict[int, PackStats]:
+        """The pack stats recounted from `chunks`: a scan, for `rpfs check` and for an
+        index made before `packstats` existed."""
+        out: dict[int, PackStats] = {}
+        with txn.cursor(db=chunks) as cur:
+            for raw in cur.iternext(keys=False):
+                loc = ChunkLoc.decode(raw)
+                out[loc.pack] = out.get(loc.pack, PackStats()).plus(
+                    1, loc.refcount > 0, loc.length)
+        return out
 
     # -- staging (captures in progress) ---------------------------------------------------
 

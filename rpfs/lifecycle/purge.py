@@ -136,12 +136,17 @@ def refcount_errors(index: Index) -> list[str]:
     """Every way the stored references differ from a recount of the extents (empty when
     they are exact): a chunk whose refcount is not the number of extents naming it, an
     extent naming a chunk that is not stored, an extent missing from `gens` or the
-    reverse. Staging rows hold no reference (a capture takes them at publish)."""
+    reverse, a pack whose accounted named or live records differ from a count of
+    `chunks`. Staging rows hold no reference (a capture takes them at publish)."""
     with index.read() as txn:
         counts, problems = index.recount(txn)
         stored = {digest: loc.refcount for digest, loc in index.iter_chunks(txn)}
+        kept, recounted = index.pack_stats(txn), index.count_packs(txn, index.db["chunks"])
     problems += [f"extents name chunk {d.hex()[:16]}, which is not stored"
                  for d in counts if d not in stored]
     problems += [f"chunk {d.hex()[:16]}: refcount {n}, named by {counts.get(d, 0)} extents"
                  for d, n in stored.items() if n != counts.get(d, 0)]
+    problems += [f"pack {pack}: accounted {kept.get(pack)}, recounted {recounted.get(pack)}"
+                 for pack in sorted(kept.keys() | recounted.keys())
+                 if kept.get(pack) != recounted.get(pack)]
     return problems
