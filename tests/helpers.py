@@ -278,3 +278,12 @@ def assert_one_line_error(res: subprocess.CompletedProcess, *needles: str) -> st
     for needle in needles:
         assert needle in line, f"{needle!r} not in {line!r}"
     return line
+
+
+def assert_check_clean(rpfs) -> dict:
+    """`rpfs check` finds no inconsistency (what crashes leave is only reclaimable); its
+    report."""
+    res = rpfs("check", "--json", timeout=300)
+    report = json.loads(res.stdout)
+    assert res.returncode == 0 and report["problems"] == [], report["problems"]
+    return report

@@ -12,7 +12,16 @@ import textwrap
 import time
 from pathlib import Path
 
-from helpers import BS, MiB, assert_same_bytes, point_image, sparse_copy, write_at, write_random
+from helpers import (
+    BS,
+    MiB,
+    assert_check_clean,
+    assert_same_bytes,
+    point_image,
+    sparse_copy,
+    write_at,
+    write_random,
+)
 
 from rpfs.repo import Repository
 
@@ -89,6 +98,8 @@ def test_sigkill_midway_leaves_repository_consistent(rpfs, mounted, tmp_path):
     assert_same_bytes(point_image(mounted, "big", "p1"), at_p1)
     assert_same_bytes(point_image(mounted, "small", "p1"), small)
     assert [p["name"] for p in rpfs.points("big")] == ["p1", "killed"]
+    report = assert_check_clean(rpfs)
+    assert report["reclaimable"], "the killed capture's records are reclaimable"
 
 
 DEAD_CAPTURE = textwrap.dedent(

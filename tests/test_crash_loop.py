@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from helpers import BS, MiB, sparse_copy
+from helpers import BS, MiB, assert_check_clean, sparse_copy
 from livewriter import Live, Write, check_instant, image_matches, prefix_of, read_image
 
 SIZE = 128 * MiB  # every disk and capture source: each activity takes a few tenths of a second
@@ -397,6 +397,7 @@ class CrashLoop:
         self.live.start()
         assert sha256_image(self.live.disk("vm")) == hashlib.sha256(self.vm).hexdigest(), "vm"
         self.check_points(set(), every=True)
+        assert_check_clean(self.rpfs)
 
 
 def crash_seed() -> int:

@@ -29,6 +29,7 @@ from .disks import (
     cmd_rollback,
     cmd_snapshot,
 )
+from .maintenance import cmd_check, cmd_info
 from .marks import cmd_hold, cmd_point_describe, cmd_release
 from .mount import cmd_mount, cmd_umount
 from .output import fmt_time
@@ -287,6 +288,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mount over a directory that holds files (hiding them)")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_mount)
+
+    p = _command(sub, "info", "the repository's totals: points, stored, dead and pack bytes, "
+                 "ratios", common)
+    p.add_argument("--json", action="store_true", help="print the figures as a JSON object")
+    p.set_defaults(func=cmd_info)
+
+    p = _command(sub, "check", "check the index's consistency with itself and the packs "
+                 "(read-only)", common)
+    p.add_argument("--json", action="store_true",
+                   help="print the report as JSON: clean, checked, problems (problem, fix) "
+                        "and reclaimable")
+    p.set_defaults(func=cmd_check)
 
     p = _command(sub, "index", "list or restore the index's checkpoints", common)
     index_sub = p.add_subparsers(dest="index_command", required=True, metavar="ACTION")

@@ -17,6 +17,7 @@ from ..errors import RpfsError, describe_os_error
 from ..index import ZERO, DiskRecord, LineageRecord, PointRecord, PointState
 from ..lifecycle import clock, expiry, marks, policy, retention, trash
 from ..lifecycle.purge import release
+from ..maintenance import check, info
 from ..names import ceil_div, check_name, default_point_name, parse_point_ref
 from ..pipeline import ordered_map
 from ..progress import ProgressFn
@@ -564,6 +565,16 @@ class DiskService:
             except RpfsError as exc:  # an open point image; or undeleted meanwhile
                 held[disk] = str(exc)
         return purged, held
+
+    # -- the repository as a whole ---------------------------------------------------------
+
+    def info(self) -> dict:
+        """The repository's totals (maintenance/info.py)."""
+        return info.summary(self.repo)
+
+    def check(self, progress: ProgressFn | None = None) -> dict:
+        """The repository's consistency report; changes nothing (maintenance/check.py)."""
+        return check.check(self.repo, progress)
 
     @property
     def trash_days(self) -> int:

@@ -105,6 +105,8 @@ OPERATIONS: dict[str, Operation] = {
     "policies": Operation(DiskService.policies, {"disk": OPTIONAL_STR}),
     "clear_policy": Operation(DiskService.clear_policy, {"disk": STR}),
     "apply_policy": Operation(DiskService.apply_policy, {"disk": STR}),
+    "info": Operation(DiskService.info, {}),
+    "check": Operation(DiskService.check, {}, progress=True),
     "config": Operation(DiskService.config, {}),
     "set_trash_days": Operation(DiskService.set_trash_days, {"days": INT}),
 }
