@@ -18,6 +18,9 @@ Named databases (see docs/design.md for the reasoning):
     packstats pack(4)  ->  named chunks(8) ‖ named bytes(8) ‖ live chunks(8) ‖ live bytes(8)
               (the chunk records each pack holds that `chunks` names, and those of them
               with a refcount above 0: kept by put_chunk, incref and delete_chunk)
+    verified  pack(4)  ->  JSON {at, chunks, bad}: when verify last read the pack whole
+    bad       chunk hash(32)  ->  JSON {at, pack, offset, error}: found bad by verify;
+              never deduplicated against, so the next writer of that content heals it
 
 All integers are big-endian so that LMDB's byte order is numeric order. Inverting the
 generation makes the newest write at or before a generation the first key at or after
@@ -58,12 +61,12 @@ _PACK_STATS = struct.Struct(">QQQQ")
 
 _DBS = (
     "extents", "chunks", "staging", "captures", "blockmap", "disks", "points", "lineages", "meta",
-    "gens", "trash", "policies", "packstats",
+    "gens", "trash", "policies", "packstats", "verified", "bad",
 )
 # Databases added after the first release: an index without them gets them at its first
 # writable open (`gens` filled from `extents`); a read-only copy (a checkpoint) opens
 # without them.
-_ADDED = ("gens", "trash", "policies", "packstats")
+_ADDED = ("gens", "trash", "policies", "packstats", "verified", "bad")
 # LMDB errors that mean the file's pages are not what LMDB wrote (not a full map, a
 # lock or a bug of ours): reported as a damaged index.
 _DAMAGE = (
@@ -468,6 +471,38 @@ class Index:
         """The chunks marked by `mark_suspect`, in hash order."""
         return [key[len(SUSPECT_PREFIX) :] for key, _ in self._scan(txn, "meta", SUSPECT_PREFIX)]
 
+    # -- verify's records -------------------------------------------------------------------
+
+    def mark_bad(self, txn: lmdb.Transaction, digest: bytes, info: dict) -> None:
+        txn.put(digest, json.dumps(info).encode(), db=self.db["bad"])
+
+    def is_bad(self, txn: lmdb.Transaction, digest: bytes) -> bool:
+        return "bad" in self.db and txn.get(digest, db=self.db["bad"]) is not None
+
+    def bad_chunks(self, txn: lmdb.Transaction) -> dict[bytes, dict]:
+        if "bad" not in self.db:
+            return {}
+        return {key: self._json(value, f"bad/{key.hex()}")
+                for key, value in self._scan(txn, "bad", b"")}
+
+    def clear_bad(self, txn: lmdb.Transaction, digest: bytes) -> None:
+        txn.delete(digest, db=self.db["bad"])
+        txn.delete(SUSPECT_PREFIX + digest, db=self.db["meta"])
+
+    def clear_suspect(self, txn: lmdb.Transaction, digest: bytes) -> None:
+        txn.delete(SUSPECT_PREFIX + digest, db=self.db["meta"])
+
+    def put_verified(self, txn: lmdb.Transaction, pack: int, info: dict) -> None:
+        txn.put(_PACK_KEY.pack(pack), json.dumps(info).encode(), db=self.db["verified"])
+
+    def verified(self, txn: lmdb.Transaction) -> dict[int, dict]:
+        """When each pack was last verified whole, and what was found (packs never
+        verified are absent)."""
+        if "verified" not in self.db:
+            return {}
+        return {_PACK_KEY.unpack(key)[0]: self._json(value, "verified record")
+                for key, value in self._scan(txn, "verified", b"")}
+
     # -- extents --------------------------------------------------------------------------
 
     def lookup(self, txn: lmdb.Transaction, lineage: int, block: int, gen: int) -> bytes | None:
@@ -600,6 +635,17 @@ class Index:
         """Name a new chunk record (the digest must not be named yet)."""
         txn.put(digest, loc.encode(), db=self.db["chunks"])
         self._account(txn, loc.pack, 1, loc.refcount > 0, loc.length)
+
+    def move_chunk(self, txn: lmdb.Transaction, digest: bytes, loc: ChunkLoc) -> None:
+        """Point chunk `digest` at another record of the same content (`loc`, whose
+        refcount is ignored: the chunk keeps its own), with the accounting of both packs."""
+        old = self.get_chunk(txn, digest)
+        if old is None:
+            raise KeyError(f"chunk {digest.hex()} is not stored")
+        new = ChunkLoc(loc.pack, loc.offset, loc.length, old.refcount)
+        txn.put(digest, new.encode(), db=self.db["chunks"])
+        self._account(txn, old.pack, -1, -(old.refcount > 0), old.length)
+        self._account(txn, new.pack, 1, new.refcount > 0, new.length)
 
     def delete_chunk(self, txn: lmdb.Transaction, digest: bytes) -> None:
         loc = self.get_chunk(txn, digest)

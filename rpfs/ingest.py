@@ -8,11 +8,14 @@ matters: pack bytes are fsynced before the index transaction that names them com
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from .index import ZERO, ChunkLoc, Index
 from .repo import Repository
 from .store.format import digest, encode_chunk
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -26,10 +29,13 @@ class Change:
 def examine(index: Index, txn, block: int, raw, zero: bytes, prev: bytes) -> Change | None:
     """Compare one block's bytes with its previous value; None if unchanged."""
     value = ZERO if raw is None or raw == zero else digest(raw)
-    if value == prev:
+    bad = value != ZERO and index.is_bad(txn, value)  # verify found its record bad
+    if value == prev and not bad:
         return None
     record = None
-    if value != ZERO and not index.has_chunk(txn, value):
+    if bad or (value != ZERO and not index.has_chunk(txn, value)):
+        # A bad chunk is never deduplicated against: this good copy heals it (register),
+        # even where the block did not change (the new point then writes it again).
         record = encode_chunk(bytes(raw), value)
     return Change(block, value, record, (value != ZERO) - (prev != ZERO))
 
@@ -72,6 +78,11 @@ class Ingest:
         for value, loc in self._pending.items():
             if not self.index.has_chunk(txn, value):  # another writer may have stored it
                 self.index.put_chunk(txn, value, loc)
+            elif self.index.is_bad(txn, value):  # a good copy of a bad one: heal it
+                self.index.move_chunk(txn, value, loc)
+                self.index.clear_bad(txn, value)
+                log.info("chunk %s healed: its good copy is at pack %d offset %d",
+                         value.hex()[:16], loc.pack, loc.offset)
 
     def committed(self) -> None:
         """`register`'s transaction committed: the index names what was appended."""

@@ -57,7 +57,7 @@ def test_set_show_clear_and_the_retention_they_apply(rpfs, repo: Path, tmp_path:
     rpfs.env["RPFS_NOW"] = _at(4)
     res = rpfs("capture", "d", source, "--name", "p4", check=True)
     assert res.stdout.splitlines()[-1] == (
-        "its policy's retention moved 1 older points to the trash: p2")
+        "its policy's retention moved 1 points to the trash: p2")
     assert [p["name"] for p in rpfs.points("d")] == ["p3", "p4"]
 
     # Set replaces the whole policy (nothing merged from the old one), and applies to the

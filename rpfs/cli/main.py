@@ -29,7 +29,7 @@ from .disks import (
     cmd_rollback,
     cmd_snapshot,
 )
-from .maintenance import cmd_check, cmd_info
+from .maintenance import cmd_check, cmd_info, cmd_verify
 from .marks import cmd_hold, cmd_point_describe, cmd_release
 from .mount import cmd_mount, cmd_umount
 from .output import fmt_time
@@ -300,6 +300,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the report as JSON: clean, checked, problems (problem, fix) "
                         "and reclaimable")
     p.set_defaults(func=cmd_check)
+
+    p = _command(sub, "verify", "read stored chunks back and check them (rolling)", common)
+    p.add_argument("points", nargs="*", metavar="DISK@POINT",
+                   help="verify exactly the chunks these points read (default: the packs "
+                        "verified longest ago, and chunks a read found corrupt)")
+    p.add_argument("--max-duration", metavar="DURATION",
+                   help="stop between packs after this long (e.g. 10m); the next run goes on")
+    p.add_argument("--json", action="store_true",
+                   help="print the report as JSON: sound, chunks/bytes/packs verified, "
+                        "packs_left, stopped_early, and every bad chunk with its readers")
+    p.set_defaults(func=cmd_verify)
 
     p = _command(sub, "index", "list or restore the index's checkpoints", common)
     index_sub = p.add_subparsers(dest="index_command", required=True, metavar="ACTION")

@@ -1,10 +1,11 @@
-"""`rpfs info` and `rpfs check`: the repository as a whole, through the disk service
+"""`rpfs info`, `rpfs check` and `rpfs verify`: the repository as a whole, through the disk service
 (the daemon's when one serves the repository, else one in this process)."""
 
 from __future__ import annotations
 
 import argparse
 
+from ..lifecycle.clock import parse_duration
 from ..names import fmt_bytes
 from ..progress import progress_bar
 from ..repo import repo_path
@@ -52,3 +53,30 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"checked {checked}: " + ("clean" if report["clean"] else
                                         f"{len(report['problems'])} problems"))
     return 0 if report["clean"] else 1
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    limit = None if args.max_duration is None else parse_duration(args.max_duration)
+    with disk_service(repo_path(args.repo)) as service, progress_bar("verify") as bar:
+        report = service.verify(points=args.points or None, max_duration=limit, progress=bar)
+    if args.json:
+        print_json(report)
+        return 0 if report["sound"] else 1
+    for entry in report["bad"]:
+        print(f"bad chunk {entry['chunk'][:16]} (pack {entry['pack']} offset "
+              f"{entry['offset']}): {entry['error']}")
+        for reader in entry["readers"]:
+            ranges = ", ".join(f"bytes {start}-{start + length - 1} ({fmt_bytes(length)})"
+                               for start, length in reader["ranges"])
+            trash = " (in the trash)" if reader["in_trash"] else ""
+            print(f"  read by {reader['point']}{trash} at {ranges}")
+        if not entry["readers"]:
+            print("  read by no point")
+    left = (f"; stopped at --max-duration, {report['packs_left']} packs left for the next run"
+            if report["stopped_early"] else "")
+    verdict = "sound" if report["sound"] else (
+        f"{len(report['bad'])} bad chunks (reads of them fail; a capture or snapshot of the "
+        "same content heals them)")
+    print(f"verified {report['chunks_verified']} chunks ({fmt_bytes(report['bytes_verified'])})"
+          f"{left}: {verdict}")
+    return 0 if report["sound"] else 1

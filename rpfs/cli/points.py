@@ -43,7 +43,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
         plan = service.apply_policy(disk=args.disk)
     removed = [p["name"] for p in plan if not p["keep"]]
     if removed:
-        print(f"its policy's retention moved {len(removed)} older points to the trash: "
+        print(f"its policy's retention moved {len(removed)} points to the trash: "
               f"{', '.join(removed)}")
     return 0
 

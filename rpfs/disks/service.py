@@ -17,7 +17,7 @@ from ..errors import RpfsError, describe_os_error
 from ..index import ZERO, DiskRecord, LineageRecord, PointRecord, PointState
 from ..lifecycle import clock, expiry, marks, policy, retention, trash
 from ..lifecycle.purge import release
-from ..maintenance import check, info
+from ..maintenance import check, info, verify
 from ..names import ceil_div, check_name, default_point_name, parse_point_ref
 from ..pipeline import ordered_map
 from ..progress import ProgressFn
@@ -575,6 +575,11 @@ class DiskService:
     def check(self, progress: ProgressFn | None = None) -> dict:
         """The repository's consistency report; changes nothing (maintenance/check.py)."""
         return check.check(self.repo, progress)
+
+    def verify(self, points: list[str] | None = None, max_duration: float | None = None,
+               progress: ProgressFn | None = None) -> dict:
+        """Read stored chunks back and check them; marks the bad (maintenance/verify.py)."""
+        return verify.verify(self.repo, points, max_duration, progress)
 
     @property
     def trash_days(self) -> int:
