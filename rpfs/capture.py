@@ -23,7 +23,7 @@ from pathlib import Path
 from . import checkpoint
 from .errors import SPACE_ERRNOS, NoSpace, RpfsError
 from .index import ZERO, DiskRecord, PointRecord
-from .ingest import Change, Ingest, examine
+from .ingest import SESSIONS, Change, Ingest, examine
 from .lifecycle import clock, marks
 from .lifecycle.purge import release
 from .lineage import allocated_at
@@ -155,8 +155,11 @@ class _Capture:
                                                      lineage.head_gen)
             self._check_point_free(txn)
             capture_id = self.index.next_id(txn, "capture")
+            # packs_after: every pack this capture writes is numbered above it, so GC
+            # leaves those alone while the capture lives (gc.py).
             self.index.put_capture(
-                txn, capture_id, {"disk": self.disk, "pid": os.getpid(), "started": time.time()}
+                txn, capture_id, {"disk": self.disk, "pid": os.getpid(), "started": time.time(),
+                                  "packs_after": self.index.last_id(txn, "pack")}
             )
         return capture_id, base
 
@@ -259,6 +262,10 @@ class _Capture:
         return point
 
     def run(self) -> PointRecord:
+        with SESSIONS.writing():  # (other processes' GC sees the capture's record)
+            return self._run()
+
+    def _run(self) -> PointRecord:
         space = self.repo.space
         space.check(f"a capture of {self.disk}")  # the index must keep room to commit
         capture_id, base = self._begin()
@@ -272,6 +279,7 @@ class _Capture:
             for batch, changes in ordered_map(examine, batches):
                 if space.low():  # stop before the reserve is gone, not at ENOSPC
                     raise space.error(f"the capture of {self.disk}")
+                self.ingest.protect(changes)
                 for change in changes:
                     self._take(change)
                 if self.ingest.pending_bytes >= FLUSH_BYTES or len(self.pending_stage) >= 65536:

@@ -21,6 +21,8 @@ Named databases (see docs/design.md for the reasoning):
     verified  pack(4)  ->  JSON {at, chunks, bad}: when verify last read the pack whole
     bad       chunk hash(32)  ->  JSON {at, pack, offset, error}: found bad by verify;
               never deduplicated against, so the next writer of that content heals it
+    zero      chunk hash(32)  ->  time(8, a double) it last dropped to refcount 0: the
+              chunks GC may free, and since when (kept by put_chunk and incref)
 
 All integers are big-endian so that LMDB's byte order is numeric order. Inverting the
 generation makes the newest write at or before a generation the first key at or after
@@ -34,6 +36,7 @@ import errno
 import json
 import os
 import struct
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
@@ -58,15 +61,16 @@ _CHUNK_VAL = struct.Struct(">IQIQ")
 _U64 = struct.Struct(">Q")
 _PACK_KEY = struct.Struct(">I")
 _PACK_STATS = struct.Struct(">QQQQ")
+_TIME = struct.Struct(">d")
 
 _DBS = (
     "extents", "chunks", "staging", "captures", "blockmap", "disks", "points", "lineages", "meta",
-    "gens", "trash", "policies", "packstats", "verified", "bad",
+    "gens", "trash", "policies", "packstats", "verified", "bad", "zero",
 )
 # Databases added after the first release: an index without them gets them at its first
 # writable open (`gens` filled from `extents`); a read-only copy (a checkpoint) opens
 # without them.
-_ADDED = ("gens", "trash", "policies", "packstats", "verified", "bad")
+_ADDED = ("gens", "trash", "policies", "packstats", "verified", "bad", "zero")
 # LMDB errors that mean the file's pages are not what LMDB wrote (not a full map, a
 # lock or a bug of ours): reported as a damaged index.
 _DAMAGE = (
@@ -323,6 +327,8 @@ class Index:
                         self._fill_gens(txn, dbs)
                     if "packstats" in missing:
                         self._fill_packstats(txn, dbs)
+                    if "zero" in missing:
+                        self._fill_zero(txn, dbs)
         except lmdb.NotFoundError:
             raise self.damaged(f"its database {name!r} is missing") from None
         except _DAMAGE as exc:
@@ -342,6 +348,15 @@ class Index:
         """Count each pack's named and live records: an index made before `packstats`."""
         for pack, stats in cls.count_packs(txn, dbs["chunks"]).items():
             txn.put(_PACK_KEY.pack(pack), stats.encode(), db=dbs["packstats"])
+
+    @staticmethod
+    def _fill_zero(txn: lmdb.Transaction, dbs: dict[str, lmdb._Database]) -> None:
+        """List the chunks with refcount 0, since now: an index made before `zero`."""
+        since = _TIME.pack(time.time())
+        with txn.cursor(db=dbs["chunks"]) as cur:
+            for digest, raw in cur:
+                if not ChunkLoc.decode(raw).refcount:
+                    txn.put(digest, since, db=dbs["zero"])
 
     def damaged(self, detail: str) -> IndexDamaged:
         return IndexDamaged(self.path, detail)
@@ -437,6 +452,11 @@ class Index:
         n = (self._u64(raw, f"meta/{counter}") if raw else 0) + 1
         txn.put(key, u64(n), db=self.db["meta"])
         return n
+
+    def last_id(self, txn: lmdb.Transaction, counter: str) -> int:
+        """The counter's last allocated value (0: none yet)."""
+        raw = txn.get(counter.encode(), db=self.db["meta"])
+        return self._u64(raw, f"meta/{counter}") if raw else 0
 
     def raise_counter(self, txn: lmdb.Transaction, counter: str, at_least: int) -> None:
         """Make the counter's next value exceed `at_least` (ids already used on disk)."""
@@ -631,10 +651,35 @@ class Index:
     def has_chunk(self, txn: lmdb.Transaction, digest: bytes) -> bool:
         return txn.get(digest, db=self.db["chunks"]) is not None
 
+
     def put_chunk(self, txn: lmdb.Transaction, digest: bytes, loc: ChunkLoc) -> None:
         """Name a new chunk record (the digest must not be named yet)."""
         txn.put(digest, loc.encode(), db=self.db["chunks"])
         self._account(txn, loc.pack, 1, loc.refcount > 0, loc.length)
+        if not loc.refcount:
+            self._zero_since(txn, digest)
+
+    def _zero_since(self, txn: lmdb.Transaction, digest: bytes) -> None:
+        """Note that `digest` has refcount 0 from now (the clock GC compares with writers'
+        start times: the system's, never RPFS_NOW)."""
+        txn.put(digest, _TIME.pack(time.time()), db=self.db["zero"])
+
+    def keep_zero(self, txn: lmdb.Transaction, digest: bytes) -> None:
+        """A writer will name `digest`: if it has refcount 0, count it free from now."""
+        if txn.get(digest, db=self.db["zero"]) is not None:
+            self._zero_since(txn, digest)
+
+    def zero_since(self, txn: lmdb.Transaction, digest: bytes) -> float | None:
+        """Since when `digest` has refcount 0 (None: it is referenced, or not stored)."""
+        raw = txn.get(digest, db=self.db["zero"]) if "zero" in self.db else None
+        return None if raw is None else _TIME.unpack(raw)[0]
+
+    def zero_chunks(self, txn: lmdb.Transaction) -> Iterator[tuple[bytes, float]]:
+        """(digest, since when) of every chunk with refcount 0, by digest."""
+        if "zero" not in self.db:
+            return
+        for key, value in self._scan(txn, "zero", b""):
+            yield key, _TIME.unpack(value)[0]
 
     def move_chunk(self, txn: lmdb.Transaction, digest: bytes, loc: ChunkLoc) -> None:
         """Point chunk `digest` at another record of the same content (`loc`, whose
@@ -646,12 +691,15 @@ class Index:
         txn.put(digest, new.encode(), db=self.db["chunks"])
         self._account(txn, old.pack, -1, -(old.refcount > 0), old.length)
         self._account(txn, new.pack, 1, new.refcount > 0, new.length)
+        if not new.refcount:  # a writer's fresh copy: GC waits for that writer again
+            self._zero_since(txn, digest)
 
     def delete_chunk(self, txn: lmdb.Transaction, digest: bytes) -> None:
         loc = self.get_chunk(txn, digest)
         if loc is None:
             return
         txn.delete(digest, db=self.db["chunks"])
+        txn.delete(digest, db=self.db["zero"])
         self._account(txn, loc.pack, -1, -(loc.refcount > 0), loc.length)
 
     def incref(self, txn: lmdb.Transaction, digest: bytes, n: int = 1) -> None:
@@ -664,6 +712,10 @@ class Index:
         live = (count > 0) - (loc.refcount > 0)  # only a change to or from 0 counts
         if live:
             self._account(txn, loc.pack, 0, live, loc.length)
+        if live < 0:
+            self._zero_since(txn, digest)
+        elif live > 0:
+            txn.delete(digest, db=self.db["zero"])
 
     def _account(self, txn: lmdb.Transaction, pack: int, named: int, live: int,
                  length: int) -> None:
@@ -682,6 +734,11 @@ class Index:
             raise self.damaged(
                 f"record packstats/{_PACK_KEY.unpack_from(key)[0]} is {len(raw)} bytes")
         return PackStats(*_PACK_STATS.unpack(raw))
+
+    def forget_pack(self, txn: lmdb.Transaction, pack: int) -> None:
+        """Drop what the index keeps of a deleted pack (it names no chunk in it)."""
+        txn.delete(_PACK_KEY.pack(pack), db=self.db["verified"])
+        txn.delete(_PACK_KEY.pack(pack), db=self.db["packstats"])
 
     def pack_stats(self, txn: lmdb.Transaction) -> dict[int, PackStats]:
         """What each pack holds that the index names (packs holding none are absent)."""

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import perms
 from .errors import CorruptChunk, RpfsError
-from .index import Index
+from .index import ChunkLoc, Index
 from .lifecycle.trash import TRASH_DAYS
 from .space import Space, parse_reserve
 from .store.format import decode_chunk, pack_name
@@ -302,6 +302,11 @@ class Repository:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def locate(self, digest: bytes) -> ChunkLoc | None:
+        """Where chunk `digest` is now (a fresh read of the index), None if not stored."""
+        with self.index.read() as txn:
+            return self.index.get_chunk(txn, digest)
 
     def allocate_pack(self) -> int:
         """A fresh pack id, committed at once so no other writer can take it."""

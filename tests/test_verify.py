@@ -123,9 +123,9 @@ def test_max_duration_stops_between_packs_and_the_next_run_goes_on(repo: Path, t
             capture(opened, f"d{i}", source, point="p1")
         slow = opened.store.get_many
 
-        def get_many(wanted):
+        def get_many(wanted, **kw):
             time.sleep(0.05)
-            return slow(wanted)
+            return slow(wanted, **kw)
 
         monkeypatch.setattr(opened.store, "get_many", get_many)
         runs: list[set[int]] = []

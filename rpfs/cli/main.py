@@ -29,7 +29,7 @@ from .disks import (
     cmd_rollback,
     cmd_snapshot,
 )
-from .maintenance import cmd_check, cmd_info, cmd_verify
+from .maintenance import cmd_check, cmd_gc, cmd_info, cmd_verify
 from .marks import cmd_hold, cmd_point_describe, cmd_release
 from .mount import cmd_mount, cmd_umount
 from .output import fmt_time
@@ -300,6 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the report as JSON: clean, checked, problems (problem, fix) "
                         "and reclaimable")
     p.set_defaults(func=cmd_check)
+
+    p = _command(sub, "gc", "free unreferenced chunks and compact packs, online", common)
+    p.add_argument("--threshold", type=float, default=0.8, metavar="FRACTION",
+                   help="rewrite packs whose live bytes are below this fraction of their "
+                        "size (default 0.8; 1 rewrites every pack)")
+    p.add_argument("--dry-run", action="store_true", help="say what it would do; change nothing")
+    p.add_argument("--json", action="store_true", help="print the figures as a JSON object")
+    p.set_defaults(func=cmd_gc)
 
     p = _command(sub, "verify", "read stored chunks back and check them (rolling)", common)
     p.add_argument("points", nargs="*", metavar="DISK@POINT",

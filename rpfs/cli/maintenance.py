@@ -1,9 +1,11 @@
-"""`rpfs info`, `rpfs check` and `rpfs verify`: the repository as a whole, through the disk service
-(the daemon's when one serves the repository, else one in this process)."""
+"""`rpfs info`, `rpfs check`, `rpfs gc` and `rpfs verify`: the repository as a whole,
+through the disk service (the daemon's when one serves the repository, else one in this
+process)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..lifecycle.clock import parse_duration
 from ..names import fmt_bytes
@@ -80,3 +82,25 @@ def cmd_verify(args: argparse.Namespace) -> int:
     print(f"verified {report['chunks_verified']} chunks ({fmt_bytes(report['bytes_verified'])})"
           f"{left}: {verdict}")
     return 0 if report["sound"] else 1
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    with disk_service(repo_path(args.repo)) as service, progress_bar("gc") as bar:
+        result = service.gc(threshold=args.threshold, dry_run=args.dry_run, progress=bar)
+    if args.json:
+        print_json(result)
+        return 1 if result["stopped"] else 0
+    would = "would free" if args.dry_run else "freed"
+    print(f"{would} {result['chunks_freed']} chunks ({fmt_bytes(result['bytes_freed'])}); "
+          f"{'would compact' if args.dry_run else 'compacted'} {result['packs_compacted']} "
+          f"packs ({fmt_bytes(result['bytes_copied'])} copied), "
+          f"{'would delete' if args.dry_run else 'deleted'} {result['packs_deleted']}")
+    if result["chunks_deferred"]:
+        print(f"{result['chunks_deferred']} unreferenced chunks wait for writers running "
+              "since they became free (the next gc frees them)")
+    print(f"pack files: {fmt_bytes(result['pack_bytes_before'])} -> "
+          f"{fmt_bytes(result['pack_bytes_after'])}")
+    if result["stopped"]:
+        print(f"rpfs: error: gc stopped early: {result['stopped']}", file=sys.stderr)
+        return 1
+    return 0

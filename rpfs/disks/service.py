@@ -13,11 +13,12 @@ import functools
 import logging
 import os
 
+from .. import checkpoint
 from ..errors import RpfsError, describe_os_error
 from ..index import ZERO, DiskRecord, LineageRecord, PointRecord, PointState
 from ..lifecycle import clock, expiry, marks, policy, retention, trash
 from ..lifecycle.purge import release
-from ..maintenance import check, info, verify
+from ..maintenance import check, gc, info, verify
 from ..names import ceil_div, check_name, default_point_name, parse_point_ref
 from ..pipeline import ordered_map
 from ..progress import ProgressFn
@@ -575,6 +576,15 @@ class DiskService:
     def check(self, progress: ProgressFn | None = None) -> dict:
         """The repository's consistency report; changes nothing (maintenance/check.py)."""
         return check.check(self.repo, progress)
+
+    def gc(self, threshold: float = gc.THRESHOLD, dry_run: bool = False,
+           progress: ProgressFn | None = None) -> dict:
+        """Free unreferenced chunks and compact packs, online (maintenance/gc.py); then a
+        checkpoint, so that the newest one names the packs the chunks moved to."""
+        result = gc.run(self.repo, threshold, dry_run, progress)
+        if result["packs_deleted"]:
+            checkpoint.take(self.repo)
+        return result
 
     def verify(self, points: list[str] | None = None, max_duration: float | None = None,
                progress: ProgressFn | None = None) -> dict:

@@ -21,7 +21,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from ..index import PointRecord, PointState
-from ..ingest import Ingest, examine
+from ..ingest import SESSIONS, Ingest, examine
 from ..lifecycle.purge import release
 from ..lineage import allocated_at
 from .blockmap import DIRTY, FROZEN, PRESENT
@@ -176,7 +176,8 @@ class Snapshots:
             self.disk.space.check(f"archiving point {self.archiving.ref}")
             ingest = self._ingest = self._ingest or Ingest(self.disk.repo)
             try:
-                self._archive_into(ingest, blocks)
+                with SESSIONS.writing():  # from its examine to its commit
+                    self._archive_into(ingest, blocks)
             except BaseException:
                 self._ingest = None
                 for b in blocks:
@@ -198,8 +199,10 @@ class Snapshots:
                 prev = self.index.resolve(txn, self._prev_chain, b)
                 change = examine(self.index, txn, b, disk.pread_block(b), disk.zero, prev)
                 if change is not None:
-                    ingest.take(change)
                     changes.append(change)
+        ingest.protect(changes)
+        for change in changes:
+            ingest.take(change)
         ingest.sync()
         for b in blocks:
             self.map.set(b, b + 1, PRESENT)

@@ -137,11 +137,13 @@ def refcount_errors(index: Index) -> list[str]:
     they are exact): a chunk whose refcount is not the number of extents naming it, an
     extent naming a chunk that is not stored, an extent missing from `gens` or the
     reverse, a pack whose accounted named or live records differ from a count of
-    `chunks`. Staging rows hold no reference (a capture takes them at publish)."""
+    `chunks`, a chunk with refcount 0 missing from `zero` (GC would never free it) or the
+    reverse. Staging rows hold no reference (a capture takes them at publish)."""
     with index.read() as txn:
         counts, problems = index.recount(txn)
         stored = {digest: loc.refcount for digest, loc in index.iter_chunks(txn)}
         kept, recounted = index.pack_stats(txn), index.count_packs(txn, index.db["chunks"])
+        zero = {digest for digest, _ in index.zero_chunks(txn)}
     problems += [f"extents name chunk {d.hex()[:16]}, which is not stored"
                  for d in counts if d not in stored]
     problems += [f"chunk {d.hex()[:16]}: refcount {n}, named by {counts.get(d, 0)} extents"
@@ -149,4 +151,9 @@ def refcount_errors(index: Index) -> list[str]:
     problems += [f"pack {pack}: accounted {kept.get(pack)}, recounted {recounted.get(pack)}"
                  for pack in sorted(kept.keys() | recounted.keys())
                  if kept.get(pack) != recounted.get(pack)]
+    unreferenced = {d for d, n in stored.items() if not n}
+    problems += [f"chunk {d.hex()[:16]}: refcount 0 but not listed in zero"
+                 for d in sorted(unreferenced - zero)]
+    problems += [f"chunk {d.hex()[:16]}: listed in zero but referenced or not stored"
+                 for d in sorted(zero - unreferenced)]
     return problems

@@ -110,7 +110,8 @@ def _verify_chunks(repo: Repository, batch: list[tuple[bytes, ChunkLoc]]) -> dic
     out = {}
     for start in range(0, len(batch), BATCH):
         part = batch[start:start + BATCH]
-        results = repo.store.get_many([(loc, digest) for digest, loc in part])
+        results = repo.store.get_many([(loc, digest) for digest, loc in part],
+                                      relocate=repo.locate)  # moved by GC meanwhile
         for (digest, loc), result in zip(part, results, strict=True):
             if isinstance(result, CorruptChunk):
                 out[digest] = {"at": now(), "pack": loc.pack, "offset": loc.offset,

@@ -107,6 +107,8 @@ OPERATIONS: dict[str, Operation] = {
     "apply_policy": Operation(DiskService.apply_policy, {"disk": STR}),
     "info": Operation(DiskService.info, {}),
     "check": Operation(DiskService.check, {}, progress=True),
+    "gc": Operation(DiskService.gc, {"threshold": OPTIONAL_NUMBER, "dry_run": FLAG},
+                    progress=True),
     "verify": Operation(DiskService.verify, {"points": OPTIONAL_STR_LIST,
                                              "max_duration": OPTIONAL_NUMBER}, progress=True),
     "config": Operation(DiskService.config, {}),

@@ -174,7 +174,8 @@ class ChunkCache:
         try:
             locs = [self.repo.index.get_chunk(txn, digest) for digest, _ in owned]
             found = [i for i, loc in enumerate(locs) if loc is not None]
-            decoded = iter(self.repo.store.get_many([(locs[i], owned[i][0]) for i in found]))
+            decoded = iter(self.repo.store.get_many([(locs[i], owned[i][0]) for i in found],
+                                                    relocate=self.repo.locate))
             results = [
                 next(decoded) if loc is not None
                 else CorruptChunk("-", 0, f"chunk {digest.hex()[:16]} is not in the index")

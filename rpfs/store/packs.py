@@ -10,12 +10,40 @@ their pack is gone) or ChunkUnavailable (they could not be read now).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 
 from ..errors import ChunkError, ChunkUnavailable, CorruptChunk
 from ..index import ChunkLoc
 from .backend import PackAppender, PackBackend, PackMissing, PackUnavailable
 from .format import HEADER, MAGIC, decode_chunk, pack_name
+
+
+class PackGone(CorruptChunk):
+    """The chunk's pack is missing: corrupt, unless the chunk moved (see get_many)."""
+
+
+class _OpenPacks:
+    """The packs writers of this process may still append to (GC leaves them alone)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._packs: set[int] = set()
+
+    def add(self, pack: int) -> None:
+        with self._lock:
+            self._packs.add(pack)
+
+    def discard(self, packs: Iterable[int]) -> None:
+        with self._lock:
+            self._packs.difference_update(packs)
+
+    def now(self) -> set[int]:
+        with self._lock:
+            return set(self._packs)
+
+
+OPEN_PACKS = _OpenPacks()
 
 PACK_TARGET = 64 << 20  # start a new pack past this size
 READ_SPAN = 1 << 20  # the most one read of adjacent records asks for
@@ -35,9 +63,18 @@ class PackStore:
             raise result
         return result
 
-    def get_many(self, wanted: list[tuple[ChunkLoc, bytes]]) -> list[bytes | ChunkError]:
+    def get_many(
+        self, wanted: list[tuple[ChunkLoc, bytes]],
+        relocate: Callable[[bytes], ChunkLoc | None] | None = None,
+    ) -> list[bytes | ChunkError]:
         """The verified blocks at these locations, in order; one that failed is its
         ChunkError (CorruptChunk or ChunkUnavailable).
+
+        A chunk whose pack is gone may have moved (GC compacted the pack and deleted it
+        after the caller looked the location up): `relocate` looks the chunk up afresh,
+        and a new location is read instead. So no reader needs to hold GC back: a pack
+        is deleted only after the index names the new copies, and the index is where a
+        reader, in any process, finds them.
 
         Records that lie end to end in a pack (a capture writes a disk's blocks in order)
         are read with one read of up to READ_SPAN bytes: measured on a 1 GiB point, one
@@ -59,7 +96,24 @@ class PackStore:
             run.append(i)
         if run:
             self._read_run(wanted, run, results)
+        if relocate is not None:
+            self._reread_moved(wanted, results, relocate)
         return results  # type: ignore[return-value]
+
+    def _reread_moved(self, wanted: list[tuple[ChunkLoc, bytes]],
+                      results: list[bytes | ChunkError | None],
+                      relocate: Callable[[bytes], ChunkLoc | None]) -> None:
+        gone = [i for i, r in enumerate(results) if isinstance(r, PackGone)]
+        moved = []
+        for i in gone:
+            loc = relocate(wanted[i][1])
+            if loc is not None and (loc.pack, loc.offset) != (wanted[i][0].pack,
+                                                               wanted[i][0].offset):
+                moved.append((i, loc))
+        if moved:
+            again = self.get_many([(loc, wanted[i][1]) for i, loc in moved])
+            for (i, _), result in zip(moved, again, strict=True):
+                results[i] = result
 
     def _read_run(
         self, wanted: list[tuple[ChunkLoc, bytes]], run: list[int],
@@ -76,7 +130,7 @@ class PackStore:
             for i in run:
                 offset = wanted[i][0].offset
                 results[i] = (
-                    CorruptChunk(name, offset, "the pack file is missing")
+                    PackGone(name, offset, "the pack file is missing")
                     if isinstance(exc, PackMissing)
                     else ChunkUnavailable(name, offset, exc.strerror or str(exc))
                 )
@@ -94,6 +148,11 @@ class PackStore:
     def digests(self, pack: int) -> Iterator[tuple[int, bytes]]:
         """(offset, BLAKE3) of each whole record in a pack, read from the record headers
         (a torn last record is not listed)."""
+        for offset, block_digest, _ in self.records(pack):
+            yield offset, block_digest
+
+    def records(self, pack: int) -> Iterator[tuple[int, bytes, int]]:
+        """(offset, BLAKE3, record length) of each whole record in a pack."""
         size = self.backend.size(pack)
         offset = 0
         while offset + HEADER.size <= size:
@@ -102,7 +161,7 @@ class PackStore:
             )
             if magic != MAGIC or offset + HEADER.size + length > size:
                 return
-            yield offset, block_digest
+            yield offset, block_digest, HEADER.size + length
             offset += HEADER.size + length
 
     def delete(self, pack: int) -> None:
@@ -152,6 +211,7 @@ class PackWriter:
         """Start a new pack; the old one is sealed once the new one exists."""
         old = self._out
         self._pack = self._allocate()
+        OPEN_PACKS.add(self._pack)
         self._out = self.backend.create(self._pack)
         self._created.append(self._pack)
         self._offset = 0
@@ -159,6 +219,7 @@ class PackWriter:
             if old in self._unsynced:
                 self._unsynced.remove(old)
             old.seal()
+            OPEN_PACKS.discard(self._created[:-1])
 
     def sync(self) -> None:
         """Make every appended record durable (before the index may refer to it)."""
@@ -186,6 +247,7 @@ class PackWriter:
             self._out.close()
             self._out = None
         self._unsynced.clear()
+        OPEN_PACKS.discard(self._created)
         pack, offset = self._mark
         for newer in self._created:
             if newer == pack and offset:
@@ -199,3 +261,4 @@ class PackWriter:
         if self._out is not None:
             self._out.close()
             self._out = None
+        OPEN_PACKS.discard(self._created)

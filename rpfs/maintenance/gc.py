@@ -1,0 +1,322 @@
+"""`rpfs gc`: free the chunks nothing references and compact packs, online.
+
+Every step is a short index transaction (at most SWEEP_BATCH or MOVE_BATCH records) and
+takes no lock a reader or writer waits on, so VMs, captures and snapshots go on.
+
+Freeing. The index lists every chunk with refcount 0 and since when (`zero`). A writer
+(a capture, an archive batch) examines blocks first and names their chunks at its commit,
+and may deduplicate against a chunk it saw referenced that drops to 0 meanwhile: GC
+frees a chunk only if it dropped to 0 before the oldest running writer started (the
+`fence`: this process's writers, `ingest.SESSIONS`, and every live capture's record). A
+writer never deduplicates against a chunk with refcount 0 (it stores its own copy, and
+`Ingest.register` makes that copy the chunk's), so a chunk freed after it started is one
+it cannot name. Freeing is checked again inside each transaction.
+
+Compaction. A pack whose live bytes are below `threshold` of its size is rewritten: the
+records the index names in it are copied (raw, each checked on the way: a bad one is
+copied as it is and marked bad) into new packs of GC's own, made durable, then the
+chunks are pointed at their copies in short transactions, each chunk only if it is
+still where it was (a capture may have healed or GC freed it meanwhile), then the pack
+is retired and deleted. Readers need no lease: a reader that looked a chunk up before
+the move and finds its pack gone looks it up again (`PackStore.get_many`'s relocate),
+and the index names the copy before the pack goes. Packs a writer may still append to
+are left alone: this process's open packs (`OPEN_PACKS`) and every pack numbered above
+the `pack` counter as a live capture found it when it started.
+
+Resuming. The compaction of a pack is recorded (`meta gc`: the pack and the packs its
+copies went to) once the copies are durable and before any chunk moves; a run that
+finds the record finishes that pack from the copies' record headers, copying nothing
+again. A kill before the record leaves copies nothing names, in packs the next run
+deletes. Retired packs are listed (`meta gc-retired`) until deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+from ..capture import reap_dead_captures
+from ..errors import SPACE_ERRNOS, CorruptChunk, NoSpace, RpfsError
+from ..index import ChunkLoc, Index
+from ..ingest import SESSIONS
+from ..progress import ProgressFn
+from ..repo import Repository
+from ..store.format import decode_chunk
+from ..store.packs import OPEN_PACKS, PackWriter
+
+log = logging.getLogger(__name__)
+
+THRESHOLD = 0.8  # compact a pack whose live bytes are below this fraction of its size
+SWEEP_BATCH = 256  # chunk records freed in one transaction
+MOVE_BATCH = 256  # chunks pointed at their copies in one transaction
+READ_RUN = 8 << 20  # bytes of adjacent records read at once when copying
+STATE_KEY = b"gc"
+RETIRED_KEY = b"gc-retired"
+
+
+@dataclass
+class Fence:
+    """What GC must leave to running writers."""
+
+    since: float  # free only chunks that dropped to 0 before this
+    packs_after: int | None  # and touch no pack numbered above this (None: no limit)
+    open_packs: set[int] = field(default_factory=set)
+
+    def sealed(self, pack: int) -> bool:
+        return pack not in self.open_packs and (
+            self.packs_after is None or pack <= self.packs_after)
+
+
+def fence(repo: Repository) -> Fence:
+    """The running writers' fence, now (see the module docstring)."""
+    started = [t for t in [SESSIONS.oldest()] if t is not None]
+    packs_after = None
+    with repo.index.read() as txn:
+        captures = repo.index.list_captures(txn)
+    for _, info in captures:
+        if repo.disk_lock_free(info["disk"]):
+            continue  # its process is gone: its rows are reaped, it names nothing more
+        started.append(info["started"])
+        after = info.get("packs_after", 0)  # a capture of an older rpfs: every pack
+        packs_after = after if packs_after is None else min(packs_after, after)
+    return Fence(min(started, default=time.time()), packs_after, OPEN_PACKS.now())
+
+
+@dataclass
+class Result:
+    dry_run: bool
+    chunks_freed: int = 0
+    bytes_freed: int = 0
+    chunks_deferred: int = 0  # refcount 0, but a writer running since may name them
+    packs_compacted: int = 0
+    bytes_copied: int = 0
+    packs_deleted: int = 0
+    pack_bytes_before: int = 0
+    pack_bytes_after: int = 0
+    stopped: str | None = None  # why it stopped before the end (no space)
+
+
+def run(repo: Repository, threshold: float = THRESHOLD, dry_run: bool = False,
+        progress: ProgressFn | None = None) -> dict:
+    """One garbage collection; its figures (with `dry_run`, what it would do)."""
+    if not 0.0 <= threshold <= 1.0:
+        raise RpfsError(f"bad --threshold {threshold}: a fraction from 0 to 1, e.g. 0.8")
+    backend = repo.store.backend
+    out = Result(dry_run, pack_bytes_before=sum(backend.size(p) for p in backend.list()))
+    if not dry_run:
+        reap_dead_captures(repo, held="")
+        _finish_compaction(repo)
+    wall = fence(repo)
+    freed = _sweep(repo, wall, out)
+    candidates = _candidates(repo, wall, threshold, freed if dry_run else {})
+    total = sum(size for _, size, _ in candidates)
+    done = 0
+    writer = None if dry_run else repo.store.writer(repo.allocate_pack)
+    try:
+        for pack, size, live in candidates:
+            if writer is None:  # a dry run
+                out.packs_compacted += live > 0
+                out.bytes_copied += live
+                out.packs_deleted += 1
+                continue
+            try:
+                if live:
+                    out.bytes_copied += _compact(repo, pack, writer)
+                    out.packs_compacted += 1
+                _retire(repo.index, [pack])
+            except (NoSpace, OSError) as exc:
+                if not isinstance(exc, NoSpace) and exc.errno not in SPACE_ERRNOS:
+                    raise
+                out.stopped = f"no space to compact pack {pack}: {exc}"
+                log.warning("gc stopped: %s; what it did so far stands, the next gc goes "
+                            "on", out.stopped)
+                break
+            done += size
+            if progress:
+                progress(done, total)
+    finally:
+        if writer is not None:
+            writer.close()
+    if not dry_run:
+        out.packs_deleted = _delete_retired(repo)
+    out.pack_bytes_after = sum(backend.size(p) for p in backend.list())
+    log.info("gc%s: %d chunks freed (%d bytes), %d packs compacted (%d bytes copied), %d packs "
+             "deleted, pack bytes %d -> %d", " (dry run)" if dry_run else "",
+             out.chunks_freed, out.bytes_freed, out.packs_compacted, out.bytes_copied,
+             out.packs_deleted, out.pack_bytes_before, out.pack_bytes_after)
+    return vars(out)
+
+
+def _sweep(repo: Repository, wall: Fence, out: Result) -> dict[int, int]:
+    """Free the chunk records with refcount 0 since before the fence, a batch per
+    transaction, each checked again in it; the bytes freed in each pack."""
+    index = repo.index
+    with index.read() as txn:
+        zero = list(index.zero_chunks(txn))
+    due = [digest for digest, since in zero if since < wall.since]
+    out.chunks_deferred = len(zero) - len(due)
+    freed: dict[int, int] = {}
+    for start in range(0, len(due), SWEEP_BATCH):
+        with index.write() if not out.dry_run else index.read() as txn:
+            for digest in due[start:start + SWEEP_BATCH]:
+                loc = index.get_chunk(txn, digest)
+                since = index.zero_since(txn, digest)
+                if loc is None or loc.refcount or since is None or since >= wall.since:
+                    continue
+                if not out.dry_run:
+                    index.delete_chunk(txn, digest)
+                out.chunks_freed += 1
+                out.bytes_freed += loc.length
+                freed[loc.pack] = freed.get(loc.pack, 0) + loc.length
+    return freed
+
+
+def _candidates(repo: Repository, wall: Fence, threshold: float, freed: dict[int, int]
+                ) -> list[tuple[int, int, int]]:
+    """(pack, size, live bytes) of each sealed pack worth compacting: live below
+    `threshold` of its size, every pack at 1.0 (a pack nothing names has 0 live: it is
+    only deleted), the emptiest first."""
+    backend = repo.store.backend
+    with repo.index.read() as txn:
+        stats = repo.index.pack_stats(txn)
+    out = []
+    for pack in backend.list():
+        if not wall.sealed(pack):
+            continue
+        size = backend.size(pack)
+        named = stats.get(pack)
+        # Every named record is copied; `freed`: what a dry run's sweep would have freed.
+        live = (named.named_bytes if named else 0) - freed.get(pack, 0)
+        if threshold >= 1.0 or live < threshold * size or size == 0:
+            out.append((pack, size, live))
+    return sorted(out, key=lambda c: (c[2] / c[1] if c[1] else 0.0, c[0]))
+
+
+def _compact(repo: Repository, pack: int, writer: PackWriter) -> int:
+    """Copy the records the index names in `pack` to `writer`'s packs and point the chunks
+    at them (see the module docstring); the bytes copied. NoSpace below the reserve (the
+    copies since the writer's last mark are cut away: nothing names them)."""
+    index, store = repo.index, repo.store
+    with index.read() as txn:
+        named = {offset: (digest, loc) for offset, digest in store.digests(pack)
+                 if (loc := index.get_chunk(txn, digest)) is not None
+                 and (loc.pack, loc.offset) == (pack, offset)}
+    copies: list[tuple[bytes, ChunkLoc, ChunkLoc]] = []
+    try:
+        for run in _runs([loc for _, loc in named.values()]):
+            repo.space.check("gc's compaction")
+            first, last = run[0], run[-1]
+            buf = store.backend.read(pack, first.offset, last.offset + last.length - first.offset)
+            for loc in run:
+                start = loc.offset - first.offset
+                record = buf[start:start + loc.length]
+                digest = named[loc.offset][0]
+                _check_copy(index, record, digest, repo.block_size, pack, loc)
+                copies.append((digest, loc, writer.append(record)))
+                repo.space.spend(len(record))
+        writer.sync()
+    except BaseException:
+        writer.discard()
+        raise
+    with index.write() as txn:  # from here on a kill resumes from the copies
+        txn.put(STATE_KEY, json.dumps({"pack": pack, "into": writer.created}).encode(),
+                db=index.db["meta"])
+    writer.mark()
+    _move(index, pack, copies)
+    return sum(new.length for _, _, new in copies)
+
+
+def _runs(locs: list[ChunkLoc]) -> list[list[ChunkLoc]]:
+    """`locs` (in offset order) split into runs of adjacent records of at most READ_RUN."""
+    out: list[list[ChunkLoc]] = []
+    for loc in locs:
+        if out and out[-1][-1].offset + out[-1][-1].length == loc.offset and (
+                loc.offset + loc.length - out[-1][0].offset <= READ_RUN):
+            out[-1].append(loc)
+        else:
+            out.append([loc])
+    return out
+
+
+def _check_copy(index: Index, record: bytes, digest: bytes, block_size: int, pack: int,
+                loc: ChunkLoc) -> None:
+    """Decode a record before copying it: a bad one is copied as it is (its readers fail
+    as before) and marked bad, so the next writer of its content heals it."""
+    try:
+        decode_chunk(memoryview(record), digest, block_size, (str(pack), loc.offset))
+    except CorruptChunk as exc:
+        log.warning("pack %d offset %d: chunk %s is bad (%s): copied as it is, marked bad",
+                    pack, loc.offset, digest.hex()[:16], exc)
+        with index.write() as txn:
+            index.mark_bad(txn, digest, {"at": time.time(), "pack": pack,
+                                         "offset": loc.offset, "error": str(exc)})
+
+
+def _move(index: Index, pack: int, copies: list[tuple[bytes, ChunkLoc, ChunkLoc]]) -> None:
+    """Point each chunk still at its old place in `pack` at its copy, a batch per
+    transaction; then the compaction of `pack` is done."""
+    for start in range(0, len(copies), MOVE_BATCH):
+        with index.write() as txn:
+            for digest, old, new in copies[start:start + MOVE_BATCH]:
+                loc = index.get_chunk(txn, digest)
+                if loc is not None and (loc.pack, loc.offset) == (old.pack, old.offset):
+                    index.move_chunk(txn, digest, new)
+    with index.write() as txn:
+        txn.delete(STATE_KEY, db=index.db["meta"])
+
+
+def _finish_compaction(repo: Repository) -> None:
+    """A compaction a kill interrupted after its copies were durable: point the chunks
+    still in the old pack at the copies, found by the copies' record headers."""
+    index, store = repo.index, repo.store
+    with index.read() as txn:
+        raw = txn.get(STATE_KEY, db=index.db["meta"])
+    if raw is None:
+        return
+    state = json.loads(raw)
+    pack = state["pack"]
+    copied: dict[bytes, ChunkLoc] = {}
+    for into in state["into"]:
+        for offset, digest, length in store.records(into):
+            copied.setdefault(digest, ChunkLoc(into, offset, length))
+    with index.read() as txn:
+        copies = [(digest, loc, copied[digest]) for digest in copied
+                  if (loc := index.get_chunk(txn, digest)) is not None and loc.pack == pack]
+    log.info("gc: finishing the compaction of pack %d a kill interrupted (%d chunks to move)",
+             pack, len(copies))
+    _move(index, pack, copies)
+    _retire(index, [pack])
+
+
+def _retire(index: Index, packs: list[int]) -> None:
+    """List `packs` for deletion: the index names nothing in them any more."""
+    with index.write() as txn:
+        raw = txn.get(RETIRED_KEY, db=index.db["meta"])
+        retired = set(json.loads(raw)) if raw else set()
+        txn.put(RETIRED_KEY, json.dumps(sorted(retired | set(packs))).encode(),
+                db=index.db["meta"])
+
+
+def _delete_retired(repo: Repository) -> int:
+    """Delete the retired packs (each only if the index names nothing in it: a chunk
+    healed into one meanwhile keeps it); how many."""
+    index = repo.index
+    with index.read() as txn:
+        raw = txn.get(RETIRED_KEY, db=index.db["meta"])
+        stats = index.pack_stats(txn)
+    retired = json.loads(raw) if raw else []
+    deleted = [pack for pack in retired if pack not in stats]
+    for pack in deleted:
+        repo.store.delete(pack)
+        log.info("pack %d deleted: nothing in it is named any more", pack)
+    with index.write() as txn:
+        left = [pack for pack in retired if pack not in deleted]
+        if left:
+            txn.put(RETIRED_KEY, json.dumps(left).encode(), db=index.db["meta"])
+        else:
+            txn.delete(RETIRED_KEY, db=index.db["meta"])
+        for pack in deleted:
+            index.forget_pack(txn, pack)
+    return len(deleted)
