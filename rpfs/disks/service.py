@@ -386,8 +386,12 @@ class DiskService:
                         f"disk {name} is the origin of {users}, which still read blocks from "
                         f"it; pass --force to copy those blocks into them first"
                     )
+                # Only those that read a lineage of this disk directly: the others read
+                # through one of them, which then holds what they read (so a clone's
+                # rollback branches keep their place under the points they started from).
                 for lin in dependants:
-                    self._detach(txn, lin, record.size)
+                    if lin.parent in mine:
+                        self._detach(txn, lin, record.size)
                 for point in points:
                     self.index.delete_point(txn, name, point)
                 for entry in trashed:  # deleted already: they go with their extents
