@@ -147,18 +147,12 @@ def lines(
         branches.setdefault(at, []).append(lin)
 
     def line(lin: int) -> Line:
-        points: dict[int, list[PointRecord]] = {}
-        for p in own:
-            if p.lineage == lin:
-                points.setdefault(p.gen, []).append(p)
-        gens = sorted(set(points) | {gen for (of, gen) in branches if of == lin})
+        points = {p.gen: p for p in own if p.lineage == lin}  # each point has its own gen
         steps = []
-        for gen in gens:
-            kids = [line(child) for child in branches.get((lin, gen), [])]
-            taken = points.get(gen) or [None]
-            steps += [Step(p.name, p) for p in taken[:-1]]
-            last = taken[-1]
-            steps.append(Step(last.name if last else names.get((lin, gen), ""), last, kids))
+        for gen in sorted(set(points) | {gen for (of, gen) in branches if of == lin}):
+            point = points.get(gen)
+            steps.append(Step(point.name if point else names.get((lin, gen), ""), point,
+                              [line(child) for child in branches.get((lin, gen), [])]))
         return Line(steps, now=disk.writable and lin == disk.lineage)
 
     return [line(lin) for lin in sorted(mine) if lin not in starts]
@@ -175,4 +169,5 @@ class History:
 def history(
     index: Index, txn: lmdb.Transaction, disk: DiskRecord, lineages: Iterable[LineageRecord]
 ) -> History:
+    """The origins and lines of `disk`, read in `txn` (`lineages`: all of the index's)."""
     return History(origins(index, txn, disk), lines(index, txn, disk, lineages))
