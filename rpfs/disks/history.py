@@ -48,7 +48,7 @@ class Origins:
         }
 
 
-def link(index: Index, txn: lmdb.Transaction, ref: str, at: tuple[int, int] | None) -> Link:
+def _link(index: Index, txn: lmdb.Transaction, ref: str, at: tuple[int, int] | None) -> Link:
     """`ref` as it stands now. `at`, which point it was (lineage, gen), tells a point
     made later under a deleted one's name from it; records without it go by name."""
     disk, name = parse_point_ref(ref)
@@ -69,11 +69,11 @@ def origins(index: Index, txn: lmdb.Transaction, disk: DiskRecord) -> Origins:
     """
     rolled = None
     if disk.origin is not None and parse_point_ref(disk.origin)[0] == disk.name:
-        rolled = link(index, txn, disk.origin, disk.origin_at)
+        rolled = _link(index, txn, disk.origin, disk.origin_at)
     if disk.cloned_from is not None:
-        cloned = link(index, txn, disk.cloned_from, disk.cloned_at)
+        cloned = _link(index, txn, disk.cloned_from, disk.cloned_at)
     elif disk.origin is not None and rolled is None:
-        cloned = link(index, txn, disk.origin, disk.origin_at)
+        cloned = _link(index, txn, disk.origin, disk.origin_at)
     else:
         cloned = _first_origin(index, txn, disk) if rolled is not None else None
     return Origins(cloned, rolled)
