@@ -157,9 +157,28 @@ class DiskRecord:
     size: int
     lineage: int
     created: float
-    origin: str | None = None  # "disk@point" a clone was made from (or rolled back to)
+    origin: str | None = None  # "disk@point" the content started from: the clone's source,
+    # or the point it was last rolled back to
     file_id: int = 0
     clean: bool = True  # False while open: after a crash its dirty map is not trusted
+    # Added later (a record without them reads as None: see disks/history.py): which point
+    # `origin` was, as (lineage, gen), since a deleted point's name can be taken again;
+    # the point a clone was made from and which it was, kept through rollbacks.
+    origin_at: tuple[int, int] | None = None
+    cloned_from: str | None = None
+    cloned_at: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("origin_at", "cloned_at"):  # JSON gives them back as lists
+            if (value := getattr(self, name)) is not None:
+                setattr(self, name, tuple(value))
+
+    def started_from(self, point: PointRecord, *, clone: bool = False) -> None:
+        """Record `point` as where the content now starts from (and, for a new clone,
+        as the point it was cloned from)."""
+        self.origin, self.origin_at = point.ref, (point.lineage, point.gen)
+        if clone:
+            self.cloned_from, self.cloned_at = self.origin, self.origin_at
 
     @property
     def writable(self) -> bool:

@@ -45,6 +45,8 @@ from livewriter import (
     record,
 )
 
+from rpfs.cli.output import fmt_time
+
 SNAPSHOT_BOUND = 5.0  # seconds: "returns quickly" (the benchmark measures real speed)
 
 
@@ -291,10 +293,11 @@ def tree_lines(live: Live, disk: str) -> list[str]:
     return live.rpfs("points", disk, "--tree", check=True).stdout.splitlines()
 
 
-def indent_of(lines: list[str], needle: str) -> int:
-    found = [ln for ln in lines if ln.strip().startswith(needle)]
-    assert len(found) == 1, f"{needle!r} in {lines}"
-    return len(found[0]) - len(found[0].lstrip())
+def tree_row(live: Live, disk: str, text: str, width: int) -> str:
+    """A point's line of `points --tree`: its indented name padded to `width`, then when
+    it was taken, its method and state."""
+    point = live.rpfs.point(disk, text.strip())
+    return f"{text.ljust(width)}  {fmt_time(point['created'])}  {point['method']}  complete"
 
 
 @pytest.mark.timeout(240)
@@ -347,14 +350,16 @@ def test_rollback(live, tmp_path):
     assert_same_bytes(live.disk("vm"), live.point("vm", "p1"))
     assert_same_bytes(live.disk("vm"), saved["p1"])
     assert_same_bytes(live.point("vm", "p2"), saved["p2"])
-    lines = tree_lines(live, "vm")
-    # p1 and p2 on the old lineage (a branch now), the current lineage under p1.
-    assert any("[branch" in ln for ln in lines) and any("[current" in ln for ln in lines), lines
-    assert indent_of(lines, "p1 ") == indent_of(lines, "p2 ")
-    assert indent_of(lines, "[current") > indent_of(lines, "p1 ")
-    current_at = next(i for i, ln in enumerate(lines) if "[current" in ln)
-    p1_at = next(i for i, ln in enumerate(lines) if ln.strip().startswith("p1 "))
-    assert p1_at < current_at, lines
+    # p1 and p2 one after the other, the disk now on a branch under p1; p2's line, left
+    # by the rollback, abandoned.
+    assert tree_lines(live, "vm") == [
+        "vm: rolled back to vm@p1",
+        tree_row(live, "vm", "  p1", 4),
+        "    rolled back to p1:",
+        "    now",
+        tree_row(live, "vm", "  p2", 4),
+        "  (abandoned)",
+    ]
 
     # A point after the rollback is exact; old points still are.
     model[:] = saved["p1"].read_bytes()
@@ -389,9 +394,18 @@ def test_rollback(live, tmp_path):
     model[:] = saved["p2"].read_bytes()
     scribble(100)
     snap("p4")
-    lines = tree_lines(live, "vm")
-    assert sum("[branch" in ln for ln in lines) == 2 and sum("[current" in ln for ln in lines) == 1
-    assert indent_of(lines, "p4 ") > indent_of(lines, "p2 "), lines
+    assert tree_lines(live, "vm") == [
+        "vm: rolled back to vm@p2",
+        tree_row(live, "vm", "  p1", 6),
+        "    rolled back to p1:",
+        tree_row(live, "vm", "    p3", 6),
+        "    (abandoned)",
+        tree_row(live, "vm", "  p2", 6),
+        "    rolled back to p2:",
+        tree_row(live, "vm", "    p4", 6),
+        "    now",
+        "  (abandoned)",
+    ]
 
     # Back to a point of the other abandoned branch: the head reads lineage 1 up to p2,
     # p3 reads it up to p1, and each reads a lineage the other does not.

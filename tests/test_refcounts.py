@@ -8,10 +8,12 @@ from collections import Counter
 from pathlib import Path
 
 from rpfs.capture import capture
+from rpfs.disks.point import open_point
 from rpfs.disks.registry import Registry
 from rpfs.disks.service import DiskService
 from rpfs.index import ZERO, ChunkLoc, Index
 from rpfs.repo import Repository
+from rpfs.store.cache import ChunkCache
 from rpfs.store.format import digest
 
 BS = 4096
@@ -29,6 +31,12 @@ def _references(index: Index) -> tuple[dict[bytes, int], Counter]:
             if value != ZERO
         )
     return refcounts, named
+
+
+def _read(repo: Repository, disk: str, point: str) -> bytes:
+    with ChunkCache(repo) as cache:
+        image = open_point(repo, cache, disk, point)
+        return image.read(0, image.size)
 
 
 def _check(index: Index, step: str) -> None:
@@ -91,8 +99,17 @@ def test_every_extent_writer_keeps_refcounts_exact(tmp_path: Path, monkeypatch):
 
             service.hydrate("c2")  # fully hydrated: detached from base
             _check(repo.index, "the detach of a hydrated clone")
+            # A rollback branch of vm reads base through vm's first lineage.
+            service.registry.background = False
+            service.rollback("vm@s1")
+            _check(repo.index, "a rollback")
+            with service.registry.using("vm") as vm:
+                vm.write(BS, rng.randbytes(BS))
+            service.snapshot(["vm"], "s3")
+            kept = {name: _read(repo, "vm", name) for name in ("s1", "s2", "s3")}
             service.delete("base", force=True, with_points=True)  # vm detached from base
-            _check(repo.index, "deleting the origin of a clone")
+            _check(repo.index, "deleting the origin of a clone with a rollback branch")
+            assert {name: _read(repo, "vm", name) for name in kept} == kept
             service.delete("vm", with_points=True)
             _check(repo.index, "deleting a disk with its points")
         finally:

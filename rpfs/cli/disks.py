@@ -14,7 +14,7 @@ from ..progress import progress_bar
 from ..repo import Repository, repo_path
 from ..serve.control import disk_service
 from .marks import expiry_of
-from .output import print_json, print_table
+from .output import fmt_origins, print_json, print_table
 
 
 def cmd_clone(args: argparse.Namespace) -> int:
@@ -51,7 +51,7 @@ def cmd_disks(args: argparse.Namespace) -> int:
     rows = [
         [
             d["name"], fmt_bytes(d["size"]),
-            (d["origin"] or "-") + (" (deleted)" if d["origin_deleted"] else ""),
+            fmt_origins(d),
             "-" if d["hydrated_pct"] is None else f"{d['hydrated_pct']:.1f}%",
             d["state"] + (f", archiving stalled: {d['stalled']}" if d.get("stalled") else ""),
         ]

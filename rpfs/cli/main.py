@@ -135,7 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print the points as a JSON list of their records, each with "
                         "allocated_bytes and block_size (and stalled, if its archive waits)")
-    p.add_argument("--tree", action="store_true", help="show branches left by rollbacks")
+    p.add_argument("--tree", action="store_true",
+                   help="draw each disk's history: every rollback's branch under the point "
+                        "it went back to, 'now' where the disk is, branches left by a later "
+                        "rollback marked (abandoned)")
     p.set_defaults(func=cmd_points)
 
     p = _command(sub, "point", "delete or describe points", common)
@@ -240,9 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "disks", "list disks", common)
     p.add_argument("--json", action="store_true",
-                   help="print the disks as a JSON list: name, size, origin, "
-                        "origin_deleted, writable, created, hydrated_pct, state and stalled "
-                        "of each")
+                   help="print the disks as a JSON list: name, size, origin (the point "
+                        "the content last started from: the clone's source or the rollback's "
+                        "target), origin_deleted, cloned_from, cloned_from_deleted, "
+                        "cloned_from_disk_deleted, rolled_back_to, rolled_back_to_deleted, "
+                        "writable, created, hydrated_pct, state and stalled of each")
     p.set_defaults(func=cmd_disks)
 
     p = _command(sub, "snapshot", "instant point of writable disks (several: one instant)",

@@ -26,3 +26,18 @@ def print_json(value: object, indent: int | None = 1) -> None:
     """A `--json` document: records one key a line (`indent`), extent lists on one line
     (`indent=None`, the shape `capture --changed` reads back)."""
     print(json.dumps(value, indent=indent))
+
+
+def fmt_origins(disk: dict) -> str:
+    """A disk's ORIGIN as `rpfs disks` and `points --tree` show it, from the fields of
+    `rpfs disks --json`: "cloned from web01@p1, rolled back to web01-test@before", each
+    point marked "(deleted)" once it is in the trash or purged, "(disk deleted)" once its
+    disk is; "-" for a disk made empty and never rolled back."""
+    parts = []
+    for key, words in (("cloned_from", "cloned from"), ("rolled_back_to", "rolled back to")):
+        if disk[key] is None:
+            continue
+        gone = " (disk deleted)" if disk.get(f"{key}_disk_deleted") else (
+            " (deleted)" if disk[f"{key}_deleted"] else "")
+        parts.append(f"{words} {disk[key]}{gone}")
+    return ", ".join(parts) or "-"

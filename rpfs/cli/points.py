@@ -9,8 +9,9 @@ from pathlib import Path
 
 from ..capture import capture
 from ..disks.catalog import Catalog, PointStatus, read_catalog
+from ..disks.history import Line
 from ..disks.point import open_point
-from ..index import DiskRecord, LineageRecord, PointState
+from ..index import DiskRecord, PointState
 from ..lineage import allocated_extents, changed_extents
 from ..names import check_name, fmt_bytes, parse_point_ref
 from ..progress import progress_bar
@@ -19,7 +20,7 @@ from ..restore import restore
 from ..serve.control import RemoteService, disk_service, socket_path
 from ..store.cache import ChunkCache
 from .marks import expiry_of
-from .output import fmt_time, print_json, print_table
+from .output import fmt_origins, fmt_time, print_json, print_table
 
 
 def cmd_capture(args: argparse.Namespace) -> int:
@@ -63,7 +64,8 @@ def cmd_points(args: argparse.Namespace) -> int:
     with Repository(root) as repo:
         stalls = _stalls(root)
         disk = None if args.disk is None else check_name(args.disk)
-        catalog = read_catalog(repo, disk, stalls, with_costs=not args.tree)
+        catalog = read_catalog(repo, disk, stalls, with_costs=not args.tree,
+                               with_history=args.tree)
     if args.tree:
         for d in catalog.disks:
             _print_tree(d, catalog)
@@ -101,32 +103,42 @@ def _stalls(root: Path) -> dict[str, str]:
 
 
 def _print_tree(disk: DiskRecord, catalog: Catalog) -> None:
-    """A disk's points by lineage; a rollback's or clone's lineage under its origin."""
-    mine = {lin.id: lin for lin in catalog.lineages if disk.name in lin.disks}
-    children: dict[tuple[int, int], list[LineageRecord]] = {}
-    for lin in mine.values():
-        if lin.parent in mine:
-            children.setdefault((lin.parent, lin.parent_gen), []).append(lin)
-    origin = f" (from {disk.origin})" if disk.origin else ""
-    print(f"{disk.name}{origin}")
+    """A disk's history: its points oldest first, each rollback's branch indented under
+    the point it went back to, ending in `now` (the disk as it is) or `(abandoned)` (a
+    later rollback left it); a captured disk is its points alone. The point columns are
+    aligned across the whole tree."""
+    found = catalog.histories[disk.name]
+    status = {s.record.name: s for s in catalog.points if s.record.disk == disk.name}
+    rows: list[tuple[str, list[str]]] = []  # (indented text, columns of a point)
 
-    def show(lin: LineageRecord, indent: str) -> None:
-        label = "current" if lin.id == disk.lineage else "branch"
-        print(f"{indent}[{label}: lineage {lin.id}]")
-        for s in catalog.points:
-            p = s.record
-            if p.disk != disk.name or p.lineage != lin.id:
-                continue
-            print(f"{indent}  {p.name}  {fmt_time(p.created)}  {p.method}  {state_text(s)}")
-            for child in children.pop((lin.id, p.gen), []):
-                show(child, indent + "    ")
-        for key in [k for k in children if k[0] == lin.id]:
-            for child in children.pop(key):
-                show(child, indent + "    ")
+    def show(line: Line, indent: str) -> None:
+        for step in line.steps:
+            if step.point is None:
+                rows.append((indent + (f"{step.name} (deleted)" if step.name else
+                                       "(a deleted point)"), []))
+            else:
+                s = status[step.name]
+                rows.append((indent + step.name, [fmt_time(s.record.created), s.record.method,
+                                                  state_text(s)]))
+            for branch in step.branches:
+                rows.append((f"{indent}  rolled back to {step.name or 'it'}:", []))
+                show(branch, indent + "  ")
+        if disk.writable:
+            rows.append((indent + ("now" if line.now else "(abandoned)"), []))
 
-    for lin in sorted(mine.values(), key=lambda x: x.id):
-        if lin.parent not in mine:
-            show(lin, "  ")
+    for i, line in enumerate(found.lines):
+        if i:  # its start is no longer recorded (see history.lines)
+            rows.append(("  rolled back to a point no longer recorded:", []))
+        show(line, "  " if not i else "    ")
+    origins = fmt_origins(found.origins.as_json())
+    print(disk.name if origins == "-" else f"{disk.name}: {origins}")
+    cells = [[text, *cols] for text, cols in rows if cols]
+    widths = [max(len(c) for c in col) for col in zip(*cells, strict=True)]
+    for text, cols in rows:
+        if not cols:
+            print(text)
+            continue
+        print("  ".join(c.ljust(w) for c, w in zip([text, *cols], widths, strict=True)).rstrip())
 
 
 def cmd_restore(args: argparse.Namespace) -> int:

@@ -9,11 +9,12 @@ them should re-derive them from index records.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..index import DiskRecord, LineageRecord, PointRecord, PointState
 from ..lifecycle.cost import Costs, PointCost, costs
 from ..repo import Repository
+from .history import History, history
 
 
 def archiving_and_riders(
@@ -59,17 +60,19 @@ class Catalog:
     lineages: list[LineageRecord]
     points: list[PointStatus]
     disk_bytes: dict[str, int]  # stored bytes of each disk's points after dedup, if asked
+    histories: dict[str, History] = field(default_factory=dict)  # by disk name, if asked
 
 
 def read_catalog(
     repo: Repository, disk: str | None = None, stalls: Mapping[str, str] | None = None,
-    with_costs: bool = False,
+    with_costs: bool = False, with_history: bool = False,
 ) -> Catalog:
     """The catalog of `disk` (an error if there is none), or of every disk.
 
     `stalls` says which disks' archives are stalled and why: only a serving daemon knows
     (it keeps that in memory), so the caller asks it and passes the answer on.
-    `with_costs` prices every point (`lifecycle/cost.py`: a scan of each lineage).
+    `with_costs` prices every point (`lifecycle/cost.py`: a scan of each lineage);
+    `with_history` adds each disk's origins and lines of points (`disks/history.py`).
     """
     stalls = stalls or {}
     index, bs = repo.index, repo.block_size
@@ -78,6 +81,8 @@ def read_catalog(
         lineages = index.list_lineages(txn)
         records = index.list_points(txn, disk)
         priced = costs(index, txn, records) if with_costs else Costs()
+        histories = {d.name: history(index, txn, d, lineages) for d in disks} if with_history \
+            else {}
     heads: dict[tuple[str, int], tuple[PointRecord | None, list[PointRecord]]] = {}
     statuses = []
     for p in records:
@@ -95,4 +100,4 @@ def read_catalog(
             cost=priced.points.get((p.disk, p.name)),
         ))
     return Catalog(block_size=bs, disks=disks, lineages=lineages, points=statuses,
-                   disk_bytes=priced.disks)
+                   disk_bytes=priced.disks, histories=histories)

@@ -334,7 +334,8 @@ class LiveDisk:
                     lineage = self.index.new_lineage(txn, self.name, (point.lineage, point.gen))
                     record = self.index.get_disk(txn, self.name)
                     left = record.lineage
-                    record.lineage, record.origin = lineage.id, point.ref
+                    record.lineage = lineage.id
+                    record.started_from(point)
                     self.index.put_disk(txn, record)
                     release(self.index, txn, left, MAX_GEN)  # the head leaves that lineage
                     self.map.store_pages(txn)

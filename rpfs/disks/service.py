@@ -24,6 +24,7 @@ from ..pipeline import ordered_map
 from ..progress import ProgressFn
 from ..repo import Repository
 from ..store.cache import ChunkCache
+from . import history
 from .blockmap import ABSENT, MAX_BLOCKS, BlockMap
 from .livedisk import LiveDisk, create_local_file
 from .registry import Registry
@@ -69,7 +70,7 @@ class DiskService:
                 f"({limit >> 40} TiB, 2^32 blocks of {self.repo.block_size >> 10} KiB) in "
                 "this repository"
             )
-        return self._new_disk(name, size, parent=None, origin=None)
+        return self._new_disk(name, size, source=None)
 
     def clone(self, source: str, name: str) -> dict:
         """A writable disk whose content is `source`, at once.
@@ -92,7 +93,7 @@ class DiskService:
             self.registry.join_archiver(src_disk)
             with self.registry.using(src_disk) as disk:
                 disk.snapshots.finish()
-        return self._new_disk(name, point.size, (point.lineage, point.gen), source)
+        return self._new_disk(name, point.size, point)
 
     def _check_new_name(self, name: str) -> None:
         check_name(name, "disk name")
@@ -100,9 +101,8 @@ class DiskService:
             if self.index.get_disk(txn, name) is not None:
                 raise RpfsError(f"a disk named {name!r} already exists; choose another name")
 
-    def _new_disk(
-        self, name: str, size: int, parent: tuple[int, int] | None, origin: str | None
-    ) -> dict:
+    def _new_disk(self, name: str, size: int, source: PointRecord | None) -> dict:
+        """A writable disk of `size` bytes, empty or a clone of point `source`."""
         self._check_new_name(name)
         self.repo.space.check(f"a new disk {name}")  # its writes would be refused anyway
         with self.index.write() as txn:
@@ -110,7 +110,11 @@ class DiskService:
         # The local file is durable before the record that names it commits; a crash in
         # between leaves an orphan file, never a record without its file. A commit that
         # fails (the name taken meanwhile, a full index) takes the file away again.
-        record = DiskRecord(name, size, 0, clock.now(), origin, file_id)  # lineage below
+        record = DiskRecord(name, size, 0, clock.now(), file_id=file_id)  # lineage below
+        parent = None
+        if source is not None:
+            record.started_from(source, clone=True)
+            parent = source.lineage, source.gen
         path = self.repo.root / record.file
         try:
             create_local_file(path, size)
@@ -123,7 +127,7 @@ class DiskService:
                 # have committed since (it saw no dependant yet), and the clone would read
                 # zeros where its origin's blocks were.
                 if parent is not None and self.index.get_lineage(txn, parent[0]) is None:
-                    raise RpfsError(f"cannot clone {origin}: it was deleted meanwhile; "
+                    raise RpfsError(f"cannot clone {source.ref}: it was deleted meanwhile; "
                                     f"disk {name} was not created")
                 record.lineage = self.index.new_lineage(txn, name, parent).id
                 self.index.put_disk(txn, record)
@@ -133,7 +137,7 @@ class DiskService:
                 detail = describe_os_error(exc, self.repo.root)
                 raise RpfsError(f"cannot create disk {name}: {detail}") from None
             raise
-        log.info("disk %s: created (%d bytes, origin %s)", name, size, origin or "none")
+        log.info("disk %s: created (%d bytes, origin %s)", name, size, record.origin or "none")
         return self._describe(record)
 
     def disks(self) -> list[dict]:
@@ -142,11 +146,15 @@ class DiskService:
         return [self._describe(r) for r in records]
 
     def _describe(self, record: DiskRecord) -> dict:
+        with self.index.read() as txn:
+            found = history.origins(self.index, txn, record)
+        origin = found.rolled_back_to or found.cloned_from  # the one `origin` names
         out = {
             "name": record.name,
             "size": record.size,
             "origin": record.origin,
-            "origin_deleted": record.origin is not None and not self._exists(record.origin),
+            "origin_deleted": record.origin is not None and origin.deleted,
+            **found.as_json(),
             "writable": record.writable,
             "created": record.created,
         }
@@ -167,11 +175,6 @@ class DiskService:
             "state": f"open ({handles})" if handles else "idle",
             "stalled": self.registry.stalls().get(record.name),
         }
-
-    def _exists(self, point: str) -> bool:
-        """Whether DISK@POINT is a point (not deleted, nor its disk)."""
-        with self.index.read() as txn:
-            return self.index.get_point(txn, *parse_point_ref(point)) is not None
 
     # -- points of writable disks --------------------------------------------------------
 
@@ -385,8 +388,12 @@ class DiskService:
                         f"disk {name} is the origin of {users}, which still read blocks from "
                         f"it; pass --force to copy those blocks into them first"
                     )
+                # Only those that read a lineage of this disk directly: the others read
+                # through one of them, which then holds what they read (so a clone's
+                # rollback branches keep their place under the points they started from).
                 for lin in dependants:
-                    self._detach(txn, lin, record.size)
+                    if lin.parent in mine:
+                        self._detach(txn, lin, record.size)
                 for point in points:
                     self.index.delete_point(txn, name, point)
                 for entry in trashed:  # deleted already: they go with their extents
