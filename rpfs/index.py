@@ -12,6 +12,8 @@ Named databases (see docs/design.md for the reasoning):
     lineages  lineage(8)  ->  JSON LineageRecord
     meta      counter name  ->  int(8);  "config"  ->  JSON {block_size, hash, codec}
               "suspect/" ‖ chunk hash(32)  ->  time first found corrupt (8): for verify
+              "note/" ‖ name  ->  JSON (gc's compaction in progress, retired packs, when
+              gc and verify last ran)
     gens      lineage(8) ‖ gen(8) ‖ block(8)  ->  b""   (the extents of each generation)
     trash     disk ‖ 0x00 ‖ name ‖ 0x00 ‖ lineage(8) ‖ gen(8)  ->  JSON TrashRecord
     policies  disk name  ->  JSON retention.Policy (lifecycle/retention.py encodes it)
@@ -54,6 +56,10 @@ CONFIG_KEY = b"config"  # in `meta`: what rpfs.json must say (written by init)
 # In `meta`: chunks a read found corrupt, for `rpfs verify`. Its values are u64 like the
 # counters', so an rpfs that predates it still opens and checks the index.
 SUSPECT_PREFIX = b"suspect/"
+# In `meta`: small JSON records of the upkeep (get_note): gc's compaction in progress, the
+# packs it retired, when gc and verify last ran. Not u64 values: an rpfs that predates
+# them never opens this format.
+NOTE_PREFIX = b"note/"
 
 _EXTENT_KEY = struct.Struct(">QQQ")
 _BLOCK_PREFIX = struct.Struct(">QQ")
@@ -509,6 +515,19 @@ class Index:
     def suspects(self, txn: lmdb.Transaction) -> list[bytes]:
         """The chunks marked by `mark_suspect`, in hash order."""
         return [key[len(SUSPECT_PREFIX) :] for key, _ in self._scan(txn, "meta", SUSPECT_PREFIX)]
+
+    # -- small JSON records of the upkeep (gc's progress, when gc and verify last ran) ----
+
+    def get_note(self, txn: lmdb.Transaction, key: str) -> object | None:
+        """The JSON value kept under `meta` "note/KEY" (None: there is none)."""
+        raw = txn.get(NOTE_PREFIX + key.encode(), db=self.db["meta"])
+        return None if raw is None else self._json(raw, f"meta/note/{key}")
+
+    def put_note(self, txn: lmdb.Transaction, key: str, value: object) -> None:
+        txn.put(NOTE_PREFIX + key.encode(), json.dumps(value).encode(), db=self.db["meta"])
+
+    def delete_note(self, txn: lmdb.Transaction, key: str) -> None:
+        txn.delete(NOTE_PREFIX + key.encode(), db=self.db["meta"])
 
     # -- verify's records -------------------------------------------------------------------
 

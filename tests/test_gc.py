@@ -243,7 +243,7 @@ def test_a_compaction_killed_after_its_copies_resumes_without_copying(opened, tm
         gc.run(opened, threshold=1.0)
     monkeypatch.undo()
     with opened.index.read() as txn:
-        state = json.loads(txn.get(gc.STATE_KEY, db=opened.index.db["meta"]))
+        state = opened.index.get_note(txn, gc.STATE)
         interrupted = {state["pack"]}
         moved = sum(loc.pack in state["into"] for _, loc in opened.index.iter_chunks(txn))
     assert moved == 8, "two batches committed before the kill"
@@ -253,7 +253,7 @@ def test_a_compaction_killed_after_its_copies_resumes_without_copying(opened, tm
     done = gc.run(opened, threshold=0.8)
     assert done["packs_deleted"] >= 1
     with opened.index.read() as txn:
-        assert txn.get(gc.STATE_KEY, db=opened.index.db["meta"]) is None
+        assert opened.index.get_note(txn, gc.STATE) is None
         packs = {loc.pack for _, loc in opened.index.iter_chunks(txn)}
     assert {p: (opened.root / "packs" / pack_name(p)).stat().st_size for p in state["into"]
             } == copies, "the finish copied nothing again: it moved the chunks to the copies"

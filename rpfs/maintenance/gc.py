@@ -23,16 +23,15 @@ and the index names the copy before the pack goes. Packs a writer may still appe
 are left alone: this process's open packs (`OPEN_PACKS`) and every pack numbered above
 the `pack` counter as a live capture found it when it started.
 
-Resuming. The compaction of a pack is recorded (`meta gc`: the pack and the packs its
-copies went to) once the copies are durable and before any chunk moves; a run that
-finds the record finishes that pack from the copies' record headers, copying nothing
-again. A kill before the record leaves copies nothing names, in packs the next run
-deletes. Retired packs are listed (`meta gc-retired`) until deleted.
+Resuming. The compaction of a pack is recorded (the index note `gc`: the pack and the
+packs its copies went to) once the copies are durable and before any chunk moves; a run
+that finds the record finishes that pack from the copies' record headers, copying
+nothing again. A kill before the record leaves copies nothing names, in packs the next run
+deletes. Retired packs are listed (note `gc-retired`) until deleted.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -52,8 +51,8 @@ THRESHOLD = 0.8  # compact a pack whose live bytes are below this fraction of it
 SWEEP_BATCH = 256  # chunk records freed in one transaction
 MOVE_BATCH = 256  # chunks pointed at their copies in one transaction
 READ_RUN = 8 << 20  # bytes of adjacent records read at once when copying
-STATE_KEY = b"gc"
-RETIRED_KEY = b"gc-retired"
+STATE = "gc"  # index note: the compaction in progress
+RETIRED = "gc-retired"  # index note: packs to delete once the index names nothing in them
 
 
 @dataclass
@@ -221,8 +220,7 @@ def _compact(repo: Repository, pack: int, writer: PackWriter) -> int:
         writer.discard()
         raise
     with index.write() as txn:  # from here on a kill resumes from the copies
-        txn.put(STATE_KEY, json.dumps({"pack": pack, "into": writer.created}).encode(),
-                db=index.db["meta"])
+        index.put_note(txn, STATE, {"pack": pack, "into": writer.created})
     writer.mark()
     _move(index, pack, copies)
     return sum(new.length for _, _, new in copies)
@@ -264,7 +262,7 @@ def _move(index: Index, pack: int, copies: list[tuple[bytes, ChunkLoc, ChunkLoc]
                 if loc is not None and (loc.pack, loc.offset) == (old.pack, old.offset):
                     index.move_chunk(txn, digest, new)
     with index.write() as txn:
-        txn.delete(STATE_KEY, db=index.db["meta"])
+        index.delete_note(txn, STATE)
 
 
 def _finish_compaction(repo: Repository) -> None:
@@ -272,10 +270,9 @@ def _finish_compaction(repo: Repository) -> None:
     still in the old pack at the copies, found by the copies' record headers."""
     index, store = repo.index, repo.store
     with index.read() as txn:
-        raw = txn.get(STATE_KEY, db=index.db["meta"])
-    if raw is None:
+        state = index.get_note(txn, STATE)
+    if state is None:
         return
-    state = json.loads(raw)
     pack = state["pack"]
     copied: dict[bytes, ChunkLoc] = {}
     for into in state["into"]:
@@ -293,10 +290,8 @@ def _finish_compaction(repo: Repository) -> None:
 def _retire(index: Index, packs: list[int]) -> None:
     """List `packs` for deletion: the index names nothing in them any more."""
     with index.write() as txn:
-        raw = txn.get(RETIRED_KEY, db=index.db["meta"])
-        retired = set(json.loads(raw)) if raw else set()
-        txn.put(RETIRED_KEY, json.dumps(sorted(retired | set(packs))).encode(),
-                db=index.db["meta"])
+        retired = set(index.get_note(txn, RETIRED) or [])
+        index.put_note(txn, RETIRED, sorted(retired | set(packs)))
 
 
 def _delete_retired(repo: Repository) -> int:
@@ -304,9 +299,8 @@ def _delete_retired(repo: Repository) -> int:
     healed into one meanwhile keeps it); how many."""
     index = repo.index
     with index.read() as txn:
-        raw = txn.get(RETIRED_KEY, db=index.db["meta"])
+        retired = index.get_note(txn, RETIRED) or []
         stats = index.pack_stats(txn)
-    retired = json.loads(raw) if raw else []
     deleted = [pack for pack in retired if pack not in stats]
     for pack in deleted:
         repo.store.delete(pack)
@@ -314,9 +308,9 @@ def _delete_retired(repo: Repository) -> int:
     with index.write() as txn:
         left = [pack for pack in retired if pack not in deleted]
         if left:
-            txn.put(RETIRED_KEY, json.dumps(left).encode(), db=index.db["meta"])
+            index.put_note(txn, RETIRED, left)
         else:
-            txn.delete(RETIRED_KEY, db=index.db["meta"])
+            index.delete_note(txn, RETIRED)
         for pack in deleted:
             index.forget_pack(txn, pack)
     return len(deleted)
