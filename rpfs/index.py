@@ -455,7 +455,7 @@ class Index:
         return _U64.unpack(raw)[0]
 
     def verify_records(self) -> None:
-        """Decode every disk, point, lineage, capture and counter record (IndexDamaged on
+        """Decode every disk, point, lineage, capture, counter and note record (IndexDamaged on
         the first bad one): one record per object, so cheap enough for a daemon's start,
         which would otherwise fail later, in the middle of serving."""
         with self.read() as txn:
@@ -465,7 +465,9 @@ class Index:
             self.list_captures(txn)
             self.list_trash(txn)
             for key, value in self._scan(txn, "meta", b""):
-                if key != CONFIG_KEY:
+                if key.startswith(NOTE_PREFIX):
+                    self._json(value, f"meta/{_show(key)}")
+                elif key != CONFIG_KEY:
                     self._u64(value, f"meta/{_show(key)}")
 
     # -- counters -------------------------------------------------------------------------

@@ -42,6 +42,11 @@ MIN_BLOCK, MAX_BLOCK = 4 << 10, 4 << 20
 HASH, CODEC = "blake3", "zstd"
 _PERCENT = re.compile(r"(\d+(\.\d+)?)%")
 MAX_TRASH_DAYS = 36500  # a century: a deadline past it would not print (year 9999)
+DAY = 86400
+MAX_INTERVAL = 366 * DAY
+# The settings `rpfs config set` changes: rpfs.json key -> the command's name for it.
+SETTINGS = {"trash_days": "trash-days", "gc_interval": "gc-interval",
+            "verify_interval": "verify-interval"}
 
 
 def pack_backend(root: Path) -> LocalBackend:
@@ -62,6 +67,8 @@ class Config:
     codec: str = CODEC
     reserve: int | str | None = None  # free-space floor: bytes or "N%"; None: the default
     trash_days: int = TRASH_DAYS  # how long a deleted point can be undeleted; 0: no trash
+    gc_interval: int = DAY  # seconds between the daemon's own gc runs; 0: never
+    verify_interval: int = DAY  # seconds between the daemon's rolling verify turns; 0: never
 
     def recorded(self) -> dict:
         """What the index records of this config, at init, and must keep agreeing with:
@@ -87,6 +94,10 @@ def _valid_trash_days(v: object) -> bool:
     return type(v) is int and 0 <= v <= MAX_TRASH_DAYS
 
 
+def _valid_interval(v: object) -> bool:
+    return type(v) is int and 0 <= v <= MAX_INTERVAL
+
+
 def parse_trash_days(text: str) -> int:
     """`--trash-days N`, `config set trash-days N`: whole days, ASCII digits (int() takes
     other scripts' digits and '+1'); raises RpfsError."""
@@ -106,6 +117,9 @@ _CONFIG_KEYS = {
     "reserve": (False, _valid_reserve,
                 'a number of bytes >= 0, a string "N%" with N < 100, or null'),
     "trash_days": (False, _valid_trash_days, f"an integer from 0 to {MAX_TRASH_DAYS}"),
+    "gc_interval": (False, lambda v: _valid_interval(v), f"seconds from 0 to {MAX_INTERVAL}"),
+    "verify_interval": (False, lambda v: _valid_interval(v),
+                        f"seconds from 0 to {MAX_INTERVAL}"),
 }
 
 
@@ -153,7 +167,7 @@ def _put_back(root: Path, key: str | None) -> str:
     block size, hash and codec, so it can tell those when it opens)."""
     if key == "format":
         return f'; put back "format": {FORMAT}'
-    if key in ("reserve", "trash_days"):
+    if key in ("reserve", *SETTINGS):
         return "; fix it, or remove it to get the default"
     recorded = None
     with contextlib.suppress(RpfsError):
@@ -250,18 +264,21 @@ class Repository:
                         self.root, where[0], exc)
             return None
 
-    def set_trash_days(self, days: int) -> None:
-        """Change the trash period (rpfs.json, atomically). It applies to the points
-        already in the trash too: their purge time is always deleted_at + the period. A
-        daemon sees it at once because this runs in the daemon when one serves (a control
-        operation), not in a CLI process writing the file behind its back."""
-        if not _valid_trash_days(days):
-            raise RpfsError(f"invalid trash-days {days}: give a whole number of days from 0 "
-                            f"(no trash) to {MAX_TRASH_DAYS}; nothing was changed")
-        config = replace(self.config, trash_days=days)
+    def set_setting(self, key: str, value: int) -> None:
+        """Change one of SETTINGS (rpfs.json, atomically). A daemon sees it at once because
+        this runs in the daemon when one serves (a control operation), not in a CLI
+        process writing the file behind its back. A new trash period applies to the
+        points already in the trash too: their purge time is always deleted_at + the
+        period."""
+        if key not in SETTINGS:
+            raise RpfsError(f"unknown setting {key!r} (known: {', '.join(SETTINGS.values())})")
+        _, valid, what = _CONFIG_KEYS[key]
+        if not valid(value):
+            raise RpfsError(f"invalid {SETTINGS[key]} {value!r}: {what}; nothing was changed")
+        config = replace(self.config, **{key: value})
         _write_config(self.root, config)
         self.config = config  # one assignment: a reading thread sees the old or the new
-        log.info("%s: trash period set to %d days", self.root, days)
+        log.info("%s: %s set to %d", self.root, SETTINGS[key], value)
 
     @classmethod
     def init(

@@ -19,7 +19,7 @@ from ..errors import RpfsError, describe_os_error, is_expected
 from ..lifecycle.marks import DEFAULT_TAG
 from ..lifecycle.retention import KEEP_OPTIONS
 from ..lifecycle.trash import TRASH_DAYS
-from ..repo import repo_path
+from ..repo import SETTINGS, repo_path
 from .disks import (
     cmd_clone,
     cmd_disk_create,
@@ -111,13 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
     q = _command(config_sub, "show", "show the repository's settings", common)
     q.add_argument("--json", action="store_true",
                    help="print them as a JSON object: block_size, hash, codec, reserve "
-                        "(null: the default) and trash_days")
+                        "(null: the default), trash_days, gc_interval and verify_interval "
+                        "(seconds; 0: off)")
     q.set_defaults(func=cmd_config_show)
     q = _command(config_sub, "set", "change a setting (it applies to the trash already)",
                  common)
-    q.add_argument("key", metavar="KEY", choices=["trash-days"],
+    q.add_argument("key", metavar="KEY", choices=list(SETTINGS.values()),
                    help="the setting: trash-days (days a deleted point stays undeletable; 0 "
-                        "turns the trash off)")
+                        "turns the trash off), gc-interval, verify-interval (how often the "
+                        "daemon runs gc, and a 10-minute turn of verify: a duration such as "
+                        "1d, or off)")
     q.add_argument("value", metavar="VALUE", help="its new value")
     q.set_defaults(func=cmd_config_set)
 

@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from .. import checkpoint
+from ..lifecycle.clock import fmt_duration, parse_duration
 from ..names import fmt_bytes, parse_size
 from ..repo import Repository, parse_trash_days, repo_path
 from ..serve.control import disk_service
@@ -36,17 +37,36 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     reserve = "default" if config["reserve"] is None else config["reserve"]
     rows = [["block-size", fmt_bytes(config["block_size"])], ["hash", config["hash"]],
             ["codec", config["codec"]], ["reserve", str(reserve)],
-            ["trash-days", f"{config['trash_days']} ({_trash(config['trash_days'])})"]]
+            ["trash-days", f"{config['trash_days']} ({_trash(config['trash_days'])})"],
+            ["gc-interval", _interval(config["gc_interval"], "the daemon's gc")],
+            ["verify-interval", _interval(config["verify_interval"],
+                                          "the daemon's rolling verify")]]
     print_table(["SETTING", "VALUE"], rows)
     return 0
 
 
+def _interval(seconds: int, what: str) -> str:
+    return "off" if not seconds else f"{fmt_duration(seconds)} (between runs of {what})"
+
+
+def parse_setting(key: str, text: str) -> tuple[str, int]:
+    """`config set KEY VALUE`: the rpfs.json key and its value (an interval is a duration
+    such as 6h, or off)."""
+    if key == "trash-days":
+        return "trash_days", parse_trash_days(text)
+    return key.replace("-", "_"), 0 if text in ("off", "0") else parse_duration(text)
+
+
 def cmd_config_set(args: argparse.Namespace) -> int:
-    days = parse_trash_days(args.value)  # the one setting that changes (argparse: choices)
+    key, value = parse_setting(args.key, args.value)
     with disk_service(repo_path(args.repo)) as service:
-        service.set_trash_days(days=days)
-    print(f"trash-days set to {days} ({_trash(days)}; applies to the points in the trash "
-          "too: 'rpfs trash' shows when each goes)")
+        service.set_setting(key=key, value=value)
+    if key == "trash_days":
+        print(f"trash-days set to {value} ({_trash(value)}; applies to the points in the "
+              "trash too: 'rpfs trash' shows when each goes)")
+    else:
+        print(f"{args.key} set to {'off' if not value else fmt_duration(value)} (a running "
+              "daemon follows it at its next look, within 5 minutes)")
     return 0
 
 

@@ -18,7 +18,7 @@ from ..errors import RpfsError, describe_os_error
 from ..index import ZERO, DiskRecord, LineageRecord, PointRecord, PointState
 from ..lifecycle import clock, expiry, marks, policy, retention, trash
 from ..lifecycle.purge import release
-from ..maintenance import check, gc, info, verify
+from ..maintenance import check, gc, info, schedule, verify
 from ..names import ceil_div, check_name, default_point_name, parse_point_ref
 from ..pipeline import ordered_map
 from ..progress import ProgressFn
@@ -598,20 +598,33 @@ class DiskService:
         """Read stored chunks back and check them; marks the bad (maintenance/verify.py)."""
         return verify.verify(self.repo, points, max_duration, progress)
 
+    def upkeep(self) -> dict:
+        """The daemon's own gc and turn of rolling verify, each if its interval has
+        passed (maintenance/schedule.py): what ran, and its figures."""
+        config, out = self.repo.config, {}
+        if schedule.due(self.index, "gc", config.gc_interval):
+            out["gc"] = self.gc()
+            schedule.done(self.index, "gc")
+        if schedule.due(self.index, "verify", config.verify_interval):
+            out["verify"] = self.verify(max_duration=schedule.VERIFY_TURN)
+            schedule.done(self.index, "verify")
+        return out
+
     @property
     def trash_days(self) -> int:
-        """The repository's trash period, as it is now (`set_trash_days` changes it)."""
+        """The repository's trash period, as it is now (`set_setting` changes it)."""
         return self.repo.config.trash_days
 
     def config(self) -> dict:
         """The repository's settings that `rpfs config show` prints."""
         config = self.repo.config
         return {"block_size": config.block_size, "hash": config.hash, "codec": config.codec,
-                "reserve": config.reserve, "trash_days": config.trash_days}
+                "reserve": config.reserve, "trash_days": config.trash_days,
+                "gc_interval": config.gc_interval, "verify_interval": config.verify_interval}
 
-    def set_trash_days(self, days: int) -> dict:
-        """Change the trash period; it applies to the points in the trash already."""
-        self.repo.set_trash_days(days)
+    def set_setting(self, key: str, value: int) -> dict:
+        """Change one repository setting (repo.SETTINGS); the settings as they are now."""
+        self.repo.set_setting(key, value)
         return self.config()
 
     @contextlib.contextmanager

@@ -112,7 +112,7 @@ OPERATIONS: dict[str, Operation] = {
     "verify": Operation(DiskService.verify, {"points": OPTIONAL_STR_LIST,
                                              "max_duration": OPTIONAL_NUMBER}, progress=True),
     "config": Operation(DiskService.config, {}),
-    "set_trash_days": Operation(DiskService.set_trash_days, {"days": INT}),
+    "set_setting": Operation(DiskService.set_setting, {"key": STR, "value": INT}),
 }
 
 

@@ -5,12 +5,14 @@ relays its error); under systemd (`rpfs mount --foreground`, contrib/systemd) it
 systemd too. SIGTERM, SIGINT and `fusermount3 -u` all end it with a clean unmount. While
 it serves it persists open disks' block maps, takes index checkpoints, moves expired
 points to the trash, purges the trash of points whose trash period is over, and runs the
-disks' policies (scheduled points and their retention).
+disks' policies (scheduled points and their retention) and, at the repository's
+intervals, its own gc and a turn of rolling verify.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -42,6 +44,7 @@ EXPIRE_INTERVAL = 60.0  # seconds between checks of on-demand points' expiry
 RELAYED_CORRECTIONS = 20  # repository mode corrections shown by `rpfs mount` (all are logged)
 PURGE_EVERY = 300.0  # seconds between looks for points whose trash period is over
 SCHEDULE_INTERVAL = 30.0  # seconds between turns of the policies' schedules and retention
+UPKEEP_LOOK = 300.0  # seconds between looks at whether gc or verify is due
 
 
 M_ARENA_MAX = -8  # a mallopt parameter (glibc's malloc.h)
@@ -238,6 +241,27 @@ class _Schedules:
         self.failing = set(failed)
 
 
+def _upkeep(service: DiskService) -> None:
+    """One look at the daemon's own gc and verify (see maintenance/schedule.py)."""
+    ran = service.upkeep()
+    if "gc" in ran:
+        result = ran["gc"]
+        log.info("the daemon's gc: %d chunks freed, %d packs compacted, %d deleted, pack "
+                 "bytes %d -> %d%s", result["chunks_freed"], result["packs_compacted"],
+                 result["packs_deleted"], result["pack_bytes_before"],
+                 result["pack_bytes_after"],
+                 f"; stopped: {result['stopped']}" if result["stopped"] else "")
+    if "verify" in ran:
+        report = ran["verify"]
+        if report["sound"]:
+            log.info("the daemon's verify: %d chunks sound%s", report["chunks_verified"],
+                     f", {report['packs_left']} packs for the next turn"
+                     if report["stopped_early"] else "")
+        else:
+            log.warning("the daemon's verify: %d bad chunks ('rpfs verify' names the points "
+                        "that read them)", len(report["bad"]))
+
+
 async def _serve(
     root: Path, mountpoint: Path, service: DiskService, checkpoints: _Checkpoints, on_ready
 ) -> None:
@@ -267,6 +291,8 @@ async def _serve(
                            "the purge of the expired trash")
         nursery.start_soon(_every, SCHEDULE_INTERVAL, _Schedules(service).turn,
                            "the policies' turn")
+        nursery.start_soon(_every, UPKEEP_LOOK, functools.partial(_upkeep, service),
+                           "the daemon's gc and verify")
         nursery.start_soon(ready)
         await pyfuse3.main()
         notify("STOPPING=1")  # a signal, or an unmount from outside
