@@ -3,15 +3,15 @@ directory on PYTHONPATH,
 
 - RPFS_TEST_READ_EIO naming a file: every pread of a file whose name that file lists
   fails with EIO, as a flaky disk's would, for as long as it lists it (test_backend.py);
-- RPFS_TEST_KILL_AT_DROP=K: the process SIGKILLs itself at the K-th extent that the
-  deletion or purge of a point drops, before dropping it: in the middle of that point's
-  transaction (test_purge_crash.py);
+- RPFS_TEST_KILL_AT_DROP=K: the process SIGKILLs itself at the K-th extent dropped by a
+  thread that has removed a point, before dropping it: in the middle of a point's purge
+  (test_purge_crash.py);
 - RPFS_TEST_KILL_AFTER_COMMITS=N: it SIGKILLs itself just after the N-th commit of a
-  transaction that deleted a point or took one out of the trash (test_purge_crash.py).
+  transaction that removed a point (test_purge_crash.py).
 
-A transaction "of a point" is one that called Index.delete_point or Index.delete_trash:
-what trash.delete, trash.purge_trash and prune commit once per point, so the counts do
-not depend on other work of the process (hydration, archiving) meanwhile.
+Removing a point is calling Index.delete_point or Index.delete_trash, as trash.delete,
+trash.purge_trash and prune do once per point: so the counts do not depend on other work
+of the process meanwhile (a daemon's hydration, archiving).
 """
 
 import errno
@@ -35,9 +35,12 @@ if _LIST:
     os.pread = _failing_pread
 
 if _KILL_AT_DROP or _KILL_AFTER_COMMITS:
+    import threading
+
     from rpfs.index import Index, _Txn
 
     _of_a_point: set[int] = set()  # id() of the open LMDB transactions that removed a point
+    _removers = threading.local()  # .removed: this thread has removed a point
     _seen = {"drops": 0, "commits": 0}
 
     def _die() -> None:
@@ -46,6 +49,7 @@ if _KILL_AT_DROP or _KILL_AFTER_COMMITS:
     def _removing(method):
         def removing(self, txn, *args):
             _of_a_point.add(id(txn))
+            _removers.removed = True
             return method(self, txn, *args)
 
         return removing
@@ -56,7 +60,7 @@ if _KILL_AT_DROP or _KILL_AFTER_COMMITS:
     _drop_extent = Index.drop_extent
 
     def _dropping(self, txn, *args):
-        if id(txn) in _of_a_point:
+        if getattr(_removers, "removed", False):
             _seen["drops"] += 1
             if _seen["drops"] == _KILL_AT_DROP:
                 _die()
