@@ -305,8 +305,7 @@ class History:
     def round_trash_purge_killed_seeded(self, r: int) -> None:
         """`trash purge` of what the trash holds and a few more points, killed at a seeded
         moment once it is seen purging."""
-        points, trash = self.state()
-        self.to_trash(self._sample(points, 3))
+        self.to_trash(self._sample(self.state()[0], 3))
         _, trash = self.state()
         if len(trash) < 2:
             return
