@@ -17,6 +17,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from rpfs.index import MAX_GEN, Index, decode_extent_key
+
 MiB = 1 << 20
 BS = 64 << 10  # the repository's default block size
 
@@ -287,3 +289,34 @@ def assert_check_clean(rpfs) -> dict:
     report = json.loads(res.stdout)
     assert res.returncode == 0 and report["problems"] == [], report["problems"]
     return report
+
+
+# -- the index ------------------------------------------------------------------------------
+
+
+def unread_extents(index: Index) -> list[str]:
+    """Extents no reader reads, and lineages nothing reads, by a full scan: the survivor
+    rule checked independently of purge's incremental search."""
+    out = []
+    with index.read() as txn:
+        lineages = index.list_lineages(txn)
+        readers: dict[int, set[int]] = {lin.id: set() for lin in lineages}
+        for point in index.list_points(txn):
+            readers[point.lineage].add(point.gen)
+        for entry in index.list_trash(txn):
+            readers[entry.point.lineage].add(entry.point.gen)
+        for disk in index.list_disks(txn):
+            readers[disk.lineage].add(MAX_GEN)
+        for lin in lineages:
+            if lin.parent is not None:
+                readers[lin.parent].add(lin.parent_gen)
+        for lin in lineages:
+            if not readers[lin.id]:
+                out.append(f"lineage {lin.id} has no reader")
+            extents = [decode_extent_key(k) for k, _ in index._scan(
+                txn, "extents", lin.id.to_bytes(8, "big"))]
+            for i, (_, block, gen) in enumerate(extents):
+                newer = extents[i - 1][2] if i and extents[i - 1][1] == block else MAX_GEN + 1
+                if not any(gen <= r < newer for r in readers[lin.id]):
+                    out.append(f"extent lineage {lin.id} block {block} gen {gen} unread")
+    return out

@@ -25,11 +25,12 @@ import random
 from pathlib import Path
 
 import pytest
+from helpers import unread_extents
 
 from rpfs.capture import capture
 from rpfs.disks.point import open_point
 from rpfs.disks.service import DiskService
-from rpfs.index import MAX_GEN, Index, decode_extent_key
+from rpfs.index import MAX_GEN, Index
 from rpfs.lifecycle import trash
 from rpfs.lifecycle.purge import refcount_errors
 from rpfs.lineage import allocated
@@ -44,34 +45,6 @@ SEEDS = [int(os.environ["RPFS_PURGE_SEED"])] if "RPFS_PURGE_SEED" in os.environ 
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def unread_extents(index: Index) -> list[str]:
-    """Extents no reader reads, and lineages nothing reads, by a full scan: the survivor
-    rule checked independently of purge's incremental search."""
-    out = []
-    with index.read() as txn:
-        lineages = index.list_lineages(txn)
-        readers: dict[int, set[int]] = {lin.id: set() for lin in lineages}
-        for point in index.list_points(txn):
-            readers[point.lineage].add(point.gen)
-        for entry in index.list_trash(txn):
-            readers[entry.point.lineage].add(entry.point.gen)
-        for disk in index.list_disks(txn):
-            readers[disk.lineage].add(MAX_GEN)
-        for lin in lineages:
-            if lin.parent is not None:
-                readers[lin.parent].add(lin.parent_gen)
-        for lin in lineages:
-            if not readers[lin.id]:
-                out.append(f"lineage {lin.id} has no reader")
-            extents = [decode_extent_key(k) for k, _ in index._scan(
-                txn, "extents", lin.id.to_bytes(8, "big"))]
-            for i, (_, block, gen) in enumerate(extents):
-                newer = extents[i - 1][2] if i and extents[i - 1][1] == block else MAX_GEN + 1
-                if not any(gen <= r < newer for r in readers[lin.id]):
-                    out.append(f"extent lineage {lin.id} block {block} gen {gen} unread")
-    return out
 
 
 class History:

@@ -1,11 +1,26 @@
-"""Fault injection for a daemon under test: with this directory on PYTHONPATH and
-RPFS_TEST_READ_EIO naming a file, every pread of a file whose name that file lists fails
-with EIO, as a flaky disk's would, for as long as it lists it (test_backend.py)."""
+"""Fault injection for rpfs processes under test (a daemon, a CLI command): with this
+directory on PYTHONPATH,
+
+- RPFS_TEST_READ_EIO naming a file: every pread of a file whose name that file lists
+  fails with EIO, as a flaky disk's would, for as long as it lists it (test_backend.py);
+- RPFS_TEST_KILL_AT_DROP=K: the process SIGKILLs itself at the K-th extent dropped by a
+  thread that has removed a point, before dropping it: in the middle of a point's purge
+  (test_purge_crash.py);
+- RPFS_TEST_KILL_AFTER_COMMITS=N: it SIGKILLs itself just after the N-th commit of a
+  transaction that removed a point (test_purge_crash.py).
+
+Removing a point is calling Index.delete_point or Index.delete_trash, as trash.delete,
+trash.purge_trash and prune do once per point: so the counts do not depend on other work
+of the process meanwhile (a daemon's hydration, archiving).
+"""
 
 import errno
 import os
+import signal
 
 _LIST = os.environ.get("RPFS_TEST_READ_EIO")
+_KILL_AT_DROP = int(os.environ.get("RPFS_TEST_KILL_AT_DROP") or 0)
+_KILL_AFTER_COMMITS = int(os.environ.get("RPFS_TEST_KILL_AFTER_COMMITS") or 0)
 
 if _LIST:
     _pread = os.pread
@@ -18,3 +33,50 @@ if _LIST:
         return _pread(fd, n, offset)
 
     os.pread = _failing_pread
+
+if _KILL_AT_DROP or _KILL_AFTER_COMMITS:
+    import threading
+
+    from rpfs.index import Index, _Txn
+
+    _of_a_point: set[int] = set()  # id() of the open LMDB transactions that removed a point
+    _removers = threading.local()  # .removed: this thread has removed a point
+    _seen = {"drops": 0, "commits": 0}
+
+    def _die() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def _removing(method):
+        def removing(self, txn, *args):
+            _of_a_point.add(id(txn))
+            _removers.removed = True
+            return method(self, txn, *args)
+
+        return removing
+
+    Index.delete_point = _removing(Index.delete_point)
+    Index.delete_trash = _removing(Index.delete_trash)
+
+    _drop_extent = Index.drop_extent
+
+    def _dropping(self, txn, *args):
+        if getattr(_removers, "removed", False):
+            _seen["drops"] += 1
+            if _seen["drops"] == _KILL_AT_DROP:
+                _die()
+        return _drop_extent(self, txn, *args)
+
+    Index.drop_extent = _dropping
+
+    _txn_exit = _Txn.__exit__
+
+    def _exiting(self, typ, exc, tb):
+        ours = id(self._txn) in _of_a_point
+        _of_a_point.discard(id(self._txn))
+        _txn_exit(self, typ, exc, tb)  # commits, or aborts and raises
+        if ours and typ is None:
+            _seen["commits"] += 1
+            if _seen["commits"] == _KILL_AFTER_COMMITS:
+                _die()
+
+    _Txn.__exit__ = _exiting
