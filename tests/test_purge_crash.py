@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import point_image, unread_extents, wait_pid_exit
+from helpers import assert_check_clean, point_image, unread_extents, wait_pid_exit
 from livewriter import read_image
 
 from rpfs.capture import capture
@@ -401,6 +401,7 @@ class History:
             image = point_image(self.mnt, *ref.split("@"))
             assert sha(read_image(image)) == self.sums[ref], f"{what}: undeleted {ref} differs"
             self.rpfs("point", "delete", ref, check=True)
+        assert_check_clean(self.rpfs)  # through the daemon
         self.rpfs("umount", self.mnt, check=True, timeout=WAIT)
 
 
