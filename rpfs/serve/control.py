@@ -88,7 +88,8 @@ OPERATIONS: dict[str, Operation] = {
                                                  "expires": OPTIONAL_NUMBER}),
     "rollback": Operation(DiskService.rollback, {"point": STR}),
     "stalls": Operation(DiskService.stalls, {}),
-    "delete_points": Operation(DiskService.delete_points, {"points": STR_LIST, "purge": FLAG}),
+    "delete_points": Operation(DiskService.delete_points, {"points": STR_LIST, "purge": FLAG,
+                                                           "wait": FLAG}),
     "undelete": Operation(DiskService.undelete, {"point": STR}),
     "prune": Operation(DiskService.prune, {
         "disk": STR, "dry_run": FLAG, **{f"keep_{period}": OPTIONAL_INT for period in (
