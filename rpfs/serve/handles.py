@@ -147,7 +147,17 @@ class Images:
         return DiskHandle(self.registry, name, disk)
 
     def point_info(self, disk: str, name: str) -> ImageInfo:
-        point = self._point(disk, name)
+        return self._point_info(self._point(disk, name))
+
+    def deleted_point_info(self, disk: str, name: str, instance: tuple) -> ImageInfo | None:
+        """What the point `disk`@`name` of identity `instance` was, if it is in the trash
+        (an image of it opened before its delete still reads)."""
+        with self.repo.index.read() as txn:
+            entries = self.repo.index.list_trash(txn, disk, name)
+        return next((self._point_info(e.point) for e in entries
+                     if _instance(e.point) == instance), None)
+
+    def _point_info(self, point: PointRecord) -> ImageInfo:
         return ImageInfo(
             size=point.size, allocated=point.allocated_blocks * self.repo.block_size,
             mtime=point.created, instance=_instance(point),
