@@ -170,7 +170,8 @@ def gated(rpfs, repo, mount, tmp_path):
     mnt, _ = mount()
     rpfs("disk", "create", "d", "--size", str(SIZE), check=True)
     write_at(mnt / "disks" / "d.img", 0, os.urandom(SIZE))
-    return mnt, gate
+    yield mnt, gate
+    gate.unlink(missing_ok=True)  # a failed test must not leave the unmount waiting on it
 
 
 def state(rpfs, name: str) -> str:
