@@ -56,8 +56,8 @@ class Registry:
 
     `_stalled` is read and written without a lock (one dict operation at a time), and
     `point_open` reads `_point_readers` without one: it is asked inside LMDB write
-    transactions, where the registry lock may not be taken (a last close holds it while
-    it commits).
+    transactions, where the registry lock may not be taken (the last release of a disk
+    holds it while it commits: the two would wait on each other).
     """
 
     def __init__(self, repo: Repository, cache: ChunkCache, background: bool) -> None:

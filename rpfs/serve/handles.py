@@ -5,10 +5,11 @@ what opening an image involves lives here once, not in either: an open point ima
 counted with the disk registry, which looks the point up with that count (waiting while
 a rollback or delete holds the disk): the count keeps a purged point's extents until the
 image closes, and blocks the disk's deletion. A point still being archived reads its
-frozen blocks through its live disk (the overlay). Here
-too are the answers about an image that come from the repository's files (size, bytes
-allocated, modification time) and the room the repository's filesystem has left, so no
-export reaches into the repository for them.
+frozen blocks through its live disk (the overlay). Here too are the answers about an
+image that come from the repository's files (size, bytes allocated, modification time;
+a deleted point's from its trash entry while an image of it may still be open) and the
+room the repository's filesystem has left, so no export reaches into the repository for
+them.
 
 Everything here blocks (LMDB, the registry lock, pread): exports call it from worker
 threads. Errors are OSError with the errno an export returns (ENOENT, EBUSY, EROFS) and a
