@@ -158,8 +158,9 @@ def purge_trash(
 ) -> list[dict]:
     """Purge what the trash holds: the points `refs` names (every one deleted under each
     name), else all of it, or with `expired_only` those deleted `trash_days` or more
-    before `at` (default: now). One transaction per point; a point whose image `is_open`
-    is marked to be purged when that closes instead (shown with `purge_on_close`)."""
+    before `at` (default: now), and with it those marked purge_on_close whose image is
+    closed. One transaction per point; a point whose image `is_open` is marked to be
+    purged when that closes instead (shown with `purge_on_close`)."""
     at = now() if at is None else at
     with index.read() as txn:
         entries = index.list_trash(txn)
@@ -169,9 +170,9 @@ def purge_trash(
         for disk, name in sorted(named - held):
             raise RpfsError(f"no point {disk}@{name} in the trash; 'rpfs trash' lists it")
         entries = [e for e in entries if (e.point.disk, e.point.name) in named]
-    if expired_only:  # not those being purged already: their close purges them
-        entries = [e for e in entries
-                   if e.deleted_at + trash_days * DAY <= at and not e.purge_on_close]
+    if expired_only:  # and those marked to go at a close that came (or a crash ended)
+        entries = [e for e in entries if (not is_open(e.point) if e.purge_on_close
+                                          else e.deleted_at + trash_days * DAY <= at)]
     for entry in entries:  # delete refuses held points; a hold never loses data here either
         check_not_held(entry.point, "purge")
     out = []
