@@ -215,6 +215,22 @@ def test_a_purge_on_close_left_by_a_crash_goes_at_the_next_purge(captured: Repos
         service.registry.close_all()
 
 
+def test_trash_records_without_the_mark_read_and_encode_as_before(captured: Repository):
+    """purge_on_close is optional (a trash record written before it reads unmarked) and
+    written only when true, so an unmarked record encodes as it always did."""
+    trash.delete(captured.index, ["d@p1"])
+    with captured.index.read() as txn:
+        [entry] = captured.index.list_trash(txn)
+    assert "purge_on_close" not in json.loads(entry.encode())
+    assert entry.purge_on_close is False
+    entry.purge_on_close = True
+    with captured.index.write() as txn:
+        captured.index.put_trash(txn, entry)
+    with captured.index.read() as txn:
+        assert captured.index.list_trash(txn) == [entry]
+    assert json.loads(entry.encode())["purge_on_close"] is True
+
+
 def test_commands_without_a_daemon(rpfs, repo: Path, tmp_path: Path):
     source = tmp_path / "source.img"
     source.write_bytes(random.Random(1).randbytes(256 << 10))
