@@ -251,13 +251,24 @@ class TrashRecord:
 
     point: PointRecord
     deleted_at: float
+    # Purged already but for an image of it still open in the mount: it stays a reader
+    # (so what that image reads stays) until the last one closes, then goes. Written only
+    # when true, so other records read and encode as before the field existed.
+    purge_on_close: bool = False
 
     def encode(self) -> bytes:
-        return json.dumps({**asdict(self.point), "deleted_at": self.deleted_at}).encode()
+        fields = {**asdict(self.point), "deleted_at": self.deleted_at}
+        if self.purge_on_close:
+            fields["purge_on_close"] = True
+        return json.dumps(fields).encode()
 
     @classmethod
-    def from_fields(cls, deleted_at: float, **point) -> TrashRecord:
-        return cls(PointRecord(**point), deleted_at)
+    def from_fields(
+        cls, deleted_at: float, purge_on_close: bool = False, **point
+    ) -> TrashRecord:
+        if type(purge_on_close) is not bool:
+            raise TypeError("purge_on_close is not a bool")
+        return cls(PointRecord(**point), deleted_at, purge_on_close)
 
 
 @dataclass

@@ -19,6 +19,7 @@ import pytest
 from rpfs.disks.registry import Registry
 from rpfs.disks.service import DiskService
 from rpfs.errors import RpfsError
+from rpfs.lifecycle import trash
 from rpfs.repo import Repository
 from rpfs.serve.fuse import INLINE_READ_MAX, Operations
 from rpfs.serve.handles import Images
@@ -93,19 +94,28 @@ def test_a_complete_point_reads_from_the_store(setup):
         handle.close()
 
 
-def test_a_point_deleted_while_the_open_waits_is_enoent(setup, monkeypatch):
-    """The open counts first and looks up after: a delete that wins the race leaves
-    nothing to open, never an image of extents that are gone."""
-    counted = setup.service.registry.point_opened
+def test_a_point_deleted_while_the_open_waits_is_enoent(setup):
+    """An open waits while a command holds the disk and looks the point up after: a
+    delete that commits under its claim leaves nothing to open, never an image of
+    extents that are gone."""
+    outcome: list[object] = []
 
-    def delete_first(disk: str, delta: int) -> None:
-        if delta > 0:  # the delete's commit lands just before the count
-            setup.service.delete("vm", with_points=True)
-        counted(disk, delta)
+    def open_p1() -> None:
+        try:
+            outcome.append(setup.images.open_point("vm", "p1"))
+        except OSError as exc:
+            outcome.append(exc)
 
-    monkeypatch.setattr(setup.service.registry, "point_opened", delete_first)
-    with pytest.raises(FileNotFoundError, match="no point vm@p1"):
-        setup.images.open_point("vm", "p1")
+    setup.archive()
+    with setup.service.registry.claim("vm", "delete it"):
+        opener = threading.Thread(target=open_p1)
+        opener.start()
+        opener.join(0.2)
+        assert opener.is_alive(), "the open did not wait for the claim"
+        trash.delete(setup.repo.index, ["vm@p1"], purge=True)
+    opener.join(10)
+    [failed] = outcome
+    assert isinstance(failed, FileNotFoundError) and "no point vm@p1" in str(failed)
 
 
 def test_a_failed_open_releases_its_count(setup):

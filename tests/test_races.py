@@ -1,7 +1,8 @@
-"""Commands that change what an image reads (rollback, disk delete) racing open() of the
-image, through the real mount: the command is refused, or the open waits for it and then
-reads the new state; an open file never sees its bytes change (buffered or O_DIRECT), and
-a deleted point's image never reads zeros. And a clone racing the delete of its origin.
+"""Commands that change what an image reads (rollback, disk delete, point purge) racing
+open() of the image, through the real mount: the command is refused, or the open waits
+for it and then reads the new state (a purged point's image, opened before, reads on to
+its close); an open file never sees its bytes change (buffered or O_DIRECT), and a
+deleted point's image never reads zeros. And a clone racing the delete of its origin.
 
 Run as a script (`python test_races.py opener ...`), this file is the opener process.
 """
@@ -93,6 +94,7 @@ from rpfs.cli import main as cli  # noqa: E402
 from rpfs.disks import service as service_module  # noqa: E402
 from rpfs.disks.service import DiskService  # noqa: E402
 from rpfs.errors import RpfsError  # noqa: E402
+from rpfs.lifecycle.purge import refcount_errors  # noqa: E402
 from rpfs.repo import Repository  # noqa: E402
 from rpfs.serve.control import RemoteService  # noqa: E402
 
@@ -338,3 +340,45 @@ def test_clone_racing_the_delete_of_its_origin(rpfs, repo, tmp_path, monkeypatch
     assert str(outcome[0]) == "cannot clone vm@p: it was deleted meanwhile; disk c was not created"
     assert rpfs("disks", "--json", check=True).stdout.strip() == "[]"
     assert list((repo / "disks").iterdir()) == []  # no orphan local file
+
+
+@pytest.mark.timeout(180)
+def test_purge_racing_opens_of_its_point_image(rpfs, repo, mounted, remote, tmp_path):
+    """`point delete --purge` while an opener opens, reads and closes the point's image
+    as fast as it can: never refused; every open reads the point's own bytes to its
+    close (its block 0 is read by nothing else, so an early release reads zeros or B),
+    then opens are ENOENT; the trash empties and the refcounts are exact."""
+    deferred = 0
+    for i in range(DELETES):
+        disk, content = f"v{i}", os.urandom(BS)  # never all zeros
+        remote.create(name=disk, size=MiB)
+        image = mounted / "disks" / f"{disk}.img"
+        write_at(image, 0, content)
+        remote.snapshot(disks=[disk], name="p")
+        write_at(image, 0, B)  # the next point rewrites block 0: p's is its own
+        remote.snapshot(disks=[disk], name="q")
+        wait_complete(rpfs, disk, "q")
+        wait_idle(remote, disk)
+        log, stop = tmp_path / f"opener-{i}.log", tmp_path / f"stop-{i}"
+        opener = spawn_opener(point_image(mounted, disk, "p"), log, stop, "--until-gone",
+                              "--hold", "0.02", "--gap", "0.001")
+        try:
+            wait_until(lambda log=log: log.exists() and log.read_text(), "the first open")
+            res = rpfs_main(repo, "point", "delete", "--purge", f"{disk}@p")
+            assert res.returncode == 0, res.stderr
+            deferred += "closes" in res.stdout
+            opener.wait(timeout=30)  # it ends at its first ENOENT
+        finally:
+            stop.touch()
+            opener.wait(timeout=30)
+        opens, errors = opener_records(log)
+        assert errors == [errno.ENOENT], f"round {i}: failed opens {errors}"
+        names = names_of(content, B)
+        wrong = [[names.get(t, "other") for t in rec] for rec in opens
+                 if rec != [tag(content[:PROBE])] * 4]
+        assert not wrong, f"round {i}: {len(wrong)} of {len(opens)} opens of the point " \
+                          f"image read other bytes (A = the point), e.g. {wrong[0]}"
+        wait_until(lambda: remote.list_trash() == [], "the purge at the last close")
+    assert deferred, "no purge ever met an open image: the loop raced nothing"
+    with Repository(repo) as opened:
+        assert refcount_errors(opened.index) == []

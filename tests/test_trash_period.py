@@ -89,11 +89,12 @@ def test_a_changed_period_applies_to_the_trash_and_0_turns_it_off(rpfs, repo: Pa
         assert refcount_errors(opened.index) == []
 
 
-def test_the_daemons_purge_holds_back_a_disk_with_an_open_image_only(
+def test_the_daemons_purge_leaves_an_open_image_its_point_until_it_closes(
     tmp_path: Path, monkeypatch, caplog
 ):
-    """The periodic purge goes disk by disk: an open point image of d holds d's expired
-    points back (said once in the log, however many rounds), not e's; closed, they go."""
+    """The periodic purge does not wait for open images: an expired point whose image is
+    open is marked purge_on_close (said once in the log, however many rounds), the others
+    go at once; its close purges it."""
     root = tmp_path / "repo"
     Repository.init(root, 4096, trash_days=1).close()
     _two_disks(root, tmp_path)
@@ -101,22 +102,24 @@ def test_the_daemons_purge_holds_back_a_disk_with_an_open_image_only(
     with Repository(root) as repo:
         service = DiskService(repo)
         try:
+            point = service.registry.open_point("d", "p1")  # as the mount's open counts it
             service.delete_points(["d@p1", "e@p1"])
             purger = _TrashPurge(service)
             purger.purge_once()
             assert len(service.list_trash()) == 2, "not expired yet: nothing goes"
             monkeypatch.setenv("RPFS_NOW", str(T0 + DAY + 1))
-            service.registry.point_opened("d", +1)  # as the mount's open of d@p2 counts it
             with caplog.at_level(logging.INFO, logger="rpfs.serve.daemon"):
                 purger.purge_once()
                 purger.purge_once()
-            assert [(p["disk"], p["name"]) for p in service.list_trash()] == [("d", "p1")]
+            assert [(p["disk"], p["name"], p["purge_on_close"])
+                    for p in service.list_trash()] == [("d", "p1", True)]
             said = [r.getMessage() for r in caplog.records]
-            assert sum("disk d: its expired points stay in the trash" in m for m in said) == 1
-            assert (f"disk e: point p1: trash period of 1 days over since {iso(T0 + DAY)}: "
-                    "purged") in said
-            service.registry.point_opened("d", -1)
-            purger.purge_once()
+            since = f"trash period of 1 days over since {iso(T0 + DAY)}"
+            assert said.count(f"disk d: point p1: {since}: purged when its open image "
+                              "closes") == 1
+            assert f"disk e: point p1: {since}: purged" in said
+            assert refcount_errors(repo.index) == []
+            service.registry.close_point(point)
             assert service.list_trash() == []
             assert refcount_errors(repo.index) == []
         finally:

@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("points", nargs="+", metavar="DISK@POINT", help="a point to delete")
     q.add_argument("--purge", action="store_true",
                    help="drop them at once instead of keeping them in the trash")
+    q.add_argument("--wait", action="store_true",
+                   help="wait for points still being archived to complete, then delete "
+                        "(an error if their archive is stalled, e.g. by a full disk)")
     q.set_defaults(func=cmd_point_delete)
     q = _command(point_sub, "describe", "set a point's description", common)
     q.add_argument("point", metavar="DISK@POINT", help="the point")

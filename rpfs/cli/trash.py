@@ -13,17 +13,20 @@ from ..serve.control import disk_service
 from .output import fmt_time, print_json, print_table
 
 TRASH_OFF = "(the trash is off: trash-days is 0)"  # why a delete purged at once
+ON_CLOSE = "purged when its image open in the mount closes"  # a purge an open image defers
 # What each option's buckets are, for its help (UTC, as every bucket is; weeks are ISO's).
 KEEP_SPANS = (None, "hours", "days", "ISO weeks", "months", "years")
 
 
 def cmd_point_delete(args: argparse.Namespace) -> int:
     with disk_service(repo_path(args.repo)) as service:
-        done = service.delete_points(points=args.points, purge=args.purge)
+        done = service.delete_points(points=args.points, purge=args.purge, wait=args.wait)
     for point in done:
         where = "moved to the trash ('rpfs undelete' brings it back)"
         if point["purged"]:
             where = "deleted and purged" if args.purge else f"deleted and purged {TRASH_OFF}"
+            if point["purge_on_close"]:
+                where = f"deleted; {ON_CLOSE}"
         print(f"{point['disk']}@{point['name']}: {where}")
     return 0
 
@@ -69,7 +72,8 @@ def cmd_trash(args: argparse.Namespace) -> int:
         return 0
     rows = [
         [f"{p['disk']}@{p['name']}", fmt_time(p["created"]), fmt_bytes(p["bytes_stored"]),
-         fmt_time(p["deleted_at"]), fmt_time(p["purge_after"])]
+         fmt_time(p["deleted_at"]),
+         "when its open image closes" if p["purge_on_close"] else fmt_time(p["purge_after"])]
         for p in held
     ]
     print_table(["POINT", "CREATED", "STORED", "DELETED", "PURGED AFTER"], rows)
@@ -80,7 +84,8 @@ def cmd_trash_purge(args: argparse.Namespace) -> int:
     with disk_service(repo_path(args.repo)) as service:
         purged = service.purge_trash(points=args.points or None, expired=args.expired)
     for point in purged:
-        print(f"{point['disk']}@{point['name']}: purged")
+        print(f"{point['disk']}@{point['name']}: "
+              f"{ON_CLOSE if point['purge_on_close'] else 'purged'}")
     if not purged:
         print("nothing to purge")
     return 0

@@ -12,10 +12,11 @@ import contextlib
 import logging
 import os
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 
 from ..errors import RpfsError, describe_os_error, stall_reason
-from ..index import PointState
+from ..index import PointRecord, PointState
 from ..repo import Repository
 from ..store.cache import ChunkCache
 from .livedisk import LiveDisk
@@ -53,7 +54,10 @@ class Registry:
     barriers one disk after the other, in name order, so one disk's sync lock is held
     while the next one's stripe locks are taken.
 
-    `_stalled` is read and written without a lock (one dict operation at a time).
+    `_stalled` is read and written without a lock (one dict operation at a time), and
+    `point_open` reads `_point_readers` without one: it is asked inside LMDB write
+    transactions, where the registry lock may not be taken (the last release of a disk
+    holds it while it commits: the two would wait on each other).
     """
 
     def __init__(self, repo: Repository, cache: ChunkCache, background: bool) -> None:
@@ -74,13 +78,19 @@ class Registry:
         # the log, because the log lives on the filesystem that may be full.
         self._stalled: dict[str, str] = {}
         self._background: list[threading.Thread] = []
-        self._point_readers: dict[str, int] = {}  # disk -> open point images of the mount
+        # (disk, lineage, gen) -> open images of that point in the mount: per point, not
+        # per name (a name is reused after a delete) nor per disk (a purge of one point
+        # need not wait for images of another, each a reader of its own).
+        self._point_readers: Counter[tuple[str, int, int]] = Counter()
         # Called with a disk's name after it is deleted (the daemon drops the kernel's
         # cached entries, so a disk re-created under that name shows at once).
         self.on_removed: Callable[[str], None] = lambda name: None
         # Called with (disk, point) after a point is deleted or undeleted (the same, for
         # the entry of its image).
         self.on_point_changed: Callable[[str, str], None] = lambda disk, point: None
+        # Called with a point's record after the last of its open images closed (the disk
+        # service purges it then if a purge marked it purge_on_close).
+        self.on_point_closed: Callable[[PointRecord], None] = lambda point: None
         self.stopping = threading.Event()
 
     # -- open disks -----------------------------------------------------------------------
@@ -184,16 +194,44 @@ class Registry:
             finally:
                 os.close(entry.lock_fd)
 
-    def point_opened(self, disk: str, delta: int) -> None:
-        """Count the mount's open point images of `disk` (they block its deletion).
+    def open_point(self, disk: str, name: str) -> PointRecord | None:
+        """Count an open image of point `disk`@`name` of the mount; None if there is none.
 
-        An open (+1) waits while a command holds the disk (see claim): look the point
-        up after this call, so a point deleted meanwhile is not found.
+        It waits while a command holds the disk (see claim) and looks the point up under
+        the registry lock, so a purge either sees this image (and leaves the point's
+        extents until it closes) or commits first (and the point is not found): never an
+        image of extents that are gone. Pair with close_point().
         """
         with self._lock:
-            if delta > 0:
-                self._wait_unclaimed(disk)
-            self._point_readers[disk] = self._point_readers.get(disk, 0) + delta
+            self._wait_unclaimed(disk)
+            with self.index.read() as txn:
+                point = self.index.get_point(txn, disk, name)
+            if point is not None:
+                self._point_readers[_reader_key(point)] += 1
+            return point
+
+    def close_point(self, point: PointRecord) -> None:
+        """An open image of `point` closed; after the last one, `on_point_closed`.
+
+        The last close waits for a claim on the disk first: a purge that saw this image
+        open and marks the point purge_on_close commits under its claim, so the mark is
+        there to be seen once the claim is gone (a purge claimed after the close sees no
+        image and purges at once).
+        """
+        key = _reader_key(point)
+        with self._lock:
+            self._point_readers[key] -= 1
+            if self._point_readers[key]:
+                return
+            del self._point_readers[key]
+            self._wait_unclaimed(point.disk)
+        self.on_point_closed(point)
+
+    def point_open(self, point: PointRecord) -> bool:
+        """Whether the mount has an image of `point` open. Without the registry lock (see
+        the class): a caller that holds the disk's claim gets an answer that may turn
+        False, never True, before its commit, since opens wait for the claim."""
+        return self._point_readers.get(_reader_key(point), 0) > 0
 
     # -- claims ---------------------------------------------------------------------------
 
@@ -218,7 +256,8 @@ class Registry:
         """RpfsError if the mount has an image of `name` open (caller holds the lock)."""
         entry = self._open.get(name)
         handles = entry.handles if entry is not None and disk_too else 0
-        readers = self._point_readers.get(name, 0) if points_too else 0
+        readers = sum(n for (disk, _, _), n in self._point_readers.items()
+                      if disk == name) if points_too else 0
         if readers:
             raise RpfsError(
                 f"disk {name} has {readers} open point image(s) in the mount; close them "
@@ -240,9 +279,11 @@ class Registry:
         image and of its point images wait for the claim: an open between a check and
         the commit would otherwise read the old bytes and then the new ones, or zeros
         once a deleted point's extents are gone. `points_too`: open point images refuse
-        too; `disk_too=False`: an open image of the disk itself does not (a purge of its
-        points leaves what the disk reads). A second command on the same disk waits for
-        the first, then checks afresh.
+        too (a disk's deletion); `disk_too=False`: an open image of the disk itself does
+        not. A purge of points refuses neither: what the disk reads the head keeps, and
+        an open point image keeps its point (see `point_open`); it claims only so that
+        opens wait for its commit. A second command on the same disk waits for the
+        first, then checks afresh.
         """
         with self._lock:
             self._wait_unclaimed(name)
@@ -353,3 +394,7 @@ class Registry:
         thread = threading.Thread(target=run, name=name, daemon=True)
         self._background.append(thread)
         thread.start()
+
+
+def _reader_key(point: PointRecord) -> tuple[str, int, int]:
+    return point.disk, point.lineage, point.gen

@@ -50,6 +50,7 @@ class DiskService:
         self.repo = repo
         self.index = repo.index
         self.registry = Registry(repo, cache or ChunkCache(repo), background)
+        self.registry.on_point_closed = self._purge_on_close
 
     def _record(self, name: str, txn=None) -> DiskRecord:
         if txn is None:
@@ -411,21 +412,49 @@ class DiskService:
 
     # -- deleting points ------------------------------------------------------------------
 
-    def delete_points(self, points: list[str], purge: bool = False) -> list[dict]:
+    def delete_points(
+        self, points: list[str], purge: bool = False, wait: bool = False
+    ) -> list[dict]:
         """Move points DISK@POINT to the trash, or with `purge` drop them at once.
 
-        An image of a point in the trash reads on (its extents stay) until it is closed.
-        A purge is refused while an image of a point of the same disk is open in the
-        mount: it might read the extents the purge drops. With the trash off (a trash
-        period of 0 days) every delete is a purge.
+        The name is gone at once; an image of the point open in the mount reads on until
+        it is closed (the trash keeps its extents: a purged one stays there, marked to be
+        purged at that close). With the trash off (a trash period of 0 days) every delete
+        is a purge. A point still being archived is refused, or with `wait` waited for
+        (see `_wait_archived`).
         """
         purge = purge or self.trash_days == 0
-        disks = {parse_point_ref(ref)[0] for ref in points}
-        with self._purging(disks if purge else set()):
-            out = trash.delete(self.index, points, purge)
+        refs = [parse_point_ref(ref) for ref in points]
+        if wait:
+            self._wait_archived(refs)
+        with self._purging({disk for disk, _ in refs} if purge else set()):
+            out = trash.delete(self.index, points, purge, is_open=self.registry.point_open)
         for point in out:  # after the claims: see delete()
             self.registry.on_point_changed(point["disk"], point["name"])
         return out
+
+    def _wait_archived(self, refs: list[tuple[str, str]]) -> None:
+        """Wait until the points `refs` names that are still being archived are complete.
+
+        A disk's archiver thread archives its points in order; joining it is the wait
+        (`join_archiver`: no polling of the index). A stalled archive (a full disk) is
+        an error naming why, at once or as soon as it stalls, rather than a command that
+        hangs until someone frees space: archiving resumes by itself, the delete is
+        then run again. Without a daemon nothing archives in this process (a point left
+        archiving by a crash resumes at the next mount), so there is nothing to wait for
+        and waiting would never end: that is an error saying to mount the repository.
+        """
+        with self.index.read() as txn:
+            archiving = sorted({disk for disk, name in refs
+                                if self.index.point_named(txn, disk, name).state
+                                != PointState.COMPLETE})
+        if archiving and not self.registry.background:
+            raise RpfsError(
+                f"point(s) of disk {_some(archiving)} are still being archived, which "
+                "resumes only in the daemon: 'rpfs mount' the repository, then delete again"
+            )
+        for disk in archiving:
+            self.registry.join_archiver(disk)
 
     def prune(self, disk: str, dry_run: bool = False, **keep: int | None) -> list[dict]:
         """Apply a retention policy (`keep`: keep_last, keep_hourly, ... keep_yearly) to
@@ -547,20 +576,25 @@ class DiskService:
 
     def purge_trash(self, points: list[str] | None = None, expired: bool = False) -> list[dict]:
         """Purge the trash (all of it, the points named, or those whose time has come);
-        refused while an image of a point of one of their disks is open."""
+        a point whose image is open goes when that closes (`purge_on_close`)."""
         named = None if points is None else {parse_point_ref(ref)[0] for ref in points}
         disks = {e["disk"] for e in trash.listing(self.index)} if named is None else named
         with self._purging(disks):
             return trash.purge_trash(self.index, points, expired_only=expired,
-                                     trash_days=self.trash_days)
+                                     trash_days=self.trash_days,
+                                     is_open=self.registry.point_open)
 
     def purge_expired(self) -> tuple[list[dict], dict[str, str]]:
-        """The daemon's own purge of the points whose trash period is over, disk by disk,
-        so that an open image of one disk's point holds back that disk's only: what was
-        purged, and why each disk held back was (the claim's refusal)."""
+        """The daemon's own purge, at its start and each turn: the points marked
+        purge_on_close whose images are all closed (a crash left them, or their close's
+        purge failed), then those whose trash period is over, disk by disk, so that a
+        failure on one disk holds back that disk's only: what was purged, and why each
+        disk held back was (an expired point whose image is open is purged when that
+        closes: listed with `purge_on_close`)."""
+        self._purge_on_close()  # each logged as purged by the trash
         at = clock.now()
         due = sorted({e["disk"] for e in trash.listing(self.index, self.trash_days)
-                      if e["purge_after"] <= at})
+                      if e["purge_after"] <= at and not e["purge_on_close"]})
         purged: list[dict] = []
         held: dict[str, str] = {}
         for disk in due:
@@ -568,9 +602,10 @@ class DiskService:
                 with self._purging({disk}):
                     refs = [f"{e['disk']}@{e['name']}" for e in trash.listing(self.index)
                             if e["disk"] == disk]
-                    purged += trash.purge_trash(self.index, refs, expired_only=True, at=at,
-                                                trash_days=self.trash_days)
-            except RpfsError as exc:  # an open point image; or undeleted meanwhile
+                    purged += trash.purge_trash(
+                        self.index, refs, expired_only=True, at=at,
+                        trash_days=self.trash_days, is_open=self.registry.point_open)
+            except RpfsError as exc:  # e.g. undeleted meanwhile
                 held[disk] = str(exc)
         return purged, held
 
@@ -610,6 +645,25 @@ class DiskService:
             schedule.done(self.index, "verify")
         return out
 
+    def _purge_on_close(self, point: PointRecord | None = None) -> list[dict]:
+        """Purge the points marked purge_on_close (of `point`, whose last open image just
+        closed, or all) that no image reads any more.
+
+        No claim is needed: a point in the trash cannot be opened, so no image of it
+        starts meanwhile. At a close it runs in the closing thread (a FUSE worker), and
+        a failure (a full index) is logged, not raised into the close: the daemon's next
+        turn of its trash purge tries again.
+        """
+        try:
+            return trash.purge_closed(self.index, self.registry.point_open, point,
+                                      self.trash_days)
+        except (RpfsError, OSError) as exc:
+            if point is None:
+                raise
+            log.warning("disk %s: point %s: purge after its image closed failed (%s); the "
+                        "daemon's trash purge tries again", point.disk, point.name, exc)
+            return []
+
     @property
     def trash_days(self) -> int:
         """The repository's trash period, as it is now (`set_setting` changes it)."""
@@ -629,11 +683,12 @@ class DiskService:
 
     @contextlib.contextmanager
     def _purging(self, disks: set[str]):
-        """Claims on `disks` (in name order) that no point image of theirs is open."""
+        """Claims on `disks` (in name order), so that opens of their point images wait
+        for the purge's commits; open images refuse nothing (see `Registry.claim`)."""
         with contextlib.ExitStack() as claims:
             for name in sorted(disks):
                 claims.enter_context(self.registry.claim(
-                    name, "purge its points", points_too=True, disk_too=False))
+                    name, "purge its points", disk_too=False))
             yield
 
     def _dependants(self, txn, lineages: set[int]) -> list[LineageRecord]:

@@ -202,7 +202,7 @@ class _TrashPurge:
 
     def __init__(self, service: DiskService) -> None:
         self.service = service
-        self.held: set[str] = set()  # disks whose expired points an open image holds back
+        self.held: set[str] = set()  # disks whose expired points a failure holds back
 
     def purge_once(self) -> None:
         try:
@@ -212,9 +212,11 @@ class _TrashPurge:
                         PURGE_EVERY)
             return
         for point in purged:
-            log.info("disk %s: point %s: trash period of %d days over since %s: purged",
+            log.info("disk %s: point %s: trash period of %d days over since %s: %s",
                      point["disk"], point["name"], self.service.trash_days,
-                     iso(point["purge_after"]))
+                     iso(point["purge_after"]),
+                     "purged when its open image closes" if point["purge_on_close"]
+                     else "purged")
         for disk, why in held.items():  # said once, until it went through
             if disk not in self.held:
                 log.warning("disk %s: its expired points stay in the trash for now (%s); "

@@ -2,12 +2,14 @@
 
 The FUSE mount opens images through `Images` today and an NBD export will tomorrow, so
 what opening an image involves lives here once, not in either: an open point image is
-counted with the disk registry (it blocks the disk's deletion, and the count waits while a
-rollback or delete holds the disk), the point is looked up after that count, and a point
-still being archived reads its frozen blocks through its live disk (the overlay). Here
-too are the answers about an image that come from the repository's files (size, bytes
-allocated, modification time) and the room the repository's filesystem has left, so no
-export reaches into the repository for them.
+counted with the disk registry, which looks the point up with that count (waiting while
+a rollback or delete holds the disk): the count keeps a purged point's extents until the
+image closes, and blocks the disk's deletion. A point still being archived reads its
+frozen blocks through its live disk (the overlay). Here too are the answers about an
+image that come from the repository's files (size, bytes allocated, modification time;
+a deleted point's from its trash entry while an image of it may still be open) and the
+room the repository's filesystem has left, so no export reaches into the repository for
+them.
 
 Everything here blocks (LMDB, the registry lock, pread): exports call it from worker
 threads. Errors are OSError with the errno an export returns (ENOENT, EBUSY, EROFS) and a
@@ -51,7 +53,7 @@ class PointHandle:
         self, registry: Registry, image: PointImage, overlay: LiveDisk | None
     ) -> None:
         self._registry = registry
-        self._disk = image.point.disk
+        self._point = image.point
         self._overlay = overlay
         self.size = image.size
         self.instance = _instance(image.point)
@@ -68,9 +70,9 @@ class PointHandle:
         pass
 
     def close(self) -> None:
-        self._registry.point_opened(self._disk, -1)
         if self._overlay is not None:
-            self._registry.release(self._disk)
+            self._registry.release(self._point.disk)
+        self._registry.close_point(self._point)  # last: this may purge the point
 
 
 class DiskHandle:
@@ -111,20 +113,22 @@ class Images:
     def open_point(self, disk: str, name: str) -> PointHandle:
         """Open point `disk`@`name` for reading; ENOENT if there is none.
 
-        Counted first (this waits while a rollback or delete holds the disk), looked up
-        after: a point deleted meanwhile is ENOENT, never an image of extents that are gone.
+        Looked up with its count (this waits while a rollback or delete holds the disk):
+        a point deleted meanwhile is ENOENT, never an image of extents that are gone; one
+        purged while open reads on until closed.
         """
-        self.registry.point_opened(disk, +1)
+        point = self.registry.open_point(disk, name)
+        if point is None:
+            raise OSError(errno.ENOENT, f"no point {disk}@{name}")
         overlay = None
         try:
-            point = self._point(disk, name)
             if point.state != PointState.COMPLETE:
                 overlay = self.registry.acquire(disk)
             image = PointImage(self.repo, self.cache, point, overlay)
         except BaseException:
             if overlay is not None:
                 self.registry.release(disk)
-            self.registry.point_opened(disk, -1)
+            self.registry.close_point(point)
             raise
         return PointHandle(self.registry, image, overlay)
 
@@ -144,7 +148,17 @@ class Images:
         return DiskHandle(self.registry, name, disk)
 
     def point_info(self, disk: str, name: str) -> ImageInfo:
-        point = self._point(disk, name)
+        return self._point_info(self._point(disk, name))
+
+    def deleted_point_info(self, disk: str, name: str, instance: tuple) -> ImageInfo | None:
+        """What the point `disk`@`name` of identity `instance` was, if it is in the trash
+        (an image of it opened before its delete still reads)."""
+        with self.repo.index.read() as txn:
+            entries = self.repo.index.list_trash(txn, disk, name)
+        return next((self._point_info(e.point) for e in entries
+                     if _instance(e.point) == instance), None)
+
+    def _point_info(self, point: PointRecord) -> ImageInfo:
         return ImageInfo(
             size=point.size, allocated=point.allocated_blocks * self.repo.block_size,
             mtime=point.created, instance=_instance(point),

@@ -83,6 +83,7 @@ class Tree:
         self.mounted_at = time.time()
         self._ino_of: dict[tuple, int] = {(): ROOT_INO}
         self._key_of: dict[int, Key] = {ROOT_INO: ()}
+        self._identity_of: dict[int, tuple] = {}  # of the images' inodes
         self._lock = threading.Lock()
 
     def _ino(self, key: Key, identity: tuple = ()) -> int:
@@ -94,6 +95,7 @@ class Tree:
                 ino = len(self._key_of) + ROOT_INO
                 self._ino_of[(*key, *identity)] = ino
                 self._key_of[ino] = key
+                self._identity_of[ino] = identity
             return ino
 
     def key(self, ino: int) -> Key:
@@ -110,10 +112,27 @@ class Tree:
         return key
 
     def attr(self, ino: int) -> Attr:
-        attr = self._stat(self.key(ino))
-        if attr.ino != ino:
-            raise _enoent()
+        key = self.key(ino)
+        try:
+            attr = self._stat(key)
+        except FileNotFoundError:
+            attr = None
+        if attr is None or attr.ino != ino:
+            return self._deleted_point(ino, key)
         return attr
+
+    def _deleted_point(self, ino: int, key: Key) -> Attr:
+        """The attributes of a point image whose name is gone but which is still in the
+        trash (also marked to be purged when its open images close): an image open
+        before the delete reads on, and like an unlinked file's, its fstat answers, with
+        no link. ENOENT for anything else."""
+        if len(key) != 3:
+            raise _enoent()
+        info = self.images.deleted_point_info(key[1], key[2], self._identity_of[ino])
+        if info is None:
+            raise _enoent()
+        return Attr(ino, stat.S_IFREG | self.access.point_mode, size=info.size,
+                    blocks=info.allocated // 512, mtime=info.mtime, nlink=0)
 
     def _stat(self, key: Key) -> Attr:
         """Attributes of the entry at `key`; its inode is allocated only if it exists."""

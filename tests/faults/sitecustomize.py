@@ -3,6 +3,8 @@ directory on PYTHONPATH,
 
 - RPFS_TEST_READ_EIO naming a file: every pread of a file whose name that file lists
   fails with EIO, as a flaky disk's would, for as long as it lists it (test_backend.py);
+- RPFS_TEST_PACK_GATE naming a path: pack writes wait while it exists, or fail with
+  ENOSPC while it says so (test_purge_open.py: an archive as slow as the test wants);
 - RPFS_TEST_KILL_AT_DROP=K: the process SIGKILLs itself at the K-th extent dropped by a
   thread that has removed a point, before dropping it: in the middle of a point's purge
   (test_purge_crash.py);
@@ -80,3 +82,26 @@ if _KILL_AT_DROP or _KILL_AFTER_COMMITS:
                 _die()
 
     _Txn.__exit__ = _exiting
+
+# RPFS_TEST_PACK_GATE: while the path exists, every pwrite to a pack file waits for it to
+# go, or, while the file says ENOSPC, fails as a full disk would (a stalled archive).
+_GATE = os.environ.get("RPFS_TEST_PACK_GATE")
+
+if _GATE:
+    import time
+
+    _pwrite = os.pwrite
+
+    def _gated_pwrite(fd: int, data, offset: int) -> int:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".pack"):
+            while os.path.exists(_GATE):
+                try:
+                    with open(_GATE) as f:
+                        if f.read().strip() == "ENOSPC":
+                            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                except FileNotFoundError:
+                    break
+                time.sleep(0.02)
+        return _pwrite(fd, data, offset)
+
+    os.pwrite = _gated_pwrite
