@@ -156,3 +156,27 @@ def test_the_daemon_sees_a_new_period_and_purges_by_itself(rpfs, repo: Path, mou
     log = (repo / "rpfs.log").read_text()
     assert "disk d: point p1: trash period of 3 days over since" in log
     assert (mnt / "points" / "d" / "p2.img").read_bytes() == survivor
+
+
+def test_with_the_trash_off_an_expired_point_is_purged_at_once(tmp_path: Path, monkeypatch):
+    """trash-days 0: the expiry check moves an expired point to the trash and purges it in
+    the same turn, as a delete would (nothing waits for the trash's own turn)."""
+    root = tmp_path / "repo"
+    Repository.init(root, 4096, trash_days=0).close()
+    source = tmp_path / "d.img"
+    source.write_bytes(random.Random(5).randbytes(64 << 10))
+    monkeypatch.setenv("RPFS_NOW", str(T0))
+    with Repository(root) as repo:
+        capture(repo, "d", source, point="p1", expires=T0 + DAY)
+        source.write_bytes(random.Random(6).randbytes(64 << 10))
+        capture(repo, "d", source, point="p2")
+        service = DiskService(repo)
+        monkeypatch.setenv("RPFS_NOW", str(T0 + DAY))
+        try:
+            assert [p["name"] for p in service.expire()] == ["p1"]
+            assert service.list_trash() == []
+            with repo.index.read() as txn:
+                assert [p.name for p in repo.index.list_points(txn)] == ["p2"]
+            assert refcount_errors(repo.index) == []
+        finally:
+            service.registry.close_all()

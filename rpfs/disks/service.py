@@ -550,6 +550,8 @@ class DiskService:
         out = expiry.expire(self.index)
         for point in out:
             self.registry.on_point_changed(point["disk"], point["name"])
+        if out and self.trash_days == 0:  # the trash is off: they are purged at once
+            self.purge_expired()
         return out
 
     def hold(self, point: str, tag: str = marks.DEFAULT_TAG) -> dict:
