@@ -353,6 +353,17 @@ class Repository:
         finally:
             os.close(fd)
 
+    @contextlib.contextmanager
+    def gc_lock(self) -> Iterator[None]:
+        """One gc at a time, in any process (two would compact the same packs)."""
+        fd = _try_lock(self._lock_path("gc"))
+        if fd is None:
+            raise RpfsError("another gc of this repository is running; wait for it to finish")
+        try:
+            yield
+        finally:
+            os.close(fd)
+
     def disk_lock_free(self, disk: str) -> bool:
         """True if nobody holds the disk's lock (so a capture record of it is dead)."""
         try:

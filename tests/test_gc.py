@@ -260,3 +260,35 @@ def test_a_compaction_killed_after_its_copies_resumes_without_copying(opened, tm
     assert not packs & interrupted, "the interrupted pack was finished and deleted"
     assert {d: _read(opened, d, "p2") for d in sums} == sums
     assert refcount_errors(opened.index) == []
+
+
+def test_what_crashes_leave_goes(opened, tmp_path):
+    """A pack's tail past its last named record (a killed writer's), a local file no
+    disk names (a crash between a disk's deletion and its file's) once it is old enough,
+    and the staging rows of a capture whose process is gone."""
+    import os
+
+    source = _image(tmp_path, "a", list(range(32)))
+    capture(opened, "a", source, point="p1")
+    [pack] = sorted((opened.root / "packs").glob("*.pack"))
+    size = pack.stat().st_size
+    with open(pack, "ab") as f:
+        f.write(b"RPC1" + os.urandom(5000))  # half a record, as a killed append leaves
+    (opened.root / "disks").mkdir(exist_ok=True)
+    old, new = opened.root / "disks" / "00000077.raw", opened.root / "disks" / "00000078.raw"
+    for path in (old, new):
+        path.write_bytes(b"x" * 4096)
+    os.utime(old, (1, 1))
+    with opened.index.write() as txn:
+        opened.index.put_capture(txn, 55, {"disk": "gone", "pid": 1 << 22, "started": 0})
+        opened.index.stage(txn, 55, 0, b"")
+    done = gc.run(opened)
+    assert done["tail_bytes"] == 5004 and pack.stat().st_size == size
+    assert done["orphan_files"] == ["disks/00000077.raw"]
+    assert not old.exists() and new.exists(), "a recent file may be a disk being created"
+    with opened.index.read() as txn:
+        assert opened.index.list_captures(txn) == []
+    assert _read(opened, "a", "p1") == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert refcount_errors(opened.index) == []
+    again = gc.run(opened)
+    assert (again["tail_bytes"], again["orphan_files"]) == (0, [])

@@ -51,8 +51,10 @@ THRESHOLD = 0.8  # compact a pack whose live bytes are below this fraction of it
 SWEEP_BATCH = 256  # chunk records freed in one transaction
 MOVE_BATCH = 256  # chunks pointed at their copies in one transaction
 READ_RUN = 8 << 20  # bytes of adjacent records read at once when copying
+ORPHAN_AGE = 600.0  # seconds a local file no disk names is left alone (a create in progress)
 STATE = "gc"  # index note: the compaction in progress
 RETIRED = "gc-retired"  # index note: packs to delete once the index names nothing in them
+TAILS = "gc-tails"  # index note: every pack up to this one had its tail looked at
 
 
 @dataclass
@@ -94,6 +96,8 @@ class Result:
     packs_deleted: int = 0
     pack_bytes_before: int = 0
     pack_bytes_after: int = 0
+    tail_bytes: int = 0  # cut from packs past their last named record
+    orphan_files: list[str] = field(default_factory=list)  # local files no disk names
     stopped: str | None = None  # why it stopped before the end (no space)
 
 
@@ -102,6 +106,12 @@ def run(repo: Repository, threshold: float = THRESHOLD, dry_run: bool = False,
     """One garbage collection; its figures (with `dry_run`, what it would do)."""
     if not 0.0 <= threshold <= 1.0:
         raise RpfsError(f"bad --threshold {threshold}: a fraction from 0 to 1, e.g. 0.8")
+    with repo.gc_lock():
+        return _run(repo, threshold, dry_run, progress)
+
+
+def _run(repo: Repository, threshold: float, dry_run: bool, progress: ProgressFn | None
+         ) -> dict:
     backend = repo.store.backend
     out = Result(dry_run, pack_bytes_before=sum(backend.size(p) for p in backend.list()))
     if not dry_run:
@@ -140,6 +150,9 @@ def run(repo: Repository, threshold: float = THRESHOLD, dry_run: bool = False,
             writer.close()
     if not dry_run:
         out.packs_deleted = _delete_retired(repo)
+    compacted = {pack for pack, _, _ in candidates}
+    out.tail_bytes = _cut_tails(repo, wall, compacted, dry_run)
+    out.orphan_files = _orphan_files(repo, dry_run)
     out.pack_bytes_after = sum(backend.size(p) for p in backend.list())
     log.info("gc%s: %d chunks freed (%d bytes), %d packs compacted (%d bytes copied), %d packs "
              "deleted, pack bytes %d -> %d", " (dry run)" if dry_run else "",
@@ -285,6 +298,60 @@ def _finish_compaction(repo: Repository) -> None:
              pack, len(copies))
     _move(index, pack, copies)
     _retire(index, [pack])
+
+
+def _cut_tails(repo: Repository, wall: Fence, skip: set[int], dry_run: bool) -> int:
+    """Cut the bytes past the last record the index names from sealed packs (a killed
+    writer's unregistered tail); packs in `skip` were compacted whole. A sealed pack
+    changes only by gc, so each is looked at once: the note `gc-tails` is the highest
+    pack looked at, below which every pack was. Only a backend that appends can cut;
+    the bytes cut."""
+    backend, index = repo.store.backend, repo.index
+    if not backend.can_append:
+        return 0
+    with index.read() as txn:
+        stats = index.pack_stats(txn)
+        upto = index.get_note(txn, TAILS) or 0
+    cut = 0
+    for pack in sorted(p for p in stats if p > upto):
+        if not wall.sealed(pack):
+            break  # a writer's: the packs above it wait for the next run
+        upto = pack
+        size = backend.size(pack)
+        if pack in skip or size <= stats[pack].named_bytes:
+            continue
+        with index.read() as txn:
+            end = max((offset + length for offset, digest, length in repo.store.records(pack)
+                       if (loc := index.get_chunk(txn, digest)) is not None
+                       and (loc.pack, loc.offset) == (pack, offset)), default=0)
+        if end and end < size:
+            if not dry_run:
+                backend.truncate(pack, end)
+                log.info("pack %d: cut %d bytes past its last named record", pack, size - end)
+            cut += size - end
+    if not dry_run:
+        with index.write() as txn:
+            index.put_note(txn, TAILS, upto)
+    return cut
+
+
+def _orphan_files(repo: Repository, dry_run: bool) -> list[str]:
+    """Remove the local disk files no disk record names and that nobody touched for
+    ORPHAN_AGE (`disk create` makes its file just before the record that names it): what
+    a crash between a disk's deletion and its file's left behind."""
+    folder = repo.root / "disks"
+    with repo.index.read() as txn:
+        named = {d.file for d in repo.index.list_disks(txn) if d.writable}
+    out = []
+    for path in sorted(folder.glob("*.raw")) if folder.is_dir() else []:
+        name = f"disks/{path.name}"
+        if name in named or time.time() - path.stat().st_mtime < ORPHAN_AGE:
+            continue
+        if not dry_run:
+            path.unlink(missing_ok=True)
+            log.info("local file %s removed: no disk names it", name)
+        out.append(name)
+    return out
 
 
 def _retire(index: Index, packs: list[int]) -> None:
