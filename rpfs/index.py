@@ -985,6 +985,11 @@ class Index:
 
     # -- block maps of writable disks ------------------------------------------------------
 
+    def map_files(self, txn: lmdb.Transaction) -> set[int]:
+        """The local files that have block-map pages (a scan of `blockmap`'s keys)."""
+        with txn.cursor(db=self.db["blockmap"]) as cur:
+            return {_U64.unpack_from(key)[0] for key in cur.iternext(values=False)}
+
     def map_pages(self, txn: lmdb.Transaction, file_id: int) -> Iterator[tuple[int, bytes]]:
         """(page number, state bytes) of a local file's persisted block map."""
         for key, value in self._scan(txn, "blockmap", u64(file_id)):

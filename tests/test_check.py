@@ -138,6 +138,17 @@ def _unlist_disk(repo: Path) -> None:
     _edit_index(repo, edit)
 
 
+def _bad_map_state(repo: Path) -> None:
+    def edit(index, txn):
+        disk = index.get_disk(txn, "c")
+        index.put_map_page(txn, disk.file_id, 0, bytes([1, 9, 0]))
+    _edit_index(repo, edit)
+
+
+def _orphan_map(repo: Path) -> None:
+    _edit_index(repo, lambda index, txn: index.put_map_page(txn, 4242, 0, bytes(4)))
+
+
 def _lose_local_file(repo: Path) -> None:
     next((repo / "disks").glob("*.raw")).unlink()
 
@@ -152,6 +163,8 @@ DAMAGE = {
     "gens": (_drop_gens_entry, "missing from gens", "index restore"),
     "reader": (_unlist_disk, "does not list disk vm", "index restore"),
     "local-file": (_lose_local_file, "its local file disks/", "index restore"),
+    "map-state": (_bad_map_state, "block-map page 0 holds a state", "index restore"),
+    "map-orphan": (_orphan_map, "local file 4242, which no disk names", "index restore"),
 }
 
 

@@ -5,7 +5,8 @@ It recounts what the index keeps as running figures (chunk references from the e
 that names another: a chunk's location must lie inside its pack and land on a record
 header naming that chunk; a point, a trash entry and a disk need their lineage, a
 lineage its origin, a point's lineage must list the point's disk (purge finds a
-lineage's readers through it), a writable disk its local file. Each finding says what is
+lineage's readers through it), a writable disk its local file and a block map within it
+of valid states (and no map of a file no disk names). Each finding says what is
 wrong and what to do. What a crash leaves behind on purpose (records of chunks no
 extent references, packs or local files nothing names, staging rows of dead captures)
 is no inconsistency: it is listed as reclaimable, for GC.
@@ -19,8 +20,10 @@ import contextlib
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
+from ..disks.blockmap import ABSENT, DIRTY, FROZEN, PAGE_BLOCKS, PRESENT
 from ..index import ChunkLoc
 from ..lifecycle.purge import refcount_errors
+from ..names import ceil_div
 from ..progress import ProgressFn
 from ..repo import Repository
 from ..store.backend import PackMissing
@@ -29,6 +32,9 @@ INDEX_FIX = ("the index disagrees with itself: keep a copy of REPO/index, then '
              "restore' puts back its newest good checkpoint; please report it with REPO/rpfs.log")
 PACK_FIX = ("a pack was changed or cut outside rpfs (or its disk failed): the points "
             "reading these chunks read EIO there; 'rpfs verify' names them")
+
+
+_STATES = bytes([ABSENT, PRESENT, DIRTY, FROZEN])  # the bytes a block map may hold
 
 
 @dataclass
@@ -90,6 +96,7 @@ def _check_records(repo: Repository, txn, report: Report) -> None:
             problems.append(f"disk {disk.name}: its lineage {disk.lineage} is missing")
         if disk.writable and not (repo.root / disk.file).exists():
             problems.append(f"disk {disk.name}: its local file {disk.file} is missing")
+    problems += _check_maps(repo, txn, disks.values())
     report.add(INDEX_FIX, problems)
     named = {disk.file for disk in disks.values() if disk.writable}
     report.reclaimable += [f"local file {f} (no disk names it)"
@@ -100,6 +107,24 @@ def _check_records(repo: Repository, txn, report: Report) -> None:
                                       f"{info['disk']} (its process is gone)")
     report.checked.update(lineages=len(lineages), disks=len(disks), points=len(points),
                           trash=len(trash))
+
+
+def _check_maps(repo: Repository, txn, disks) -> list[str]:
+    """Each writable disk's block map: pages within the disk, of valid states; and no
+    pages of a local file no disk names."""
+    index, problems = repo.index, []
+    files = {d.file_id: d for d in disks if d.writable}
+    for file_id, disk in files.items():
+        pages = ceil_div(ceil_div(disk.size, repo.block_size), PAGE_BLOCKS)
+        for page, value in index.map_pages(txn, file_id):
+            if page >= pages or len(value) > PAGE_BLOCKS:
+                problems.append(f"disk {disk.name}: block-map page {page} lies past the disk")
+            elif value.translate(None, _STATES):
+                problems.append(f"disk {disk.name}: block-map page {page} holds a state "
+                                "that is none of absent, present, dirty, frozen")
+    problems += [f"block-map pages of local file {file_id}, which no disk names"
+                 for file_id in sorted(index.map_files(txn) - files.keys())]
+    return problems
 
 
 def _local_files(repo: Repository) -> list[str]:
