@@ -43,10 +43,11 @@ def verify(repo: Repository, points: list[str] | None = None,
         if points:
             wanted = _read_by(index, txn, [index.point_named(txn, *parse_point_ref(ref))
                                            for ref in points], repo.block_size)
-            plan = [(None, sorted(((d, chunks[d]) for d in wanted if d in chunks),
-                                  key=lambda c: (c[1].pack, c[1].offset)))]
+            plan = [(None, batch) for _, batch in
+                    _by_pack((d, chunks[d]) for d in wanted if d in chunks)]
         else:
             plan = _rolling_plan(index, txn, chunks)
+        suspects = set(index.suspects(txn))
     total = sum(loc.length for _, batch in plan for _, loc in batch)
     done = verified_packs = checked = 0
     bad: dict[bytes, dict] = {}
@@ -63,7 +64,7 @@ def verify(repo: Repository, points: list[str] | None = None,
             for digest, _ in batch:
                 if digest in found:
                     index.mark_bad(txn, digest, found[digest])
-                else:
+                elif digest in suspects:
                     index.clear_suspect(txn, digest)  # read again and sound
             if pack is not None:
                 index.put_verified(txn, pack, {"at": now(), "chunks": len(batch),
@@ -89,19 +90,25 @@ def verify(repo: Repository, points: list[str] | None = None,
 
 def _rolling_plan(index: Index, txn, chunks: dict[bytes, ChunkLoc]
                   ) -> list[tuple[int | None, list[tuple[bytes, ChunkLoc]]]]:
-    """The suspects first (as one batch that marks no pack), then every pack's named
+    """The suspects first (as one batch that records no pack), then every pack's named
     chunks, the packs verified longest ago (or never) first."""
     suspects = [(d, chunks[d]) for d in index.suspects(txn) if d in chunks]
-    by_pack: dict[int, list[tuple[bytes, ChunkLoc]]] = defaultdict(list)
-    for digest, loc in chunks.items():
-        by_pack[loc.pack].append((digest, loc))
     last = index.verified(txn)
-    order = sorted(by_pack, key=lambda pack: (last.get(pack, {}).get("at", -1.0), pack))
+    packs = sorted(_by_pack(chunks.items()),
+                   key=lambda entry: (last.get(entry[0], {}).get("at", -1.0), entry[0]))
     plan: list[tuple[int | None, list[tuple[bytes, ChunkLoc]]]] = []
     if suspects:
         plan.append((None, suspects))
-    plan += [(pack, sorted(by_pack[pack], key=lambda c: c[1].offset)) for pack in order]
-    return plan
+    return plan + packs
+
+
+def _by_pack(chunks: Iterable[tuple[bytes, ChunkLoc]]
+             ) -> list[tuple[int, list[tuple[bytes, ChunkLoc]]]]:
+    """(pack, its chunks in offset order) for each pack the chunks lie in, by pack."""
+    out: dict[int, list[tuple[bytes, ChunkLoc]]] = defaultdict(list)
+    for digest, loc in chunks:
+        out[loc.pack].append((digest, loc))
+    return [(pack, sorted(out[pack], key=lambda c: c[1].offset)) for pack in sorted(out)]
 
 
 def _verify_chunks(repo: Repository, batch: list[tuple[bytes, ChunkLoc]]) -> dict[bytes, dict]:
