@@ -200,11 +200,12 @@ class _Capture:
         data = self.src.read(batch.first * bs, batch.count * bs) if batch.read else None
         out: list[Change] = []
         with self.index.read() as txn:
+            any_bad = self.index.any_bad(txn)
             for i in range(batch.count):
                 block = batch.first + i
                 raw = data[i * bs : (i + 1) * bs] if data is not None else None
                 prev = self.index.resolve(txn, chain, block) if chain else ZERO
-                change = examine(self.index, txn, block, raw, self.zero_block, prev)
+                change = examine(self.index, txn, block, raw, self.zero_block, prev, any_bad)
                 if change is not None:
                     out.append(change)
         return out

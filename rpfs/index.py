@@ -550,6 +550,10 @@ class Index:
     def is_bad(self, txn: lmdb.Transaction, digest: bytes) -> bool:
         return "bad" in self.db and txn.get(digest, db=self.db["bad"]) is not None
 
+    def any_bad(self, txn: lmdb.Transaction) -> bool:
+        """Whether any chunk is marked bad."""
+        return "bad" in self.db and txn.stat(self.db["bad"])["entries"] > 0
+
     def bad_chunks(self, txn: lmdb.Transaction) -> dict[bytes, dict]:
         if "bad" not in self.db:
             return {}

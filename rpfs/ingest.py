@@ -33,10 +33,13 @@ class Change:
     revive: bytes | None = None
 
 
-def examine(index: Index, txn, block: int, raw, zero: bytes, prev: bytes) -> Change | None:
-    """Compare one block's bytes with its previous value; None if unchanged."""
+def examine(index: Index, txn, block: int, raw, zero: bytes, prev: bytes,
+            any_bad: bool = True) -> Change | None:
+    """Compare one block's bytes with its previous value; None if unchanged. `any_bad`:
+    whether verify marked any chunk bad (`Index.any_bad`, asked once per batch: nearly
+    always none, and then no block needs the lookup)."""
     value = ZERO if raw is None or raw == zero else digest(raw)
-    bad = value != ZERO and index.is_bad(txn, value)  # verify found its record bad
+    bad = any_bad and value != ZERO and index.is_bad(txn, value)  # its record is bad
     if value == prev and not bad:
         return None
     change = Change(block, value, None, (value != ZERO) - (prev != ZERO))

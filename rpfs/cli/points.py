@@ -12,6 +12,7 @@ from ..disks.catalog import Catalog, PointStatus, read_catalog
 from ..disks.history import Line
 from ..disks.point import open_point
 from ..index import DiskRecord, PointState
+from ..lifecycle.policy import has_retention
 from ..lineage import allocated_extents, changed_extents
 from ..names import check_name, fmt_bytes, parse_point_ref
 from ..progress import progress_bar
@@ -36,11 +37,14 @@ def cmd_capture(args: argparse.Namespace) -> int:
             description=args.description,
             expires=expires,
         )
+        retains = has_retention(repo, args.disk)
     print(
         f"{point.ref}: {point.method}, {point.blocks_written} blocks written, "
         f"{fmt_bytes(point.bytes_stored)} stored"
     )
-    with disk_service(repo_path(args.repo)) as service:  # the disk's policy, if it has one
+    if not retains:
+        return 0
+    with disk_service(repo_path(args.repo)) as service:  # the daemon's, if one runs
         plan = service.apply_policy(disk=args.disk)
     removed = [p["name"] for p in plan if not p["keep"]]
     if removed:

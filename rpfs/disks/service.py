@@ -513,10 +513,10 @@ class DiskService:
         """Apply the retention of the disk's stored policy, if it has one that keeps
         something (after a capture, and in each turn of the daemon's schedule): the plan,
         or [] when there is none."""
+        if not policy.has_retention(self.repo, disk):
+            return []
         with self.index.read() as txn:
             stored = policy.policy_of(self.index, txn, disk)
-        if stored is None or not stored.keeps_something:
-            return []
         plan = self._retention(disk, stored)
         removed = [d["name"] for d in plan if not d["keep"]]
         if removed:

@@ -195,9 +195,11 @@ class Snapshots:
         stored_before = ingest.bytes_stored
         changes = []
         with self.index.read() as txn:
+            any_bad = self.index.any_bad(txn)
             for b in blocks:
                 prev = self.index.resolve(txn, self._prev_chain, b)
-                change = examine(self.index, txn, b, disk.pread_block(b), disk.zero, prev)
+                change = examine(self.index, txn, b, disk.pread_block(b), disk.zero, prev,
+                                 any_bad)
                 if change is not None:
                     changes.append(change)
         ingest.protect(changes)

@@ -23,6 +23,7 @@ import lmdb
 from ..errors import RpfsError
 from ..index import Index
 from ..names import check_name
+from ..repo import Repository
 from .clock import fmt_duration
 from .retention import Policy
 
@@ -59,6 +60,14 @@ def clear_policy(index: Index, disk: str) -> bool:
 def policy_of(index: Index, txn: lmdb.Transaction, disk: str) -> Policy | None:
     raw = index.get_policy(txn, disk)
     return None if raw is None else Policy.decode(raw)
+
+
+def has_retention(repo: Repository, disk: str) -> bool:
+    """Whether `disk` has a stored policy that keeps something (so a new point of it calls
+    for its retention: `rpfs capture` asks before it opens the disk service)."""
+    with repo.index.read() as txn:
+        stored = policy_of(repo.index, txn, disk)
+    return stored is not None and stored.keeps_something
 
 
 def policies(index: Index, disk: str | None = None) -> list[tuple[str, Policy, float | None]]:
