@@ -27,6 +27,7 @@ from ..lifecycle.clock import now
 from ..names import ceil_div, parse_point_ref
 from ..progress import ProgressFn
 from ..repo import Repository
+from ..store.packs import PackGone
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,8 @@ def _verify_chunks(repo: Repository, batch: list[tuple[bytes, ChunkLoc]]) -> dic
         results = repo.store.get_many([(loc, digest) for digest, loc in part],
                                       relocate=repo.locate)  # moved by GC meanwhile
         for (digest, loc), result in zip(part, results, strict=True):
+            if isinstance(result, PackGone) and repo.locate(digest) is None:
+                continue  # gc freed it meanwhile: nothing reads it, nothing to judge
             if isinstance(result, CorruptChunk):
                 out[digest] = {"at": now(), "pack": loc.pack, "offset": loc.offset,
                                "error": str(result)}
