@@ -138,8 +138,7 @@ def _check_packs(repo: Repository, chunks: list[tuple[bytes, ChunkLoc]], report:
     by_pack: dict[int, list[tuple[bytes, ChunkLoc]]] = defaultdict(list)
     for digest, loc in chunks:
         by_pack[loc.pack].append((digest, loc))
-    backend = repo.store.backend
-    sizes = {pack: backend.size(pack) for pack in backend.list()}  # progress is in bytes
+    sizes = repo.store.sizes()  # progress is in bytes
     total, done = sum(sizes.values()), 0
     problems = []
     for pack in sorted(sizes.keys() | by_pack.keys()):

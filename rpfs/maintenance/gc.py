@@ -112,8 +112,7 @@ def run(repo: Repository, threshold: float = THRESHOLD, dry_run: bool = False,
 
 def _run(repo: Repository, threshold: float, dry_run: bool, progress: ProgressFn | None
          ) -> dict:
-    backend = repo.store.backend
-    out = Result(dry_run, pack_bytes_before=sum(backend.size(p) for p in backend.list()))
+    out = Result(dry_run, pack_bytes_before=sum(repo.store.sizes().values()))
     if not dry_run:
         reap_dead_captures(repo, held="")
         _finish_compaction(repo)
@@ -153,7 +152,7 @@ def _run(repo: Repository, threshold: float, dry_run: bool, progress: ProgressFn
     compacted = {pack for pack, _, _ in candidates}
     out.tail_bytes = _cut_tails(repo, wall, compacted, dry_run)
     out.orphan_files = _orphan_files(repo, dry_run)
-    out.pack_bytes_after = sum(backend.size(p) for p in backend.list())
+    out.pack_bytes_after = sum(repo.store.sizes().values())
     log.info("gc%s: %d chunks freed (%d bytes), %d packs compacted (%d bytes copied), %d packs "
              "deleted, pack bytes %d -> %d", " (dry run)" if dry_run else "",
              out.chunks_freed, out.bytes_freed, out.packs_compacted, out.bytes_copied,
@@ -190,14 +189,12 @@ def _candidates(repo: Repository, wall: Fence, threshold: float, freed: dict[int
     """(pack, size, live bytes) of each sealed pack worth compacting: live below
     `threshold` of its size, every pack at 1.0 (a pack nothing names has 0 live: it is
     only deleted), the emptiest first."""
-    backend = repo.store.backend
     with repo.index.read() as txn:
         stats = repo.index.pack_stats(txn)
     out = []
-    for pack in backend.list():
+    for pack, size in repo.store.sizes().items():
         if not wall.sealed(pack):
             continue
-        size = backend.size(pack)
         named = stats.get(pack)
         # Every named record is copied; `freed`: what a dry run's sweep would have freed.
         live = (named.named_bytes if named else 0) - freed.get(pack, 0)

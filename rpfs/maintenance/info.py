@@ -27,9 +27,8 @@ def summary(repo: Repository) -> dict:
         points = index.list_points(txn)
         trash = index.list_trash(txn)
         stats = index.pack_stats(txn)
-    backend = repo.store.backend
-    packs = backend.list()
-    pack_bytes = sum(backend.size(pack) for pack in packs)
+    sizes = repo.store.sizes()
+    pack_bytes = sum(sizes.values())
     stored = sum(s.live_bytes for s in stats.values())
     distinct = sum(s.live_chunks for s in stats.values()) * bs
     allocated = sum(p.allocated_blocks for p in points) * bs
@@ -38,7 +37,7 @@ def summary(repo: Repository) -> dict:
         "writable_disks": sum(d.writable for d in disks),
         "points": len(points),
         "trash_points": len(trash),
-        "packs": len(packs),
+        "packs": len(sizes),
         "logical_bytes": sum(p.size for p in points),
         "allocated_bytes": allocated,
         "stored_bytes": stored,

@@ -164,6 +164,17 @@ class PackStore:
             yield offset, block_digest, HEADER.size + length
             offset += HEADER.size + length
 
+    def sizes(self) -> dict[int, int]:
+        """The size of every pack there, by number (one deleted meanwhile, by gc or a
+        failed capture, is left out)."""
+        out = {}
+        for pack in self.backend.list():
+            try:
+                out[pack] = self.backend.size(pack)
+            except PackMissing:
+                continue
+        return out
+
     def delete(self, pack: int) -> None:
         """Remove a pack that nothing in the index names any more."""
         self.backend.delete(pack)
