@@ -543,9 +543,10 @@ def bench_gc_reads(bench: Bench, repo: Path, point: str) -> None:
     how = ("fio 4 KiB random reads, qd1, " + ("O_DIRECT" if direct else "buffered")
            + ", of a fresh clone of the surviving point each run (copy-on-read), its packs "
            "in the page cache")
+    low, high = f"{100 * min(cover):.0f}", f"{100 * max(cover):.0f}"
     during = (f"{how}, while `rpfs gc --threshold 1` ran back to back through the daemon "
-              f"(GC ran during {100 * min(cover):.0f}-{100 * max(cover):.0f} % of each fio "
-              "run; the first gc compacts the part-dead packs, the next rewrite them all)")
+              f"(GC ran during {low if low == high else f'{low}-{high}'} % of each fio run; "
+              "the first gc compacts the part-dead packs, the next rewrite them all)")
     r.add("rpfs", "gc_rand4k_qd1_p99_quiet_us",
           [x.p99_us for x in quiet if x.p99_us is not None], how)
     r.add("rpfs", "gc_rand4k_qd1_mean_quiet_us", [x.mean_us for x in quiet], how)
