@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import itertools
 import json
 import os
 import select
@@ -31,6 +32,7 @@ sample_mod = importlib.import_module("benchlib.sample")
 runner = importlib.import_module("benchlib.runner")
 cli_timer = importlib.import_module("benchlib.cli_timer")
 measure = importlib.import_module("benchlib.measure")
+background = importlib.import_module("benchlib.background")
 ceilingfs = importlib.import_module("ceilingfs")
 
 MiB = 1 << 20
@@ -207,6 +209,81 @@ def test_cli_timer_times_rpfs_commands_in_one_process(tmp_path: Path):
         assert timer.call("-r", repo, "init", check=False) >= 0  # fails: already a repo
     assert timer.proc.poll() is not None
     assert not Path(f"/proc/{pid}").exists() or timer.proc.returncode is not None
+
+
+def test_gc_read_target_is_twice_the_quiet_p99():
+    name = f"clone rand4k p99 during gc ≤ {br.GC_READ_SLOWDOWN:g} × quiet"
+    r = br.Results(256 * MiB)
+    r.add("rpfs", "gc_rand4k_qd1_p99_quiet_us", [200, 210, 190])
+    r.add("rpfs", "gc_rand4k_qd1_p99_us", [400, 380, 420])
+    v = _verdicts(r)[name]
+    assert (v.status, v.ratio, v.required) == ("PASS", 2.0, "<= 2")
+    r.add("rpfs", "gc_rand4k_qd1_p99_us", [450, 380, 420])
+    assert _verdicts(r)[name].status == "FAIL"
+    data = r.to_json()
+    assert {i["metric"] for i in data["results"]} == {"gc_rand4k_qd1_p99_quiet_us",
+                                                       "gc_rand4k_qd1_p99_us"}
+    assert next(t for t in data["targets"] if t["target"] == name)["ratio"] == 2.1
+    row = next(line for line in br.render_table(r).splitlines()
+               if line.startswith("gc_rand4k_qd1_p99_us"))
+    assert row.split() == ["gc_rand4k_qd1_p99_us", "420"]
+
+
+def test_no_gc_command_gives_null_gc_metrics(tmp_path: Path):
+    r = br.Results(256 * MiB)
+    bench = runner.Bench(runner.Options(size=256 * MiB, log=lambda _: None), r, tmp_path)
+    bench.commands = {"gc": False}
+    runner.bench_gc(bench)
+    for metric in runner.GC_METRICS:
+        entry = r.entries[("rpfs", metric)]
+        assert entry.value is None and "no 'gc' command" in entry.note, metric
+
+
+def test_covered_share_of_a_window():
+    assert background.covered([], 0, 10) == 0
+    assert background.covered([(0, 10)], 0, 10) == 1
+    assert background.covered([(-5, 2), (3, 4), (9, 20)], 0, 10) == pytest.approx(0.4)
+    assert background.covered([(1, 2)], 5, 5) == 0
+
+
+def test_repeat_runs_a_command_back_to_back_until_stopped(tmp_path: Path):
+    repo = tmp_path / "repo"
+    with cli_timer.CliTimer(timeout=120) as timer:
+        timer.call("-r", repo, "init")
+    loop = background.Repeat(["-r", repo, "gc", "--threshold", "1"]).start()
+    t0 = time.monotonic()
+    time.sleep(1.0)
+    t1 = time.monotonic()
+    intervals = loop.stop()
+    assert len(intervals) >= 3
+    assert all(a < b for a, b in intervals)
+    assert all(b1 <= a2 for (_, b1), (a2, _) in itertools.pairwise(intervals))
+    assert background.covered(intervals, t0, t1) > 0.5
+    failing = background.Repeat(["-r", tmp_path / "nothere", "gc"]).start()
+    time.sleep(0.2)
+    with pytest.raises(measure.BenchError, match="exited"):
+        failing.stop()
+    assert failing.intervals == []
+
+
+@needs_e2fsprogs
+def test_part_dead_repository_has_packs_worth_compacting(tmp_path: Path):
+    r = br.Results(32 * MiB)
+    bench = runner.Bench(runner.Options(size=32 * MiB, log=lambda _: None), r, tmp_path)
+    bench.rpfs_cmd = runner.rpfs_command()
+    bench.sample = sample_mod.build_sample(_mk(tmp_path / "sample"), 32 * MiB, seed=3)
+    repo = tmp_path / "repo"
+    point = runner.build_part_dead(bench, repo)
+    assert point == f"{runner.DISK}@g{runner.GC_CHURNS}"
+    points = json.loads(bench.rpfs("-r", repo, "points", "--json").stdout)
+    assert [p["name"] for p in points] == [f"g{runner.GC_CHURNS}"]
+    info = json.loads(bench.rpfs("-r", repo, "info", "--json").stdout)
+    assert 0.05 < info["dead_bytes"] / info["pack_bytes"] < 0.5
+    plan = json.loads(
+        bench.rpfs("-r", repo, "gc", "--threshold", "1", "--dry-run", "--json").stdout
+    )
+    assert plan["chunks_freed"] > 0
+    assert 0 < plan["bytes_copied"] < plan["pack_bytes_before"]  # part dead, not all
 
 
 # -- the sample disk ---------------------------------------------------------------------

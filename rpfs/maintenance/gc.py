@@ -52,6 +52,11 @@ SWEEP_BATCH = 256  # chunk records freed in one transaction
 MOVE_BATCH = 256  # chunks pointed at their copies in one transaction
 READ_RUN = 8 << 20  # bytes of adjacent records read at once when copying
 ORPHAN_AGE = 600.0  # seconds a local file no disk names is left alone (a create in progress)
+# After copying each run of records, sleep PAUSE × the time the run took. In the daemon,
+# copying (reads, decode checks, appends) shares the GIL and the cores with the FUSE
+# threads: back-to-back compaction raised a clone's 4 KiB read p99 3-12 × on 2 cores; with
+# this pause 1.5-2.3 × (docs/performance.md, "Garbage collection").
+PAUSE = 1.0
 STATE = "gc"  # index note: the compaction in progress
 RETIRED = "gc-retired"  # index note: packs to delete once the index names nothing in them
 TAILS = "gc-tails"  # index note: every pack up to this one had its tail looked at
@@ -215,6 +220,7 @@ def _compact(repo: Repository, pack: int, writer: PackWriter) -> int:
     copies: list[tuple[bytes, ChunkLoc, ChunkLoc]] = []
     try:
         for run in _runs([loc for _, loc in named.values()]):
+            started = time.perf_counter()
             repo.space.check("gc's compaction")
             first, last = run[0], run[-1]
             buf = store.backend.read(pack, first.offset, last.offset + last.length - first.offset)
@@ -225,6 +231,7 @@ def _compact(repo: Repository, pack: int, writer: PackWriter) -> int:
                 _check_copy(index, record, digest, repo.block_size, pack, loc)
                 copies.append((digest, loc, writer.append(record)))
                 repo.space.spend(len(record))
+            time.sleep(PAUSE * (time.perf_counter() - started))
         writer.sync()
     except BaseException:
         writer.discard()

@@ -13,6 +13,7 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -22,9 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import mounts
+from .background import Repeat, covered
 from .cli_timer import CliTimer
 from .measure import (
+    MB,
     BenchError,
+    FioResult,
     can_open_direct,
     dd_read,
     drop_caches,
@@ -37,7 +41,7 @@ from .measure import (
     wait_for,
 )
 from .results import Results
-from .sample import CHURN_REGION, MiB, Sample, build_sample
+from .sample import CHURN_REGION, MiB, Sample, apply_churn, build_sample
 
 ROOT = Path(__file__).resolve().parents[2]
 GiB = 1 << 30
@@ -52,6 +56,9 @@ CLONE_METRICS = ["clone_create_s", "clone_first_read_MBps", "clone_hydrate_s",
                  "clone_hydrated_read_MBps", "clone_rand4k_write_iops"]
 BIG_METRICS = ["clone_create_s_64G", "snapshot_s_64G", "rollback_s_64G",
                "daemon_peak_rss_MiB_64G"]
+GC_METRICS = ["gc_compact_MBps", "gc_rand4k_qd1_p99_quiet_us", "gc_rand4k_qd1_p99_us",
+              "gc_rand4k_qd1_mean_quiet_us", "gc_rand4k_qd1_mean_us"]
+GC_CHURNS = 4  # captures after the first, each rewriting another seeded 5 % of the regions
 BASE_PACKAGES = {  # what every run needs (scripts/install-deps installs these too)
     "fio": "fio",
     "mkfs.ext4": "e2fsprogs",
@@ -456,6 +463,123 @@ def bench_rpfs_big(bench: Bench) -> None:
         )
 
 
+# -- garbage collection ------------------------------------------------------------------
+
+
+def bench_gc(bench: Bench) -> None:
+    """GC throughput on a repository with part-dead packs, and the p99 of 4 KiB reads of a
+    clone without and with a GC compacting beside them."""
+    r, opts = bench.results, bench.opts
+    if not bench.commands["gc"]:
+        r.missing("rpfs", GC_METRICS, "not measured: this rpfs has no 'gc' command yet")
+        return
+    built = bench.work / "rpfs-gc-built"
+    point = build_part_dead(bench, built)
+    info = json.loads(bench.rpfs("-r", built, "info", "--json").stdout)
+    dead = info["dead_bytes"] / info["pack_bytes"] if info["pack_bytes"] else 0.0
+    repo = bench.work / "rpfs-gc-repo"
+    rates, copied = [], []
+    for i in range(opts.runs):
+        bench.say(f"rpfs gc: run {i + 1}/{opts.runs}: gc --threshold 1 of a copy, cold")
+        if repo.exists():
+            shutil.rmtree(repo)
+        shutil.copytree(built, repo, symlinks=True)
+        drop_caches()
+        t = time.perf_counter()
+        res = bench.rpfs("-r", repo, "gc", "--threshold", "1", "--json")
+        elapsed = max(1e-6, time.perf_counter() - t - bench.startup_s)
+        figures = json.loads(res.stdout)
+        rates.append(figures["pack_bytes_before"] / MB / elapsed)
+        copied.append(figures["bytes_copied"])
+    shutil.rmtree(repo)
+    r.add("rpfs", "gc_compact_MBps", rates,
+          f"`rpfs gc --threshold 1` (no daemon, page cache dropped first) of "
+          f"{info['pack_bytes'] / MB:.0f} MB of packs, {100 * dead:.0f} % dead "
+          f"({GC_CHURNS + 1} captures with churn, all but the last purged), "
+          f"{statistics.median(copied) / MB:.0f} MB copied: pack MB before / wall time "
+          "less cli_startup_s")
+    bench_gc_reads(bench, built, point)
+
+
+def build_part_dead(bench: Bench, repo: Path) -> str:
+    """A repository whose packs are part dead: the sample's base and GC_CHURNS versions
+    of it, each with another seeded 5 % of its regions rewritten, captured in turn, then
+    every point but the last purged; the last point's reference."""
+    sample, opts = bench.sample, bench.opts
+    assert sample is not None
+    _fresh_repo(bench, repo)
+    bench.say(f"rpfs gc: building a repository with part-dead packs ({GC_CHURNS + 1} "
+              "captures, all but the last purged)")
+    bench.rpfs("-r", repo, "capture", DISK, sample.base, "--name", "g0")
+    image, changed = bench.work / "gc-image.img", bench.work / "gc-changed.json"
+    shutil.copyfile(sample.base, image)
+    for k in range(1, GC_CHURNS + 1):
+        offsets = apply_churn(image, opts.size, 1000 * opts.seed + k)
+        changed.write_text(json.dumps([{"start": o, "length": CHURN_REGION} for o in offsets]))
+        bench.rpfs("-r", repo, "capture", DISK, image, "--name", f"g{k}", "--changed", changed)
+    image.unlink()
+    changed.unlink()
+    bench.rpfs("-r", repo, "point", "delete", "--purge",
+               *[f"{DISK}@g{k}" for k in range(GC_CHURNS)])
+    return f"{DISK}@g{GC_CHURNS}"
+
+
+def bench_gc_reads(bench: Bench, repo: Path, point: str) -> None:
+    """fio 4 KiB random reads (qd1) of a fresh clone of `point`, quiet and while `rpfs
+    gc --threshold 1` runs back to back through the daemon, runs interleaved."""
+    opts, r = bench.opts, bench.results
+    mnt = bench.work / "mnt-rpfs-gc"
+    quiet, busy, cover = [], [], []
+    gc_argv: list[str | Path] = ["-r", repo, "gc", "--threshold", "1"]
+    with mounts.rpfs_mount(bench.rpfs_cmd, repo, mnt):
+        for k in range(opts.runs):
+            bench.say(f"rpfs gc: run {k + 1}/{opts.runs}: fio 4k random reads of a clone, "
+                      f"{opts.fio_runtime:g}s quiet, then {opts.fio_runtime:g}s during gc")
+            quiet.append(_clone_reads(bench, repo, mnt, point, f"gcq{k}")[0])
+            result, share = _clone_reads(bench, repo, mnt, point, f"gcb{k}", gc_argv)
+            busy.append(result)
+            cover.append(share)
+    direct = all(x.direct for x in quiet + busy)
+    how = ("fio 4 KiB random reads, qd1, " + ("O_DIRECT" if direct else "buffered")
+           + ", of a fresh clone of the surviving point each run (copy-on-read), its packs "
+           "in the page cache")
+    low, high = f"{100 * min(cover):.0f}", f"{100 * max(cover):.0f}"
+    during = (f"{how}, while `rpfs gc --threshold 1` ran back to back through the daemon "
+              f"(GC ran during {low if low == high else f'{low}-{high}'} % of each fio run; "
+              "the first gc compacts the part-dead packs, the next rewrite them all)")
+    r.add("rpfs", "gc_rand4k_qd1_p99_quiet_us",
+          [x.p99_us for x in quiet if x.p99_us is not None], how)
+    r.add("rpfs", "gc_rand4k_qd1_mean_quiet_us", [x.mean_us for x in quiet], how)
+    r.add("rpfs", "gc_rand4k_qd1_p99_us", [x.p99_us for x in busy if x.p99_us is not None],
+          during)
+    r.add("rpfs", "gc_rand4k_qd1_mean_us", [x.mean_us for x in busy], during)
+
+
+def _clone_reads(bench: Bench, repo: Path, mnt: Path, point: str, name: str,
+                 gc_argv: list[str | Path] | None = None) -> tuple[FioResult, float]:
+    """One fio run of 4 KiB random reads on a new clone `name` of `point` (deleted after),
+    with `rpfs *gc_argv` repeated beside it if given; fio's figures and the share of the
+    run that GC covered."""
+    bench.rpfs("-r", repo, "clone", point, name)
+    path = mnt / "disks" / f"{name}.img"
+    if not wait_for(path.exists, 10):
+        raise BenchError(f"rpfs clone made {name} but {path} did not appear")
+    for pack in sorted((repo / "packs").rglob("*")):  # into the page cache: GC's do too
+        if pack.is_file():
+            with open(pack, "rb") as f:
+                while f.read(MiB):
+                    pass
+    loop = Repeat(gc_argv).start() if gc_argv else None
+    t0 = time.monotonic()
+    try:
+        result = fio(path, "randread", bench.opts.fio_runtime, 1, can_open_direct(path))
+    finally:
+        t1 = time.monotonic()
+        intervals = loop.stop() if loop else []
+    bench.rpfs("-r", repo, "disk", "delete", name)
+    return result, covered(intervals, t0, t1)
+
+
 # -- ceiling and raw ---------------------------------------------------------------------
 
 
@@ -675,7 +799,7 @@ def _run(bench: Bench) -> None:
     r.add("rpfs", "cli_startup_s", startups, "`rpfs --version`: Python start-up and imports")
     bench.startup_s = r.get("rpfs", "cli_startup_s") or 0.0
     bench.commands = {c: has_subcommand(bench.rpfs_cmd, c)
-                      for c in ("clone", "hydrate", "snapshot", "rollback")}
+                      for c in ("clone", "hydrate", "snapshot", "rollback", "gc")}
     r.machine["rpfs_commands"] = bench.commands
     try:
         bench.timer = CliTimer()
@@ -691,6 +815,8 @@ def _run(bench: Bench) -> None:
     if opts.big:
         with bench.section("rpfs 64G", BIG_METRICS, "rpfs"):
             bench_rpfs_big(bench)
+    with bench.section("rpfs gc", GC_METRICS, "rpfs"):
+        bench_gc(bench)
     with bench.section("ceiling", READ_METRICS):
         bench_ceiling(bench)
     with bench.section("raw", READ_METRICS):
