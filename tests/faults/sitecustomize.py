@@ -3,6 +3,11 @@ directory on PYTHONPATH,
 
 - RPFS_TEST_READ_EIO naming a file: every pread of a file whose name that file lists
   fails with EIO, as a flaky disk's would, for as long as it lists it (test_backend.py);
+- RPFS_TEST_READS_WAIT_FOR_GC=1: a reader's fetch of chunks it has looked up
+  (PackStore.get_many: the chunk cache, restore, verify; not GC's copying) that starts
+  while a gc of this process runs waits until that gc has ended: each chunk it looked up
+  before GC moved it is read after its old pack is gone, GC's race with every reader,
+  forced (test_gc_online.py);
 - RPFS_TEST_KILL_AT_DROP=K: the process SIGKILLs itself at the K-th extent dropped by a
   thread that has removed a point, before dropping it: in the middle of a point's purge
   (test_purge_crash.py);
@@ -19,6 +24,7 @@ import os
 import signal
 
 _LIST = os.environ.get("RPFS_TEST_READ_EIO")
+_READS_WAIT_FOR_GC = os.environ.get("RPFS_TEST_READS_WAIT_FOR_GC") == "1"
 _KILL_AT_DROP = int(os.environ.get("RPFS_TEST_KILL_AT_DROP") or 0)
 _KILL_AFTER_COMMITS = int(os.environ.get("RPFS_TEST_KILL_AFTER_COMMITS") or 0)
 
@@ -33,6 +39,30 @@ if _LIST:
         return _pread(fd, n, offset)
 
     os.pread = _failing_pread
+
+if _READS_WAIT_FOR_GC:
+    import threading
+
+    from rpfs.maintenance import gc
+    from rpfs.store.packs import PackStore
+
+    _gc_done = threading.Event()
+    _gc_done.set()
+    _gc_run, _get_many = gc.run, PackStore.get_many
+
+    def _gc_running(*args, **kw):
+        _gc_done.clear()
+        try:
+            return _gc_run(*args, **kw)
+        finally:
+            _gc_done.set()
+
+    def _after_gc(self, wanted, relocate=None):
+        _gc_done.wait(60)
+        return _get_many(self, wanted, relocate)
+
+    gc.run = _gc_running
+    PackStore.get_many = _after_gc
 
 if _KILL_AT_DROP or _KILL_AFTER_COMMITS:
     import threading
