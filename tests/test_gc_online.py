@@ -17,22 +17,31 @@ RPFS_GC_KILL_SEED=N replays the choices (where a timed kill lands depends on tim
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
 import shutil
+import signal
 import subprocess
 import threading
 import time
 from pathlib import Path
 
+import pytest
 from helpers import (
     MiB,
     armed,
     assert_check_clean,
     fio_errors,
     point_image,
+    sha256_file,
+    wait_pid_exit,
     write_random,
 )
+
+from rpfs.maintenance import gc
+from rpfs.repo import Repository
 
 WAIT = 120.0  # seconds a command may take before it counts as stuck
 
@@ -192,3 +201,149 @@ def test_gc_compacts_every_pack_while_reads_fio_and_a_capture_run(rpfs, repo, mo
         origin.seek(FIO_SIZE)
         while chunk := origin.read(8 * MiB):
             assert clone.read(len(chunk)) == chunk, "the clone beyond fio's range is p2's"
+
+
+# -- SIGKILL during gc ----------------------------------------------------------------------
+
+
+def gc_kill_seed(default: int) -> int:
+    return int(os.environ.get("RPFS_GC_KILL_SEED") or default)
+
+
+class KillLoop:
+    """A history worth compacting, then rounds of `gc --threshold 1` through a daemon
+    that is SIGKILLed during it, each followed by the checks."""
+
+    def __init__(self, rpfs, mount, tmp: Path, seed: int) -> None:
+        self.rpfs, self.mount, self.tmp = rpfs, mount, tmp
+        self.mnt = tmp / "mnt"
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.window = 0.3  # seconds: a timed kill lands this long after gc is seen copying
+        self.log: list[str] = []
+
+    def build(self) -> None:
+        self.rpfs("init", check=True)
+        self.saved = _history(self.rpfs, self.tmp, 32 * MiB, points=6, pieces=3,
+                              piece=2 * MiB, seed=self.seed)
+        self.mount(self.mnt)
+        self.rpfs("clone", "vm@p2", "c", check=True)
+        self.rpfs("point", "delete", "vm@p1", "vm@p3", "vm@p4", "--purge", check=True)
+        for name in ("p1", "p3", "p4"):
+            del self.saved[name]
+        self.sums = {name: sha256_file(copy) for name, copy in self.saved.items()}
+        self.sums["c"] = self.sums["p2"]
+        self.rpfs("umount", self.mnt, check=True, timeout=WAIT)
+
+    def hooks(self, r: int) -> dict[str, int]:
+        """Every third round a fault hook's chosen moment; the others a timed kill."""
+        kind = r % 9
+        if kind == 0:
+            return {"kill_at_gc_move": self.rng.randint(1, 600)}
+        if kind == 3:
+            return {"kill_after_gc_note": self.rng.randint(1, 3)}
+        if kind == 6:
+            return {"kill_after_pack_deletes": self.rng.randint(1, 2)}
+        return {}
+
+    def round(self, r: int) -> bool:
+        """One gc, killed; whether the kill landed during it."""
+        hooks = self.hooks(r)
+        with armed(self.rpfs, **hooks):
+            self.mount(self.mnt)
+        victim = self.mount.daemon_pid()
+        delay = self.rng.uniform(0, self.window)
+        packs = _pack_files(self.rpfs.repo)
+        start = time.monotonic()
+        proc = self.rpfs.popen("gc", "--threshold", "1", "--json", stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        try:
+            if not hooks:
+                # From when the daemon's gc is seen copying (its first new pack): a kill
+                # before its client connects would leave the command to run gc itself.
+                while proc.poll() is None and _pack_files(self.rpfs.repo) <= packs:
+                    assert time.monotonic() < start + WAIT, f"{self.what(r)}: gc stuck"
+                    time.sleep(0.001)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(delay)
+                os.kill(victim, signal.SIGKILL)  # the daemon this test mounted
+            _, err = proc.communicate(timeout=WAIT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        took = time.monotonic() - start
+        if hooks:
+            os.kill(victim, signal.SIGKILL)  # if the hook's moment never came
+        assert wait_pid_exit(victim, WAIT), f"daemon {victim} survived SIGKILL"
+        subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True)
+        landed = proc.returncode != 0
+        if not landed:  # gc was done before the kill
+            self.log.append(f"round {r} {hooks or f'{delay:.3f} s'}: gc ended first "
+                            f"({took:.3f} s)")
+            if not hooks:
+                self.window *= 0.7
+        else:
+            assert "daemon" in err, f"{self.what(r)}: rpfs gc: {err}"
+            self.log.append(f"round {r} {hooks or f'{delay:.3f} s'}: killed {took:.3f} s in")
+        self.check(r)
+        return landed
+
+    def what(self, r: int) -> str:
+        return f"RPFS_GC_KILL_SEED={self.seed}, round {r}"
+
+    def check(self, r: int | str) -> None:
+        """Restarted: check is clean, every point and the clone read exactly."""
+        self.mount(self.mnt)
+        try:
+            for name, want in self.sums.items():
+                image = self.mnt / "disks" / "c.img" if name == "c" else point_image(
+                    self.mnt, "vm", name)
+                assert sha256_file(image) == want, f"{self.what(r)}: {name} differs"
+            assert_check_clean(self.rpfs)
+        finally:
+            self.rpfs("umount", self.mnt, check=True, timeout=WAIT)
+
+    def finish(self) -> dict:
+        """A last gc, not killed: it completes the work."""
+        self.mount(self.mnt)
+        try:
+            done = _gc(self.rpfs)
+            info = json.loads(self.rpfs("info", "--json", check=True).stdout)
+        finally:
+            self.rpfs("umount", self.mnt, check=True, timeout=WAIT)
+        assert done["stopped"] is None, done
+        with Repository(self.rpfs.repo) as repo, repo.index.read() as txn:
+            assert repo.index.get_note(txn, gc.STATE) is None, "no compaction left undone"
+            assert repo.index.get_note(txn, gc.RETIRED) is None, "no retired pack left"
+        du = sum(p.stat().st_size for p in (self.rpfs.repo / "packs").glob("*.pack"))
+        assert du == info["pack_bytes"] <= 1.1 * info["stored_bytes"], (du, info)
+        self.check("final")
+        return done
+
+
+def _kill_loop(rpfs, mount, tmp_path: Path, seed: int, kills: int) -> None:
+    """Rounds until `kills` kills landed during a gc (at most twice as many rounds)."""
+    print(f"RPFS_GC_KILL_SEED={seed}")
+    loop = KillLoop(rpfs, mount, tmp_path, seed)
+    loop.build()
+    landed = rounds = 0
+    try:
+        while landed < kills:
+            assert rounds < 2 * kills, f"RPFS_GC_KILL_SEED={seed}: few kills landed in gc"
+            landed += loop.round(rounds)
+            rounds += 1
+        loop.finish()
+    finally:
+        print(*loop.log, sep="\n")
+
+
+def test_sigkill_during_gc_leaves_check_clean_and_points_exact(rpfs, mount, tmp_path):
+    _kill_loop(rpfs, mount, tmp_path, gc_kill_seed(12), kills=20)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_sigkill_during_gc_stress(rpfs, mount, tmp_path):
+    _kill_loop(rpfs, mount, tmp_path, gc_kill_seed(random.SystemRandom().randrange(2**32)),
+               kills=80)
