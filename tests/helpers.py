@@ -60,6 +60,16 @@ def write_random(path: Path, size: int, seed: int | None = None, piece: int = 4 
             left -= n
 
 
+def churn(path: Path, rng: random.Random, pieces: int, size: int = 4 * MiB) -> None:
+    """Overwrite `pieces` pieces of `size` bytes at random 64 KiB-aligned offsets of the
+    file with fresh random data (a history's next state)."""
+    with open(path, "r+b") as f:
+        total = f.seek(0, 2)
+        for _ in range(pieces):
+            f.seek(rng.randrange(0, total - size) // 65536 * 65536)
+            f.write(rng.randbytes(size))
+
+
 def sparse_copy(src: Path, dst: Path) -> None:
     """A copy of `src` that keeps its holes (the state of a source at a capture)."""
     subprocess.run(["cp", "--sparse=always", str(src), str(dst)], check=True)
