@@ -33,13 +33,17 @@ from helpers import (
     MiB,
     armed,
     assert_check_clean,
+    churn,
     fio_errors,
     point_image,
+    read_at,
     sha256_file,
     wait_pid_exit,
     write_random,
 )
 
+from rpfs.capture import capture
+from rpfs.lineage import reads
 from rpfs.maintenance import gc
 from rpfs.repo import Repository
 
@@ -48,15 +52,6 @@ WAIT = 120.0  # seconds a command may take before it counts as stuck
 
 def _pack_files(repo: Path) -> set[str]:
     return {p.name for p in (repo / "packs").glob("*.pack")}
-
-
-def _churn(path: Path, rng: random.Random, pieces: int, size: int) -> None:
-    """Overwrite `pieces` block-aligned pieces of `size` bytes with fresh random data."""
-    with open(path, "r+b") as f:
-        total = f.seek(0, 2)
-        for _ in range(pieces):
-            f.seek(rng.randrange(0, total - size) // 65536 * 65536)
-            f.write(rng.randbytes(size))
 
 
 def _history(rpfs, tmp: Path, size: int, points: int, pieces: int, piece: int, seed: int
@@ -70,7 +65,7 @@ def _history(rpfs, tmp: Path, size: int, points: int, pieces: int, piece: int, s
     saved = {}
     for i in range(1, points + 1):
         if i > 1:
-            _churn(source, rng, pieces, piece)
+            churn(source, rng, pieces, piece)
         rpfs("capture", "vm", source, "--name", f"p{i}", check=True)
         saved[f"p{i}"] = shutil.copyfile(source, tmp / "saved" / f"p{i}.img")
     return saved
@@ -90,6 +85,40 @@ def _cmp_direct(image: Path, copy: Path) -> subprocess.CompletedProcess:
         ["bash", "-o", "pipefail", "-c",
          'dd if="$1" iflag=direct bs=1M status=none | cmp - "$2"', "cmp", image, copy],
         capture_output=True, text=True, timeout=WAIT)
+
+
+def test_a_reader_whose_relocated_chunk_moves_again_reads_the_newest_copy(tmp_path):
+    """A reader finds its chunk's pack gone and looks the chunk up again (relocate); a
+    second gc moves the chunk on and deletes that pack too before the reader gets there:
+    the reader looks it up once more and reads the newest copy, not EIO."""
+    Repository.init(tmp_path / "repo", 4096).close()
+    source = tmp_path / "vm.img"
+    write_random(source, 64 * 4096, seed=3)
+    with Repository(tmp_path / "repo") as repo:
+        capture(repo, "vm", source, point="p1")
+        with repo.index.read() as txn:
+            digest, first = next(iter(repo.index.iter_chunks(txn)))
+        gc.run(repo, threshold=1.0)  # moved, its first pack deleted
+        lookups = []
+
+        def relocate(d: bytes):
+            lookups.append(repo.locate(d))
+            if len(lookups) == 1:
+                gc.run(repo, threshold=1.0)  # moved again before the reader reads
+            return lookups[-1]
+
+        block = repo.store.get_many([(first, digest)], relocate=relocate)[0]
+        assert isinstance(block, bytes), block
+        assert block == read_at(source, _offset_of(repo, digest), 4096)
+        assert len({(loc.pack, loc.offset) for loc in [first, *lookups]}) == 3, lookups
+
+
+def _offset_of(repo: Repository, digest: bytes) -> int:
+    """Where in disk vm the block that reads chunk `digest` is."""
+    with repo.index.read() as txn:
+        point = repo.index.get_point(txn, "vm", "p1")
+        chain = repo.index.chain(txn, point.lineage, point.gen)
+        return 4096 * next(b for b, v in reads(repo.index, txn, chain).items() if v == digest)
 
 
 class _Loop(threading.Thread):
@@ -139,7 +168,7 @@ def test_gc_compacts_every_pack_while_reads_fio_and_a_capture_run(rpfs, repo, mo
             old.seek(at)
             f.seek(at)
             f.write(old.read(2 * MiB))
-    _churn(source, random.Random(5), 4, 2 * MiB)
+    churn(source, random.Random(5), 4, 2 * MiB)
     before = _pack_files(repo)
     assert len(before) >= 4, before
 
