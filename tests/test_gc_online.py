@@ -42,10 +42,13 @@ from helpers import (
     write_random,
 )
 
+from rpfs import capture as capture_module
 from rpfs.capture import capture
+from rpfs.disks.point import open_point
 from rpfs.lineage import reads
 from rpfs.maintenance import gc
 from rpfs.repo import Repository
+from rpfs.store.cache import ChunkCache
 
 WAIT = 120.0  # seconds a command may take before it counts as stuck
 
@@ -119,6 +122,43 @@ def _offset_of(repo: Repository, digest: bytes) -> int:
         point = repo.index.get_point(txn, "vm", "p1")
         chain = repo.index.chain(txn, point.lineage, point.gen)
         return 4096 * next(b for b, v in reads(repo.index, txn, chain).items() if v == digest)
+
+
+def test_a_capture_that_starts_while_gc_sweeps_keeps_its_pack(tmp_path, monkeypatch):
+    """A capture starts after gc took its fence (while it sweeps: that can take a while)
+    and has appended its records, not yet registered them, when gc lists the packs: its
+    new pack is not sealed, gc leaves it alone, and the point reads exactly."""
+    Repository.init(tmp_path / "repo", 4096).close()
+    source = tmp_path / "vm.img"
+    write_random(source, 64 * 4096, seed=4)
+    with Repository(tmp_path / "repo") as repo:
+        appended, go = threading.Event(), threading.Event()
+        flush = capture_module._Capture._flush
+
+        def flush_later(self, capture_id):  # all appended, nothing registered yet
+            appended.set()
+            assert go.wait(30)
+            return flush(self, capture_id)
+
+        monkeypatch.setattr(capture_module._Capture, "_flush", flush_later)
+        writer = threading.Thread(target=capture, args=(repo, "vm", source, "p1"))
+        sweep = gc._sweep
+
+        def capture_starts_meanwhile(*args):
+            writer.start()
+            assert appended.wait(30)
+            return sweep(*args)
+
+        monkeypatch.setattr(gc, "_sweep", capture_starts_meanwhile)
+        try:
+            done = gc.run(repo, threshold=1.0)
+        finally:
+            go.set()
+            writer.join(30)
+        assert done["packs_deleted"] == 0, done
+        with ChunkCache(repo) as cache:
+            image = open_point(repo, cache, "vm", "p1")
+            assert image.read(0, image.size) == source.read_bytes()
 
 
 class _Loop(threading.Thread):
