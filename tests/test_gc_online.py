@@ -2,17 +2,23 @@
 under SIGKILL.
 
 Under load: while GC rounds rewrite every pack, a reader loops `cmp` over every point
-image against saved copies (the kernel's page cache dropped before each pass, so each
-pass reads through the daemon), `fio` writes and crc32c-verifies a clone, and a capture
-of a new point runs in its own process. No read fails or differs, fio finds no error,
-the new point is exact, `check` is clean, and the packs there before are all gone.
+image (read with O_DIRECT, so every pass reads through the daemon) against saved
+copies, `fio` writes and crc32c-verifies a clone, and a capture of a new point runs in
+its own process. The daemon holds every chunk fetch that starts during a gc until that
+gc has ended (a fault hook), so readers do meet packs GC deleted under them. No read
+fails or differs, fio finds no error, the new point is exact, `check` is clean, and the
+packs there before are all gone.
 
 Under SIGKILL: the daemon is killed at seeded random moments of a `gc --threshold 1` and
 at chosen ones (fault hooks, tests/faults/sitecustomize.py: at the K-th chunk moved to
-its copy, just after the compaction note is written, at a retired pack's deletion);
-after each restart `check` is clean and every point and the clone read exactly; a last
-gc completes, leaving pack bytes within 10 % of the live stored bytes.
-RPFS_GC_KILL_SEED=N replays the choices (where a timed kill lands depends on timing).
+its copy, just after the compaction note is written, after a retired pack's deletion),
+until 20 kills landed during a gc; after each restart `check` is clean and every point
+and the clone read exactly; a last gc completes, leaving pack bytes within 10 % of the
+live stored bytes. RPFS_GC_KILL_SEED=N replays the choices (where a timed kill lands
+depends on timing).
+
+Two races found here have in-process tests of their own: a reader whose relocated
+chunk moved again, and a capture that started while gc swept.
 """
 
 from __future__ import annotations
