@@ -60,6 +60,16 @@ def write_random(path: Path, size: int, seed: int | None = None, piece: int = 4 
             left -= n
 
 
+def churn(path: Path, rng: random.Random, pieces: int, size: int = 4 * MiB) -> None:
+    """Overwrite `pieces` pieces of `size` bytes at random 64 KiB-aligned offsets of the
+    file with fresh random data (a history's next state)."""
+    with open(path, "r+b") as f:
+        total = f.seek(0, 2)
+        for _ in range(pieces):
+            f.seek(rng.randrange(0, total - size) // 65536 * 65536)
+            f.write(rng.randbytes(size))
+
+
 def sparse_copy(src: Path, dst: Path) -> None:
     """A copy of `src` that keeps its holes (the state of a source at a capture)."""
     subprocess.run(["cp", "--sparse=always", str(src), str(dst)], check=True)
@@ -186,7 +196,39 @@ def loop_mount(image: Path, where: Path) -> Iterator[Path]:
             subprocess.run(["losetup", "-d", dev], capture_output=True)
 
 
+def fio_errors(report: dict) -> list[str]:
+    """The errors a `fio --output-format=json` report names (a failed job, I/O or verify
+    errors); empty when fio found none."""
+    errors = []
+    for job in report["jobs"]:
+        if job.get("error"):
+            errors.append(f"job {job['jobname']}: error {job['error']}")
+        for key in ("total_err", "verify_errors"):
+            if job.get(key):
+                errors.append(f"job {job['jobname']}: {key} {job[key]}")
+    return errors
+
+
 # -- processes and mounts ------------------------------------------------------------------
+
+FAULTS = Path(__file__).parent / "faults"  # sitecustomize.py: the fault hooks
+
+
+@contextlib.contextmanager
+def armed(rpfs, **hooks: object) -> Iterator[None]:
+    """rpfs processes `rpfs` starts meanwhile carry the fault hooks `hooks` (each
+    RPFS_TEST_<NAME>, tests/faults/sitecustomize.py): start a daemon inside, run the
+    commands that must not carry them outside."""
+    saved = dict(rpfs.env)
+    path = os.environ.get("PYTHONPATH", "")
+    rpfs.env.update(PYTHONPATH=f"{FAULTS}:{path}" if path else str(FAULTS),
+                    **{f"RPFS_TEST_{k.upper()}": str(v) for k, v in hooks.items()})
+    try:
+        yield
+    finally:
+        rpfs.env.clear()
+        rpfs.env.update(saved)
+
 
 
 def pid_alive(pid: int) -> bool:

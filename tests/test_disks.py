@@ -29,6 +29,7 @@ from helpers import (
     assert_same_bytes,
     disks_by_name,
     e2fsck_clean,
+    fio_errors,
     is_fuse_mounted,
     local_files,
     loop_mount,
@@ -401,17 +402,6 @@ def test_ext4_clone_loop_mounted_read_write(rpfs, repo, mounted, ext4_builder, t
         assert tree_checksums(root) == sums
 
 
-def _fio_errors(report: dict) -> list[str]:
-    errors = []
-    for job in report["jobs"]:
-        if job.get("error"):
-            errors.append(f"job {job['jobname']}: error {job['error']}")
-        for key in ("total_err", "verify_errors"):
-            if job.get(key):
-                errors.append(f"job {job['jobname']}: {key} {job[key]}")
-    return errors
-
-
 @pytest.mark.parametrize("direct", [0, 1], ids=["buffered", "direct"])
 def test_fio_verify_on_a_clone(rpfs, repo, mounted, tmp_path, direct):
     disks = make_disks(repo, mounted)
@@ -439,7 +429,7 @@ def test_fio_verify_on_a_clone(rpfs, repo, mounted, tmp_path, direct):
     )
     assert res.returncode == 0, f"fio failed: {res.stdout[-2000:]}{res.stderr}"
     report = json.loads(res.stdout[res.stdout.index("{") :])
-    assert _fio_errors(report) == []
+    assert fio_errors(report) == []
     job = report["jobs"][0]
     assert job["write"]["io_bytes"] == 24 * MiB
     assert job["read"]["io_bytes"] == 24 * MiB  # the verify pass read everything back

@@ -12,7 +12,7 @@ import random
 from pathlib import Path
 
 import pytest
-from helpers import MiB, assert_check_clean, point_image, sha256_file, write_random
+from helpers import MiB, assert_check_clean, churn, point_image, sha256_file, write_random
 
 from rpfs import capture as capture_module
 from rpfs.capture import capture
@@ -29,14 +29,6 @@ def _pack_bytes(repo: Path) -> int:
     return sum(p.stat().st_size for p in (repo / "packs").glob("*.pack"))
 
 
-def _churn(path: Path, rng: random.Random, pieces: int, size: int = 4 * MiB) -> None:
-    with open(path, "r+b") as f:
-        total = f.seek(0, 2)
-        for _ in range(pieces):
-            f.seek(rng.randrange(0, total - size) // 65536 * 65536)
-            f.write(rng.randbytes(size))
-
-
 def test_gc_gives_the_space_of_deleted_points_back(rpfs, repo: Path, mount, tmp_path: Path):
     source = tmp_path / "vm.img"
     rng = random.Random(12)
@@ -45,7 +37,7 @@ def test_gc_gives_the_space_of_deleted_points_back(rpfs, repo: Path, mount, tmp_
     for i in range(1, 6):
         rpfs.capture("vm", source, f"p{i}")
         sums[f"p{i}"] = sha256_file(source)
-        _churn(source, rng, pieces=14)  # ~56 MiB of each point is its own
+        churn(source, rng, pieces=14)  # ~56 MiB of each point is its own
     mnt, _ = mount()
     rpfs("clone", "vm@p3", "c", check=True)  # reads p3's blocks through its origin
     rpfs("point", "delete", "vm@p1", "vm@p2", "vm@p3", "vm@p4", "--purge", check=True)

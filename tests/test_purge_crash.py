@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import assert_check_clean, point_image, unread_extents, wait_pid_exit
+from helpers import armed, assert_check_clean, point_image, unread_extents, wait_pid_exit
 from livewriter import read_image
 
 from rpfs.capture import capture
@@ -52,7 +52,6 @@ from rpfs.lineage import reads
 from rpfs.repo import Repository
 from rpfs.store.cache import ChunkCache
 
-FAULTS = Path(__file__).parent / "faults"  # sitecustomize.py: the kill hooks
 BS = 4096
 POOL = 16  # blocks of shared content: chunks that many blocks and points reference
 WAIT = 60.0  # seconds a command may take before it counts as stuck
@@ -157,29 +156,16 @@ class History:
 
     # -- running a command and killing it -------------------------------------------------
 
-    @contextlib.contextmanager
-    def armed(self, **hooks: int) -> Iterator[None]:
-        """rpfs processes started meanwhile carry the fault hooks `hooks`."""
-        saved = dict(self.rpfs.env)
-        path = os.environ.get("PYTHONPATH", "")
-        self.rpfs.env.update(PYTHONPATH=f"{FAULTS}:{path}" if path else str(FAULTS),
-                             **{f"RPFS_TEST_{k.upper()}": str(v) for k, v in hooks.items()})
-        try:
-            yield
-        finally:
-            self.rpfs.env.clear()
-            self.rpfs.env.update(saved)
-
     def killed(self, args: list[str], hooks: dict[str, int], progress=None) -> str:
         """Run `rpfs ARGS` (through a daemon when killing one) and kill it: the fault
         `hooks` do, else this once `progress()` (polled) says so. Returns how it ended."""
         if self.daemon:
-            with self.armed(**hooks):
+            with armed(self.rpfs, **hooks):
                 self.mount(self.mnt)
             victim = self.mount.daemon_pid()
             proc = self.rpfs.popen(*args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         else:
-            with self.armed(**hooks):
+            with armed(self.rpfs, **hooks):
                 proc = self.rpfs.popen(*args, stdout=subprocess.DEVNULL,
                                        stderr=subprocess.PIPE)
             victim = proc.pid

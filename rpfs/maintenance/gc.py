@@ -20,8 +20,9 @@ still where it was (a capture may have healed or GC freed it meanwhile), then th
 is retired and deleted. Readers need no lease: a reader that looked a chunk up before
 the move and finds its pack gone looks it up again (`PackStore.get_many`'s relocate),
 and the index names the copy before the pack goes. Packs a writer may still append to
-are left alone: this process's open packs (`OPEN_PACKS`) and every pack numbered above
-the `pack` counter as a live capture found it when it started.
+are left alone: this process's open packs (`OPEN_PACKS`), every pack numbered above
+the `pack` counter as a live capture found it when it started, and every pack numbered
+above the counter as GC found it (a writer that started since).
 
 Resuming. The compaction of a pack is recorded (the index note `gc`: the pack and the
 packs its copies went to) once the copies are durable and before any chunk moves; a run
@@ -68,15 +69,20 @@ class Fence:
 
     since: float  # free only chunks that dropped to 0 before this
     packs_after: int | None  # and touch no pack numbered above this (None: no limit)
+    last_pack: int  # the `pack` counter then: a writer started since has higher packs
     open_packs: set[int] = field(default_factory=set)
 
     def sealed(self, pack: int) -> bool:
-        return pack not in self.open_packs and (
+        return pack <= self.last_pack and pack not in self.open_packs and (
             self.packs_after is None or pack <= self.packs_after)
 
 
 def fence(repo: Repository) -> Fence:
-    """The running writers' fence, now (see the module docstring)."""
+    """The running writers' fence, now (see the module docstring). The pack counter is
+    read first: a writer that starts after it (while GC sweeps, say) is in neither this
+    process's open packs nor the live captures read next, but all its packs are above it."""
+    with repo.index.read() as txn:
+        last_pack = repo.index.last_id(txn, "pack")
     started = [t for t in [SESSIONS.oldest()] if t is not None]
     packs_after = None
     with repo.index.read() as txn:
@@ -87,7 +93,7 @@ def fence(repo: Repository) -> Fence:
         started.append(info["started"])
         after = info.get("packs_after", 0)  # a capture of an older rpfs: every pack
         packs_after = after if packs_after is None else min(packs_after, after)
-    return Fence(min(started, default=time.time()), packs_after, OPEN_PACKS.now())
+    return Fence(min(started, default=time.time()), packs_after, last_pack, OPEN_PACKS.now())
 
 
 @dataclass

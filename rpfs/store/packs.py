@@ -72,9 +72,10 @@ class PackStore:
 
         A chunk whose pack is gone may have moved (GC compacted the pack and deleted it
         after the caller looked the location up): `relocate` looks the chunk up afresh,
-        and a new location is read instead. So no reader needs to hold GC back: a pack
-        is deleted only after the index names the new copies, and the index is where a
-        reader, in any process, finds them.
+        and a new location is read instead, looked up again each time that one is gone
+        too (until the index names no other place: each round takes a whole GC run). So
+        no reader needs to hold GC back: a pack is deleted only after the index names the
+        new copies, and the index is where a reader, in any process, finds them.
 
         Records that lie end to end in a pack (a capture writes a disk's blocks in order)
         are read with one read of up to READ_SPAN bytes: measured on a 1 GiB point, one
@@ -111,7 +112,7 @@ class PackStore:
                                                                wanted[i][0].offset):
                 moved.append((i, loc))
         if moved:
-            again = self.get_many([(loc, wanted[i][1]) for i, loc in moved])
+            again = self.get_many([(loc, wanted[i][1]) for i, loc in moved], relocate)
             for (i, _), result in zip(moved, again, strict=True):
                 results[i] = result
 

@@ -5,6 +5,19 @@ directory on PYTHONPATH,
   fails with EIO, as a flaky disk's would, for as long as it lists it (test_backend.py);
 - RPFS_TEST_PACK_GATE naming a path: pack writes wait while it exists, or fail with
   ENOSPC while it says so (test_purge_open.py: an archive as slow as the test wants);
+- RPFS_TEST_READS_WAIT_FOR_GC=1: a reader's fetch of chunks it has looked up
+  (PackStore.get_many: the chunk cache, restore, verify; not GC's copying) that starts
+  while a gc of this process runs waits until that gc has ended: each chunk it looked up
+  before GC moved it is read after its old pack is gone, GC's race with every reader,
+  forced (test_gc_online.py);
+- RPFS_TEST_KILL_AT_GC_MOVE=K: the process SIGKILLs itself at the K-th chunk gc points
+  at its copy, before moving it: in the middle of a move transaction
+  (test_gc_online.py);
+- RPFS_TEST_KILL_AFTER_GC_NOTE=N: it SIGKILLs itself the N-th time gc starts moving a
+  compacted pack's chunks: just after that compaction's note committed (or as it
+  finishes one a kill interrupted), before any chunk of it moved (test_gc_online.py);
+- RPFS_TEST_KILL_AFTER_PACK_DELETES=N: it SIGKILLs itself just after gc deleted the N-th
+  pack, before the index forgets it (test_gc_online.py);
 - RPFS_TEST_KILL_AT_DROP=K: the process SIGKILLs itself at the K-th extent dropped by a
   thread that has removed a point, before dropping it: in the middle of a point's purge
   (test_purge_crash.py);
@@ -21,6 +34,10 @@ import os
 import signal
 
 _LIST = os.environ.get("RPFS_TEST_READ_EIO")
+_READS_WAIT_FOR_GC = os.environ.get("RPFS_TEST_READS_WAIT_FOR_GC") == "1"
+_KILL_AT_GC_MOVE = int(os.environ.get("RPFS_TEST_KILL_AT_GC_MOVE") or 0)
+_KILL_AFTER_GC_NOTE = int(os.environ.get("RPFS_TEST_KILL_AFTER_GC_NOTE") or 0)
+_KILL_AFTER_PACK_DELETES = int(os.environ.get("RPFS_TEST_KILL_AFTER_PACK_DELETES") or 0)
 _KILL_AT_DROP = int(os.environ.get("RPFS_TEST_KILL_AT_DROP") or 0)
 _KILL_AFTER_COMMITS = int(os.environ.get("RPFS_TEST_KILL_AFTER_COMMITS") or 0)
 
@@ -35,6 +52,68 @@ if _LIST:
         return _pread(fd, n, offset)
 
     os.pread = _failing_pread
+
+if _READS_WAIT_FOR_GC:
+    import threading
+
+    from rpfs.maintenance import gc
+    from rpfs.store.packs import PackStore
+
+    _gc_done = threading.Event()
+    _gc_done.set()
+    _gc_run, _get_many = gc.run, PackStore.get_many
+
+    def _gc_running(*args, **kw):
+        _gc_done.clear()
+        try:
+            return _gc_run(*args, **kw)
+        finally:
+            _gc_done.set()
+
+    def _after_gc(self, wanted, relocate=None):
+        _gc_done.wait(60)
+        return _get_many(self, wanted, relocate)
+
+    gc.run = _gc_running
+    PackStore.get_many = _after_gc
+
+if _KILL_AT_GC_MOVE or _KILL_AFTER_GC_NOTE or _KILL_AFTER_PACK_DELETES:
+    import threading
+
+    from rpfs.index import Index
+    from rpfs.maintenance import gc
+    from rpfs.store.packs import PackStore
+
+    _in_gc = threading.local()  # .moving: this thread is in gc's _move
+    _gc_seen = {"moves": 0, "notes": 0, "deletes": 0}
+    _gc_move, _move_chunk, _delete = gc._move, Index.move_chunk, PackStore.delete
+
+    def _gc_moving(index, pack, copies):
+        _gc_seen["notes"] += 1
+        if _gc_seen["notes"] == _KILL_AFTER_GC_NOTE:
+            os.kill(os.getpid(), signal.SIGKILL)
+        _in_gc.moving = True
+        try:
+            return _gc_move(index, pack, copies)
+        finally:
+            _in_gc.moving = False
+
+    def _moving_chunk(self, txn, digest, loc):
+        if getattr(_in_gc, "moving", False):
+            _gc_seen["moves"] += 1
+            if _gc_seen["moves"] == _KILL_AT_GC_MOVE:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return _move_chunk(self, txn, digest, loc)
+
+    def _deleting(self, pack):
+        _delete(self, pack)
+        _gc_seen["deletes"] += 1
+        if _gc_seen["deletes"] == _KILL_AFTER_PACK_DELETES:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    gc._move = _gc_moving
+    Index.move_chunk = _moving_chunk
+    PackStore.delete = _deleting
 
 if _KILL_AT_DROP or _KILL_AFTER_COMMITS:
     import threading
