@@ -48,6 +48,14 @@ from pathlib import Path
 WEED = Path(sys.executable).parent / "weed"
 REGION = "us-east-1"  # SeaweedFS accepts any; clients want one to sign with
 
+# Without keys, obstore and boto3 ask the EC2 instance metadata service (169.254.169.254)
+# for credentials: never from a test. This points obstore's lookup at a closed loopback
+# port (port 9, discard, nothing listens) and turns boto3's off.
+NO_INSTANCE_METADATA = {
+    "AWS_METADATA_ENDPOINT": "http://127.0.0.1:9",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
 # `weed server` services that listen on a gRPC port of their own (and its /tmp socket)
 _SERVICES = ("master", "volume", "filer", "s3")
 
@@ -220,6 +228,18 @@ class S3Server:
         """Whether the S3 port answers an unsigned request the way S3 does (an XML error,
         access denied), not only accepts the connection."""
         return b"<Error>" in self._get("s3", "/")[1]
+
+    def env(self, identity: Identity | None = None) -> dict[str, str]:
+        """Environment variables that give a client this server's credentials the usual
+        way (default: the good identity), with instance metadata kept off (a test that
+        wants no credentials drops the two keys and keeps the rest)."""
+        ident = identity or self.identity
+        return {
+            "AWS_ACCESS_KEY_ID": ident.access_key,
+            "AWS_SECRET_ACCESS_KEY": ident.secret_key,
+            "AWS_REGION": REGION,
+            **NO_INSTANCE_METADATA,
+        }
 
     def store(self, identity: Identity | None = None, bucket: str | None = None,
               retry_config: dict | None = None, **client_options):

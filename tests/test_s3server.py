@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import random
 import subprocess
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -132,3 +133,38 @@ def test_stop_leaves_nothing_behind(tmp_path: Path) -> None:
     assert not listeners(ports)
     assert not [s for s in server.grpc_ports
                 if os.path.exists(f"/tmp/seaweedfs-{s}-grpc-{server.grpc_ports[s]}.sock")]
+
+
+def test_env_gives_the_credentials(s3_server: S3Server, monkeypatch) -> None:
+    """A store built from the environment alone (as `rpfs` will, AWS_* variables)."""
+    from obstore.store import S3Store
+
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    store = S3Store(s3_server.bucket, endpoint=s3_server.endpoint,
+                    virtual_hosted_style_request=False, client_options={"allow_http": True})
+    obstore.put(store, "from-env", b"v")
+    assert bytes(obstore.get(s3_server.store(), "from-env").bytes()) == b"v"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="unshare -n needs root")
+def test_no_keys_never_ask_the_instance_metadata_service(tmp_path: Path) -> None:
+    """Without keys obstore asks 169.254.169.254 for credentials; NO_INSTANCE_METADATA
+    must send that to loopback. Checked in a network namespace of its own with no
+    interface up, so even a regression sends nothing anywhere (and no server is needed:
+    the credentials are looked up before the first request)."""
+    s3_server = S3Server(tmp_path)  # not started: only its env() and endpoint
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env |= {k: v for k, v in s3_server.env().items() if "ACCESS" not in k}
+    code = (
+        "import obstore\n"
+        "from obstore.store import S3Store\n"
+        f"s = S3Store('b', endpoint={s3_server.endpoint!r}, client_options={{'allow_http': True}},"
+        " retry_config={'max_retries': 0})\n"
+        "try:\n    obstore.get(s, 'k')\nexcept Exception as e:\n    print(e)\n"
+    )
+    res = subprocess.run(["unshare", "-n", sys.executable, "-c", code], env=env,
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "http://127.0.0.1:9/latest/api/token" in res.stdout, res.stdout
+    assert "169.254" not in res.stdout
