@@ -1,5 +1,6 @@
 """Fixtures: the `rpfs` command against a per-test repository, mounts that are always
-cleaned up, the live-disk tests' state, and deterministic ext4 source images."""
+cleaned up, the live-disk tests' state, deterministic ext4 source images, and an S3
+server on loopback."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 from helpers import MiB, build_tree, is_fuse_mounted, make_ext4, wait_pid_exit
 from livewriter import Live
+from s3server import S3Server
 
 from rpfs.index import Index
 
@@ -283,6 +285,17 @@ def ext4_builder(tmp_path: Path) -> Callable[..., tuple[Path, Path, dict[str, st
         if shutil.which(tool) is None:
             pytest.skip(f"missing {tool}")
     return build
+
+
+@pytest.fixture
+def s3_server(tmp_path: Path) -> Iterator[S3Server]:
+    """SeaweedFS answering S3 on 127.0.0.1 with its bucket made (tests/s3server.py);
+    `stop()`/`start()` take it away and bring it back with its objects, `pause()`/
+    `resume()` freeze it. Stopped at teardown, also when the test fails."""
+    root = tmp_path / "s3"
+    root.mkdir()
+    with S3Server(root) as server:
+        yield server
 
 
 @pytest.fixture(scope="session", autouse=True)
