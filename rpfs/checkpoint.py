@@ -59,6 +59,7 @@ from .store.backend import PackMissing
 from .store.format import HEADER, MAGIC, digest, pack_name
 from .store.local import fsync_dir
 from .store.packs import PackStore
+from .store.tiered import TieredBackend
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,42 @@ def take(repo: Repository) -> Checkpoint:
             old.path.unlink(missing_ok=True)
     log.info("index checkpoint %s taken (%d bytes)", path.name, path.stat().st_size)
     return Checkpoint(path, created, path.stat().st_size)
+
+
+# -- copies in the object store (repositories with a store) -------------------------------
+
+REMOTE = "index/"  # the object names' prefix of the checkpoints in the store
+KEEP_REMOTE = 5  # checkpoints kept in the store
+PUSH_MIN = 10.0  # seconds between two pushes after uploads (a stream of small points)
+_pushed = {"at": 0.0}  # when this process last pushed one
+
+
+def push(repo: Repository) -> str:
+    """Take a checkpoint and upload it to the store as a new, immutable object (its name
+    is its time), then drop the store's oldest beyond KEEP_REMOTE; the object's name. The
+    copy comes from one read transaction (`take`): writers go on meanwhile."""
+    tiered = repo.store.backend
+    if not isinstance(tiered, TieredBackend):
+        raise RpfsError(f"{repo.root} has no store to push index checkpoints to")
+    taken = take(repo)
+    name = REMOTE + taken.path.name
+    tiered.objects.put(name, taken.path)
+    _pushed["at"] = time.monotonic()
+    for old in sorted(tiered.objects.list(REMOTE), reverse=True)[KEEP_REMOTE:]:
+        tiered.objects.delete(old)
+    log.info("index checkpoint %s pushed to %s", taken.path.name, tiered.location)
+    return name
+
+
+def push_if_due(repo: Repository) -> None:
+    """`push`, unless one was pushed less than PUSH_MIN seconds ago; a failure is logged
+    (the next pass pushes again)."""
+    if time.monotonic() - _pushed["at"] < PUSH_MIN:
+        return
+    try:
+        push(repo)
+    except (RpfsError, OSError) as exc:
+        log.warning("index checkpoint not pushed to the store: %s", exc)
 
 
 def cover_new_point(repo: Repository) -> None:
@@ -375,7 +412,8 @@ def _build(
             report.disks = [
                 _fix_disk(root, index, txn, d, block_size, live.maps.get(d.name)) for d in disks
             ]
-            index.raise_counter(txn, "pack", max(pack_backend(root).list(), default=0))
+            packs = pack_backend(root, load_config(root)).list()
+            index.raise_counter(txn, "pack", max(packs, default=0))
             index.raise_counter(txn, "file", _highest(root / "disks", ".raw"))
             report.points = len(index.list_points(txn))
         named = {d.file for d in disks}
@@ -467,7 +505,7 @@ def _check_packs(
     stops the check: its chunks are not known to be bad, and a retry may read them."""
     with index.read() as txn:
         chunks = sorted(index.iter_chunks(txn), key=lambda c: (c[1].pack, c[1].offset))
-    store = PackStore(pack_backend(root), block_size)
+    store = PackStore(pack_backend(root, load_config(root)), block_size)
     bad: list[tuple[bytes, str]] = []
     try:
         for chunk_digest, loc in chunks:

@@ -25,6 +25,8 @@ Named databases (see docs/design.md for the reasoning):
               never deduplicated against, so the next writer of that content heals it
     zero      chunk hash(32)  ->  time(8, a double) it last dropped to refcount 0: the
               chunks GC may free, and since when (kept by put_chunk and incref)
+    stored    pack(4)  ->  JSON {state: "uploading" | "stored", size, at, pid}: a pack's copy
+              in the object store (absent: local only; repositories with a store)
 
 All integers are big-endian so that LMDB's byte order is numeric order. Inverting the
 generation makes the newest write at or before a generation the first key at or after
@@ -71,12 +73,12 @@ _TIME = struct.Struct(">d")
 
 _DBS = (
     "extents", "chunks", "staging", "captures", "blockmap", "disks", "points", "lineages", "meta",
-    "gens", "trash", "policies", "packstats", "verified", "bad", "zero",
+    "gens", "trash", "policies", "packstats", "verified", "bad", "zero", "stored",
 )
 # Databases added after the first release: an index without them gets them at its first
 # writable open (`gens` filled from `extents`); a read-only copy (a checkpoint) opens
 # without them.
-_ADDED = ("gens", "trash", "policies", "packstats", "verified", "bad", "zero")
+_ADDED = ("gens", "trash", "policies", "packstats", "verified", "bad", "zero", "stored")
 # LMDB errors that mean the file's pages are not what LMDB wrote (not a full map, a
 # lock or a bug of ours): reported as a damaged index.
 _DAMAGE = (
@@ -578,6 +580,31 @@ class Index:
         return {_PACK_KEY.unpack(key)[0]: self._json(value, "verified record")
                 for key, value in self._scan(txn, "verified", b"")}
 
+    # -- packs in the object store ----------------------------------------------------------
+
+    def put_pack_state(self, txn: lmdb.Transaction, pack: int, state: str, size: int,
+                       at: float, pid: int | None = None) -> None:
+        """Record `pack`'s copy in the store: "uploading" by process `pid` (a PUT may be
+        under way; once that process is gone, another uploads it again) or "stored" (the
+        whole pack is there)."""
+        record = {"state": state, "size": size, "at": at}
+        if pid is not None:
+            record["pid"] = pid
+        txn.put(_PACK_KEY.pack(pack), json.dumps(record).encode(), db=self.db["stored"])
+
+    def pack_states(self, txn: lmdb.Transaction) -> dict[int, dict]:
+        """Every pack's store record (packs only local are absent)."""
+        if "stored" not in self.db:
+            return {}
+        return {_PACK_KEY.unpack(key)[0]: self._json(value, "stored record")
+                for key, value in self._scan(txn, "stored", b"")}
+
+    def pack_state(self, txn: lmdb.Transaction, pack: int) -> dict | None:
+        if "stored" not in self.db:
+            return None
+        raw = txn.get(_PACK_KEY.pack(pack), db=self.db["stored"])
+        return None if raw is None else self._json(raw, f"stored/{pack}")
+
     # -- extents --------------------------------------------------------------------------
 
     def lookup(self, txn: lmdb.Transaction, lineage: int, block: int, gen: int) -> bytes | None:
@@ -794,6 +821,7 @@ class Index:
         """Drop what the index keeps of a deleted pack (it names no chunk in it)."""
         txn.delete(_PACK_KEY.pack(pack), db=self.db["verified"])
         txn.delete(_PACK_KEY.pack(pack), db=self.db["packstats"])
+        txn.delete(_PACK_KEY.pack(pack), db=self.db["stored"])
 
     def pack_stats(self, txn: lmdb.Transaction) -> dict[int, PackStats]:
         """What each pack holds that the index names (packs holding none are absent)."""

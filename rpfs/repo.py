@@ -25,9 +25,12 @@ from .errors import CorruptChunk, RpfsError
 from .index import ChunkLoc, Index
 from .lifecycle.trash import TRASH_DAYS
 from .space import Space, parse_reserve
+from .store.backend import PackBackend
 from .store.format import decode_chunk, pack_name
 from .store.local import LocalBackend, fsync_dir
 from .store.packs import PackStore
+from .store.s3 import S3Objects, StoreConfig, parse_url
+from .store.tiered import TieredBackend
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +46,26 @@ HASH, CODEC = "blake3", "zstd"
 _PERCENT = re.compile(r"(\d+(\.\d+)?)%")
 MAX_TRASH_DAYS = 36500  # a century: a deadline past it would not print (year 9999)
 DAY = 86400
+STORE_CONFIG = "rpfs.json"  # in the object store: the repository's config at init
 MAX_INTERVAL = 366 * DAY
 # The settings `rpfs config set` changes: rpfs.json key -> the command's name for it.
 SETTINGS = {"trash_days": "trash-days", "gc_interval": "gc-interval",
             "verify_interval": "verify-interval"}
 
 
-def pack_backend(root: Path) -> LocalBackend:
-    """Where the packs of the repository at `root` are kept: the one place that says so."""
-    return LocalBackend(root / "packs")
+def pack_backend(root: Path, config: Config) -> PackBackend:
+    """Where the packs of the repository at `root` are kept: the one place that says so.
+    With a store: pending packs in REPO/packs, the read cache in REPO/cache, the rest in
+    the bucket (store/tiered.py)."""
+    if config.store is None:
+        return LocalBackend(root / "packs")
+    store = store_config(config)
+    return TieredBackend(root, S3Objects(store), store.cache_size)
+
+
+def store_config(config: Config) -> StoreConfig:
+    assert config.store is not None
+    return StoreConfig(**config.store)
 
 
 def repo_path(arg: str | None) -> Path:
@@ -69,6 +83,7 @@ class Config:
     trash_days: int = TRASH_DAYS  # how long a deleted point can be undeleted; 0: no trash
     gc_interval: int = DAY  # seconds between the daemon's own gc runs; 0: never
     verify_interval: int = DAY  # seconds between the daemon's rolling verify turns; 0: never
+    store: dict | None = None  # the object store holding the packs (s3.StoreConfig's fields)
 
     def recorded(self) -> dict:
         """What the index records of this config, at init, and must keep agreeing with:
@@ -120,7 +135,26 @@ _CONFIG_KEYS = {
     "gc_interval": (False, lambda v: _valid_interval(v), f"seconds from 0 to {MAX_INTERVAL}"),
     "verify_interval": (False, lambda v: _valid_interval(v),
                         f"seconds from 0 to {MAX_INTERVAL}"),
+    "store": (False, lambda v: _valid_store(v),
+              'null or {"url": "s3://BUCKET/PREFIX", "endpoint": URL or null, "region": '
+              'NAME or null, "cache_size": bytes > 0, "retry_seconds": seconds > 0}'),
 }
+
+
+def _valid_store(v: object) -> bool:
+    if v is None:
+        return True
+    if not isinstance(v, dict) or set(v) - set(StoreConfig.__dataclass_fields__):
+        return False
+    try:
+        parse_url(v.get("url"))  # type: ignore[arg-type]
+    except (RpfsError, TypeError):
+        return False
+    size, retry = v.get("cache_size", 1), v.get("retry_seconds", 1)
+    warn = v.get("backlog_warn", 1)
+    return (all(type(v.get(k)) in (str, type(None)) for k in ("endpoint", "region"))
+            and type(size) is int and size > 0 and type(warn) is int and warn >= 0
+            and type(retry) in (int, float) and retry > 0)
 
 
 def load_config(root: Path) -> Config:
@@ -191,7 +225,7 @@ class Repository:
         perms.check_owner(root)
         self.block_size = self.config.block_size
         self.index = Index(root / "index")
-        self.store = PackStore(pack_backend(root), self.block_size)
+        self.store = PackStore(pack_backend(root, self.config), self.block_size)
         self.space = Space(root, self.config.reserve)
         try:
             self._check_recorded()
@@ -264,6 +298,13 @@ class Repository:
                         self.root, where[0], exc)
             return None
 
+    def check_store(self) -> None:
+        """With a store: that it answers as S3, has the bucket and takes our credentials
+        (StoreRefused says which is wrong); nothing for a local repository."""
+        backend = self.store.backend
+        if isinstance(backend, TieredBackend):
+            backend.objects.check()
+
     def set_setting(self, key: str, value: int) -> None:
         """Change one of SETTINGS (rpfs.json, atomically). A daemon sees it at once because
         this runs in the daemon when one serves (a control operation), not in a CLI
@@ -283,9 +324,11 @@ class Repository:
     @classmethod
     def init(
         cls, root: Path, block_size: int, reserve: int | str | None = None,
-        trash_days: int = TRASH_DAYS,
+        trash_days: int = TRASH_DAYS, store: StoreConfig | None = None,
     ) -> Repository:
-        """Create a repository at `root`, which must be missing or an empty directory."""
+        """Create a repository at `root`, which must be missing or an empty directory;
+        with `store`, its packs go to that object store, which must answer, accept our
+        credentials and hold no repository yet (checked before anything is made)."""
         if not _valid_block_size(block_size):
             raise RpfsError(
                 f"invalid block size {block_size}: use a power of two from 4K to 4M"
@@ -299,13 +342,23 @@ class Repository:
             raise RpfsError(
                 f"{root} exists and is not an empty directory; choose another path"
             )
+        if not _valid_trash_days(trash_days):
+            raise RpfsError(f"invalid trash-days {trash_days}: from 0 to {MAX_TRASH_DAYS}")
+        objects = None
+        if store is not None:
+            objects = S3Objects(store)
+            objects.check()
+            if objects.list(STORE_CONFIG):
+                raise RpfsError(f"{store.url} already holds an rpfs repository: recover it "
+                                "with 'rpfs init --from-store', or choose another prefix")
         root.mkdir(mode=perms.DIR_MODE, parents=True, exist_ok=True)
         for sub in ("index", "packs", "locks"):
             (root / sub).mkdir(mode=perms.DIR_MODE, exist_ok=True)
-        if not _valid_trash_days(trash_days):
-            raise RpfsError(f"invalid trash-days {trash_days}: from 0 to {MAX_TRASH_DAYS}")
-        config = Config(block_size=block_size, reserve=reserve, trash_days=trash_days)
+        config = Config(block_size=block_size, reserve=reserve, trash_days=trash_days,
+                        store=None if store is None else asdict(store))
         Index(root / "index", create=config.recorded()).close()
+        if objects is not None:  # the bucket says what its packs are (init --from-store)
+            objects.put(STORE_CONFIG, config_bytes(config))
         _write_config(root, config)
         perms.enforce(root)  # an existing directory, or a umask that took bits away
         return cls(root)
@@ -388,13 +441,18 @@ class Repository:
         os.pwrite(lock_fd, json.dumps(info).encode(), 0)
 
 
+def config_bytes(config: Config) -> bytes:
+    """rpfs.json's text for `config` (its unset keys left out)."""
+    fields = {k: v for k, v in asdict(config).items() if v is not None}
+    return (json.dumps(fields, indent=1) + "\n").encode()
+
+
 def _write_config(root: Path, config: Config) -> None:
     """rpfs.json, whole or not at all (a temporary file, fsynced, renamed over it)."""
     tmp = root / "rpfs.json.tmp"
     tmp.unlink(missing_ok=True)  # left by a crash; touch() would keep its mode
     tmp.touch(mode=perms.FILE_MODE)
-    fields = {k: v for k, v in asdict(config).items() if v is not None}
-    tmp.write_text(json.dumps(fields, indent=1) + "\n")
+    tmp.write_bytes(config_bytes(config))
     with open(tmp) as f:
         os.fsync(f.fileno())
     tmp.rename(root / "rpfs.json")

@@ -36,6 +36,7 @@ from .output import fmt_time
 from .points import cmd_allocated, cmd_capture, cmd_changed, cmd_points, cmd_restore
 from .policy import cmd_policy_clear, cmd_policy_set, cmd_policy_show
 from .repository import cmd_config_set, cmd_config_show, cmd_index_restore, cmd_init
+from .store import cmd_store_status, cmd_store_sync
 from .trash import (
     KEEP_SPANS,
     cmd_point_delete,
@@ -104,6 +105,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trash-days", metavar="N", default=str(TRASH_DAYS),
                    help=f"days a deleted point stays in the trash, undeletable (default "
                         f"{TRASH_DAYS}; 0: no trash, a delete purges at once)")
+    p.add_argument("--store", metavar="s3://BUCKET[/PREFIX]",
+                   help="keep the packs in this S3 bucket (credentials: AWS_ACCESS_KEY_ID "
+                        "and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE); the local folder keeps "
+                        "the index, packs not uploaded yet and a read cache")
+    p.add_argument("--from-store", metavar="s3://BUCKET[/PREFIX]",
+                   help="recover the repository kept in this bucket into an empty folder: "
+                        "the index from its newest good checkpoint there")
+    p.add_argument("--s3-endpoint", metavar="URL",
+                   help="the S3 endpoint (Ceph RGW, SeaweedFS, MinIO; default: AWS's)")
+    p.add_argument("--s3-region", metavar="NAME",
+                   help="the region to sign with (default $AWS_REGION, else us-east-1)")
+    p.add_argument("--cache-size", metavar="SIZE", default="20G",
+                   help="bound of the local read cache of stored packs (default 20G)")
+    p.add_argument("--s3-retry", metavar="DURATION", default="1m",
+                   help="how long a request to the store is retried before it fails: a "
+                        "read of uncached data then fails with EIO (default 1m)")
+    p.add_argument("--backlog-warn", metavar="SIZE", default="8G",
+                   help="bytes waiting for upload past which 'store status' warns "
+                        "(default 8G)")
     p.set_defaults(func=cmd_init)
 
     p = _command(sub, "config", "show or change the repository's settings", common)
@@ -299,6 +319,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mount over a directory that holds files (hiding them)")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_mount)
+
+    p = _command(sub, "store", "the object store of a repository made with --store", common)
+    store_sub = p.add_subparsers(dest="store_command", required=True, metavar="ACTION")
+    q = _command(store_sub, "sync", "upload every pack waiting for the store now, and an "
+                 "index checkpoint", common)
+    q.add_argument("--wait", action="store_true",
+                   help="with a daemon: wait until it has uploaded them (without one, "
+                        "sync always waits: it is the uploader)")
+    q.add_argument("--json", action="store_true", help="print the summary as JSON")
+    q.set_defaults(func=cmd_store_sync)
+    q = _command(store_sub, "status", "pending bytes, cache use, requests and errors", common)
+    q.add_argument("--json", action="store_true", help="print the figures as a JSON object")
+    q.set_defaults(func=cmd_store_status)
 
     p = _command(sub, "info", "the repository's totals: points, stored, dead and pack bytes, "
                  "ratios", common)

@@ -87,17 +87,26 @@ def cmd_points(args: argparse.Namespace) -> int:
             p.disk, p.name, fmt_time(p.created), fmt_bytes(p.size), str(p.blocks_written),
             fmt_bytes(s.allocated_bytes), fmt_bytes(p.bytes_stored),
             fmt_bytes(s.cost.owned_bytes), p.method, state_text(s),
-            p.hold or "-", "-" if p.expires is None else fmt_time(p.expires), p.description,
+            p.hold or "-", "-" if p.expires is None else fmt_time(p.expires),
+            *([_in_store(s)] if catalog.has_store else []), p.description,
         ]
         for s in catalog.points
         for p in [s.record]
     ]
     header = ["DISK", "POINT", "CREATED", "SIZE", "WRITTEN", "ALLOCATED", "STORED", "OWNED",
-              "METHOD", "STATE", "HOLD", "EXPIRES", "DESCRIPTION"]
+              "METHOD", "STATE", "HOLD", "EXPIRES", *(["STORE"] if catalog.has_store else []),
+              "DESCRIPTION"]
     print_table(header, rows)
     for d, total in sorted(catalog.disk_bytes.items()):
         print(f"{d}: {fmt_bytes(total)} stored by its points (after dedup)")
     return 0
+
+
+def _in_store(s: PointStatus) -> str:
+    """Whether every chunk the point reads is in the object store, or how much is not."""
+    assert s.cost is not None
+    pending = s.cost.pending_bytes
+    return "in the store" if not pending else f"{fmt_bytes(pending)} pending"
 
 
 def _stalls(root: Path) -> dict[str, str]:

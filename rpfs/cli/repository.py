@@ -6,21 +6,51 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .. import checkpoint
+from .. import checkpoint, recover
+from ..errors import RpfsError
 from ..lifecycle.clock import fmt_duration, parse_duration
 from ..names import fmt_bytes, parse_size
 from ..repo import Repository, parse_trash_days, repo_path
 from ..serve.control import disk_service
+from ..store.s3 import StoreConfig, parse_url
 from .output import fmt_time, print_json, print_table
+
+
+def _store_config(args: argparse.Namespace, url: str) -> StoreConfig:
+    parse_url(url)
+    retry = parse_duration(args.s3_retry)
+    return StoreConfig(url=url, endpoint=args.s3_endpoint, region=args.s3_region,
+                       cache_size=parse_size(args.cache_size), retry_seconds=retry,
+                       backlog_warn=parse_size(args.backlog_warn))
 
 
 def cmd_init(args: argparse.Namespace) -> int:
     root = repo_path(args.repo)
+    if args.store and args.from_store:
+        raise RpfsError("give --store (a new repository) or --from-store (recover one), "
+                        "not both")
+    if args.from_store:
+        return _recover(args, root)
     days = parse_trash_days(args.trash_days)
-    with Repository.init(root, parse_size(args.block_size), args.reserve, days) as repo:
+    store = _store_config(args, args.store) if args.store else None
+    with Repository.init(root, parse_size(args.block_size), args.reserve, days,
+                         store) as repo:
         free, floor = repo.space.figures()
+    where = f", packs in {store.url}, read cache {fmt_bytes(store.cache_size)}" if store \
+        else ""
     print(f"initialised rpfs repository at {root} (block size {args.block_size}, "
-          f"reserve {fmt_bytes(floor)} of {fmt_bytes(free)} free, {_trash(days)})")
+          f"reserve {fmt_bytes(floor)} of {fmt_bytes(free)} free, {_trash(days)}{where})")
+    return 0
+
+
+def _recover(args: argparse.Namespace, root) -> int:
+    report = recover.recover(root, _store_config(args, args.from_store))
+    print(f"recovered the repository of {report['store']} into {root} from index "
+          f"checkpoint {report['checkpoint']} ({report['points']} points)")
+    for line in report["disks"]:
+        print(line)
+    for name, problem in report["skipped"]:
+        print(f"skipped newer checkpoint {name}: {problem}")
     return 0
 
 

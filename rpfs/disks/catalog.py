@@ -61,6 +61,7 @@ class Catalog:
     points: list[PointStatus]
     disk_bytes: dict[str, int]  # stored bytes of each disk's points after dedup, if asked
     histories: dict[str, History] = field(default_factory=dict)  # by disk name, if asked
+    has_store: bool = False  # the packs go to an object store (costs say what is pending)
 
 
 def read_catalog(
@@ -80,7 +81,9 @@ def read_catalog(
         disks = [index.disk_named(txn, disk)] if disk is not None else index.list_disks(txn)
         lineages = index.list_lineages(txn)
         records = index.list_points(txn, disk)
-        priced = costs(index, txn, records) if with_costs else Costs()
+        stored = None if repo.config.store is None else {
+            pack for pack, r in index.pack_states(txn).items() if r["state"] == "stored"}
+        priced = costs(index, txn, records, stored) if with_costs else Costs()
         histories = {d.name: history(index, txn, d, lineages) for d in disks} if with_history \
             else {}
     heads: dict[tuple[str, int], tuple[PointRecord | None, list[PointRecord]]] = {}
@@ -100,4 +103,5 @@ def read_catalog(
             cost=priced.points.get((p.disk, p.name)),
         ))
     return Catalog(block_size=bs, disks=disks, lineages=lineages, points=statuses,
-                   disk_bytes=priced.disks, histories=histories)
+                   disk_bytes=priced.disks, histories=histories,
+                   has_store=repo.config.store is not None)

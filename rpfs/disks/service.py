@@ -13,7 +13,7 @@ import functools
 import logging
 import os
 
-from .. import checkpoint
+from .. import checkpoint, upload
 from ..errors import RpfsError, describe_os_error
 from ..index import ZERO, DiskRecord, LineageRecord, PointRecord, PointState
 from ..lifecycle import clock, expiry, marks, policy, retention, trash
@@ -24,6 +24,7 @@ from ..pipeline import ordered_map
 from ..progress import ProgressFn
 from ..repo import Repository
 from ..store.cache import ChunkCache
+from ..upload import Uploader
 from . import history
 from .blockmap import ABSENT, MAX_BLOCKS, BlockMap
 from .livedisk import LiveDisk, create_local_file
@@ -51,6 +52,9 @@ class DiskService:
         self.index = repo.index
         self.registry = Registry(repo, cache or ChunkCache(repo), background)
         self.registry.on_point_closed = self._purge_on_close
+        # the uploads of a repository with a store (upload.py): the daemon's passes and
+        # `store sync` share it, so they never upload one pack twice at once
+        self.uploader = Uploader(repo) if upload.backend(repo) is not None else None
 
     def _record(self, name: str, txn=None) -> DiskRecord:
         if txn is None:
@@ -634,6 +638,25 @@ class DiskService:
                progress: ProgressFn | None = None) -> dict:
         """Read stored chunks back and check them; marks the bad (maintenance/verify.py)."""
         return verify.verify(self.repo, points, max_duration, progress)
+
+    def store_status(self) -> dict:
+        """Pending, stored and cached bytes, requests, the last failure (upload.py)."""
+        return upload.status(self.repo, self.uploader)
+
+    def store_sync(self, progress: ProgressFn | None = None) -> dict:
+        """Upload every sealed pending pack now; what was uploaded and what is left."""
+        if self.uploader is None:
+            return upload.status(self.repo, None)  # says there is no store
+        done = self.uploader.run(progress=progress)
+        if done.packs:
+            self.after_upload()
+        return {**upload.status(self.repo, self.uploader), "packs": done.packs,
+                "bytes": done.bytes, "seconds": done.seconds, "error": done.error}
+
+    def after_upload(self) -> None:
+        """A pass uploaded packs: points may now be wholly in the store, so the store gets
+        an index checkpoint (checkpoint.push, at most every PUSH_EVERY seconds)."""
+        checkpoint.push_if_due(self.repo)
 
     def upkeep(self) -> dict:
         """The daemon's own gc and turn of rolling verify, each if its interval has

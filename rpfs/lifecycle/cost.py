@@ -32,6 +32,7 @@ class PointCost:
 
     owned_bytes: int  # freed by purging this point alone
     shared_bytes: int  # of the chunks it reads that stay referenced after that purge
+    pending_bytes: int = 0  # of the chunks it reads, those in packs not in the store yet
 
 
 @dataclass
@@ -54,15 +55,25 @@ def owned_chunks(index: Index, txn: lmdb.Transaction, point: PointRecord) -> set
     return out
 
 
-def costs(index: Index, txn: lmdb.Transaction, points: list[PointRecord]) -> Costs:
-    """Owned and shared bytes of each of `points`, and each disk's total over them."""
-    lengths: dict[bytes, int] = {}
+def costs(index: Index, txn: lmdb.Transaction, points: list[PointRecord],
+          stored: set[int] | None = None) -> Costs:
+    """Owned and shared bytes of each of `points`, and each disk's total over them; with
+    `stored` (the packs in the object store), each point's bytes not in the store yet."""
+    lengths: dict[bytes, tuple[int, int]] = {}  # chunk -> (record length, of it pending)
 
-    def length(digest: bytes) -> int:
+    def sizes(digest: bytes) -> tuple[int, int]:
         if digest not in lengths:
             loc = index.get_chunk(txn, digest)
-            lengths[digest] = 0 if loc is None else loc.length
+            n = 0 if loc is None else loc.length
+            lengths[digest] = (n, n if stored is not None and loc is not None
+                               and loc.pack not in stored else 0)
         return lengths[digest]
+
+    def length(digest: bytes) -> int:
+        return sizes(digest)[0]
+
+    def pending(digest: bytes) -> int:
+        return sizes(digest)[1]
 
     out = Costs()
     per_disk: dict[str, set[bytes]] = {}
@@ -74,6 +85,7 @@ def costs(index: Index, txn: lmdb.Transaction, points: list[PointRecord]) -> Cos
         data = reads(index, txn, index.chain(txn, lineage, mine[0].gen))
         held = Counter(data.values())  # chunk -> blocks reading it, at the current gen
         held_bytes = sum(length(d) for d in held)
+        held_pending = sum(pending(d) for d in held)
         seen = per_disk.setdefault(disk, set())
         seen.update(held)
         at = mine[0].gen
@@ -86,16 +98,18 @@ def costs(index: Index, txn: lmdb.Transaction, points: list[PointRecord]) -> Cos
                     if not held[old]:
                         del held[old]
                         held_bytes -= length(old)
+                        held_pending -= pending(old)
                 value = index.lookup(txn, lineage, block, gen)
                 if value:
                     data[block] = value
                     held[value] += 1
                     if held[value] == 1:
                         held_bytes += length(value)
+                        held_pending += pending(value)
                         added.add(value)
             seen.update(d for d in added if d in held)
             at = p.gen
             owned = sum(length(d) for d in owned_chunks(index, txn, p))
-            out.points[(p.disk, p.name)] = PointCost(owned, held_bytes - owned)
+            out.points[(p.disk, p.name)] = PointCost(owned, held_bytes - owned, held_pending)
     out.disks = {disk: sum(length(d) for d in seen) for disk, seen in per_disk.items()}
     return out

@@ -39,12 +39,12 @@ from dataclasses import dataclass, field
 
 from ..capture import reap_dead_captures
 from ..errors import SPACE_ERRNOS, CorruptChunk, NoSpace, RpfsError
+from ..fence import Fence, fence
 from ..index import ChunkLoc, Index
-from ..ingest import SESSIONS
 from ..progress import ProgressFn
 from ..repo import Repository
 from ..store.format import decode_chunk
-from ..store.packs import OPEN_PACKS, PackWriter
+from ..store.packs import PackWriter
 
 log = logging.getLogger(__name__)
 
@@ -61,39 +61,6 @@ PAUSE = 1.0
 STATE = "gc"  # index note: the compaction in progress
 RETIRED = "gc-retired"  # index note: packs to delete once the index names nothing in them
 TAILS = "gc-tails"  # index note: every pack up to this one had its tail looked at
-
-
-@dataclass
-class Fence:
-    """What GC must leave to running writers."""
-
-    since: float  # free only chunks that dropped to 0 before this
-    packs_after: int | None  # and touch no pack numbered above this (None: no limit)
-    last_pack: int  # the `pack` counter then: a writer started since has higher packs
-    open_packs: set[int] = field(default_factory=set)
-
-    def sealed(self, pack: int) -> bool:
-        return pack <= self.last_pack and pack not in self.open_packs and (
-            self.packs_after is None or pack <= self.packs_after)
-
-
-def fence(repo: Repository) -> Fence:
-    """The running writers' fence, now (see the module docstring). The pack counter is
-    read first: a writer that starts after it (while GC sweeps, say) is in neither this
-    process's open packs nor the live captures read next, but all its packs are above it."""
-    with repo.index.read() as txn:
-        last_pack = repo.index.last_id(txn, "pack")
-    started = [t for t in [SESSIONS.oldest()] if t is not None]
-    packs_after = None
-    with repo.index.read() as txn:
-        captures = repo.index.list_captures(txn)
-    for _, info in captures:
-        if repo.disk_lock_free(info["disk"]):
-            continue  # its process is gone: its rows are reaped, it names nothing more
-        started.append(info["started"])
-        after = info.get("packs_after", 0)  # a capture of an older rpfs: every pack
-        packs_after = after if packs_after is None else min(packs_after, after)
-    return Fence(min(started, default=time.time()), packs_after, last_pack, OPEN_PACKS.now())
 
 
 @dataclass

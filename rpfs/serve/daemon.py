@@ -45,6 +45,7 @@ RELAYED_CORRECTIONS = 20  # repository mode corrections shown by `rpfs mount` (a
 PURGE_EVERY = 300.0  # seconds between looks for points whose trash period is over
 SCHEDULE_INTERVAL = 30.0  # seconds between turns of the policies' schedules and retention
 UPKEEP_LOOK = 300.0  # seconds between looks at whether gc or verify is due
+UPLOAD_EVERY = 2.0  # seconds between upload passes (repositories with a store)
 
 
 M_ARENA_MAX = -8  # a mallopt parameter (glibc's malloc.h)
@@ -181,7 +182,10 @@ class _Checkpoints:
         if txnid == self.copied or checkpoint.age(self.repo.root) < min_age:
             return
         try:
-            checkpoint.take(self.repo)
+            if self.repo.config.store is not None:
+                checkpoint.push(self.repo)  # takes one, and uploads it
+            else:
+                checkpoint.take(self.repo)
             self.copied = txnid  # read before the copy: a commit meanwhile is copied again
         except RpfsError as exc:
             log.warning("%s; trying again in %.0f s", exc, self.CHECK_EVERY)
@@ -243,6 +247,14 @@ class _Schedules:
         self.failing = set(failed)
 
 
+def _upload(service: DiskService) -> None:
+    """One pass of the uploads; after one that uploaded packs, an index checkpoint goes
+    to the store too (a failure is the uploader's warning, and the next pass retries)."""
+    assert service.uploader is not None
+    if service.uploader.run().packs:
+        service.after_upload()
+
+
 def _upkeep(service: DiskService) -> None:
     """One look at the daemon's own gc and verify (see maintenance/schedule.py)."""
     ran = service.upkeep()
@@ -295,6 +307,9 @@ async def _serve(
                            "the policies' turn")
         nursery.start_soon(_every, UPKEEP_LOOK, functools.partial(_upkeep, service),
                            "the daemon's gc and verify")
+        if service.uploader is not None:
+            nursery.start_soon(_every, UPLOAD_EVERY, functools.partial(_upload, service),
+                               "the upload pass")
         nursery.start_soon(ready)
         await pyfuse3.main()
         notify("STOPPING=1")  # a signal, or an unmount from outside
@@ -324,6 +339,7 @@ def serve(
         return 1
     try:
         repo.index.verify_records()  # a damaged record fails the mount, not a request
+        repo.check_store()  # credentials, bucket, endpoint: now, not at the first read
         lock_fd = repo.daemon_lock()
         try:
             _check_mountpoint(root, mountpoint, options.nonempty)

@@ -115,11 +115,16 @@ class LocalBackend:
         fsync_dir(self.root)
 
     def delete(self, pack: int) -> None:
+        self.forget(pack)
+        self.path(pack).unlink(missing_ok=True)
+
+    def forget(self, pack: int) -> None:
+        """Close the cached read descriptor of `pack` (its file moves away: see
+        tiered.py); a read using it now finishes first."""
         with self._lock:
             entry = self._open.pop(pack, None)
             if entry is not None and not entry.users:
                 os.close(entry.fd)
-        self.path(pack).unlink(missing_ok=True)
 
     def close(self) -> None:
         with self._lock:

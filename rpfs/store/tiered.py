@@ -1,0 +1,326 @@
+"""Packs in an object store, written locally first and read through a bounded cache.
+
+A repository with a store (rpfs.json "store") keeps three kinds of pack bytes:
+
+    REPO/packs/NNNNNNNN.pack          pending: written here as in a local repository (the
+                                      writers append and fdatasync), not yet in the store
+    REPO/cache/packs/NNNNNNNN.pack    a pack uploaded from this host, kept whole as cache
+    REPO/cache/segments/NNNNNNNN.SSSSSS   SEGMENT bytes of a stored pack, fetched by a
+                                      ranged GET
+
+A read looks in that order, then GETs. A pack moves from pending to cache by one rename
+after its upload is recorded (upload.py), so a reader that misses it in packs/ finds it
+in the cache, or else in the store: every step of the way one of the three holds it.
+
+The cache is bounded (`cache_size`) and evicts the least recently used entry first: LRU
+because a VM's reads of a point are mostly either a working set it comes back to (kept)
+or one sequential pass (a scan, gone by the time it matters); an entry is a whole pack or
+a segment, each weighed by its bytes. Misses are fetched a segment-aligned span at a time
+(one GET for the run of missing segments a read covers: a sequential reader's prefetch
+reads runs of adjacent records, PackStore's READ_SPAN, so its GETs are 1 MiB spans, not
+blocks), and concurrent misses of one segment wait for the one GET in flight. The order
+of recency is kept in memory (an OrderedDict of names and sizes, about 100 bytes an
+entry: 20 GiB of 1 MiB segments is 2 MiB), rebuilt from the files' mtimes at open.
+
+Each process keeps the bound for what it adds and sees; a second process (a capture
+beside the daemon) reads the same files, and a file another process evicted reads as a
+miss. GC's deletes go to all three places.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future
+from pathlib import Path
+
+from .backend import PackAppender, PackMissing
+from .format import pack_name, pack_number
+from .local import LocalBackend
+from .s3 import S3Objects
+
+log = logging.getLogger(__name__)
+
+SEGMENT = 1 << 20  # bytes of a stored pack fetched and cached as one piece
+PACKS = "packs/"  # the object names' prefix in the store
+
+
+def object_name(pack: int) -> str:
+    return PACKS + pack_name(pack)
+
+
+class ReadCache:
+    """Bounded local copies of stored packs: whole packs and segments (see the module
+    docstring). Thread-safe; file I/O runs outside its lock."""
+
+    def __init__(self, root: Path, limit: int) -> None:
+        self.root = root
+        self.limit = limit
+        self.whole = LocalBackend(root / "packs")  # its read-fd cache, and delete
+        self.segments = root / "segments"
+        for path in (self.whole.root, self.segments):
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._lru: OrderedDict[str, int] = OrderedDict()
+        self.used = 0
+        self.hits = self.misses = 0
+        self._scan()
+
+    def _scan(self) -> None:
+        found = []
+        for folder in (self.whole.root, self.segments):
+            for entry in os.scandir(folder):
+                if entry.name.startswith("."):
+                    continue
+                st = entry.stat()
+                found.append((st.st_mtime, f"{folder.name}/{entry.name}", st.st_size))
+        for _, name, size in sorted(found):
+            self._lru[name] = size
+            self.used += size
+
+    def _path(self, name: str) -> Path:
+        return self.root / name
+
+    @staticmethod
+    def _segment(pack: int, seg: int) -> str:
+        return f"segments/{pack:08d}.{seg:06d}"
+
+    def _touch(self, name: str) -> bool:
+        with self._lock:
+            if name not in self._lru:
+                return False
+            self._lru.move_to_end(name)
+            return True
+
+    def read_whole(self, pack: int, offset: int, length: int) -> bytes | None:
+        """Bytes of `pack` if it is cached whole, else None."""
+        if not self._touch(f"packs/{pack_name(pack)}"):
+            return None
+        try:
+            return self.whole.read(pack, offset, length)
+        except PackMissing:  # evicted by another process
+            return None
+
+    def size_whole(self, pack: int) -> int | None:
+        with self._lock:
+            return self._lru.get(f"packs/{pack_name(pack)}")
+
+    def read_segment(self, pack: int, seg: int) -> bytes | None:
+        name = self._segment(pack, seg)
+        if not self._touch(name):
+            return None
+        try:
+            return self._path(name).read_bytes()
+        except FileNotFoundError:
+            with self._lock:
+                self.used -= self._lru.pop(name, 0)
+            return None
+
+    def add_segment(self, pack: int, seg: int, data: bytes | memoryview) -> None:
+        name = self._segment(pack, seg)
+        path = self._path(name)
+        tmp = path.with_name(f".{path.name}.{threading.get_ident()}")
+        with open(tmp, "wb") as out:  # not fsynced: a cache entry lost in a crash is a miss
+            out.write(data)
+        tmp.rename(path)
+        self._added(name, len(data))
+
+    def add_whole(self, pack: int, source: Path) -> None:
+        """Take the pending pack file `source` (just recorded as stored) into the cache."""
+        name = f"packs/{pack_name(pack)}"
+        size = source.stat().st_size
+        source.rename(self._path(name))
+        self._added(name, size)
+
+    def _added(self, name: str, size: int) -> None:
+        with self._lock:
+            self.used += size - self._lru.pop(name, 0)
+            self._lru[name] = size
+            doomed = []
+            while self.used > self.limit and self._lru:
+                old, old_size = self._lru.popitem(last=False)
+                self.used -= old_size
+                doomed.append(old)
+        for old in doomed:
+            self._remove(old)
+
+    def _remove(self, name: str) -> None:
+        folder, _, file = name.partition("/")
+        pack = pack_number(file)
+        if folder == "packs" and pack is not None:
+            self.whole.delete(pack)  # closes its cached read fd
+        else:
+            self._path(name).unlink(missing_ok=True)
+
+    def drop(self, pack: int) -> None:
+        """Forget every cached byte of `pack` (GC deleted it)."""
+        prefix = f"segments/{pack:08d}."
+        with self._lock:
+            names = [n for n in self._lru if n.startswith(prefix)
+                     or n == f"packs/{pack_name(pack)}"]
+            for name in names:
+                self.used -= self._lru.pop(name)
+        for name in names:
+            self._remove(name)
+        for path in self.segments.glob(f"{pack:08d}.*"):  # another process's entries
+            path.unlink(missing_ok=True)
+        self.whole.delete(pack)
+
+    def close(self) -> None:
+        self.whole.close()
+
+
+class TieredBackend:
+    """A PackBackend whose packs live in an object store (see the module docstring)."""
+
+    can_append = True  # writers append to pending local packs
+
+    def __init__(self, root: Path, objects: S3Objects, cache_size: int) -> None:
+        self.pending = LocalBackend(root / "packs")
+        self.cache = ReadCache(root / "cache", cache_size)
+        self.objects = objects
+        self.location = objects.location
+        self.connections = 8  # GETs in flight worth issuing (docs/performance.md)
+        self._inflight: dict[tuple[int, int], Future] = {}
+        self._lock = threading.Lock()
+        self._sizes: dict[int, int] = {}  # stored packs' sizes, learned from the store
+        self.gets = self.get_bytes = 0
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def read(self, pack: int, offset: int, length: int) -> bytes:
+        try:
+            return self.pending.read(pack, offset, length)
+        except PackMissing:
+            pass
+        data = self.cache.read_whole(pack, offset, length)
+        if data is not None:
+            return data
+        first, last = offset // SEGMENT, (offset + length - 1) // SEGMENT
+        parts = self._segments(pack, first, last)
+        buf = b"".join(parts)
+        start = offset - first * SEGMENT
+        return buf[start : start + length]
+
+    def _segments(self, pack: int, first: int, last: int) -> list[bytes]:
+        """Segments first..last of a stored pack, the missing ones fetched with one GET
+        per run of them (the last segment of a pack may be short, or absent past its
+        end)."""
+        out: list[bytes | None] = []
+        mine: list[int] = []  # segments this call fetches
+        waits: dict[int, Future] = {}
+        for seg in range(first, last + 1):
+            data = self.cache.read_segment(pack, seg)
+            if data is None:
+                with self._lock:  # a GET of it in flight is waited for, not repeated
+                    future = self._inflight.get((pack, seg))
+                    if future is None:
+                        future = self._inflight[(pack, seg)] = Future()
+                        mine.append(seg)
+                waits[seg] = future
+            out.append(data)
+        if mine:
+            self.cache.misses += len(mine)
+            self._fetch(pack, mine)
+        for seg, future in waits.items():
+            out[seg - first] = future.result()
+        return [part for part in out if part]  # type: ignore[misc]
+
+    def _fetch(self, pack: int, segs: list[int]) -> None:
+        """GET each run of consecutive segments in `segs` and settle their futures."""
+        runs: list[list[int]] = []
+        for seg in segs:
+            if runs and runs[-1][-1] == seg - 1:
+                runs[-1].append(seg)
+            else:
+                runs.append([seg])
+        for run in runs:
+            try:
+                data = self.objects.get_range(object_name(pack), run[0] * SEGMENT,
+                                              len(run) * SEGMENT)
+                with self._lock:
+                    self.gets += 1
+                    self.get_bytes += len(data)
+                for i, seg in enumerate(run):
+                    piece = bytes(data[i * SEGMENT : (i + 1) * SEGMENT])
+                    if piece:
+                        self.cache.add_segment(pack, seg, piece)
+                    self._settle(pack, seg, piece, None)
+            except BaseException as exc:
+                for seg in run:
+                    self._settle(pack, seg, None, exc)
+                if not isinstance(exc, OSError):
+                    raise
+
+    def _settle(self, pack: int, seg: int, data: bytes | None, exc: BaseException | None
+                ) -> None:
+        with self._lock:
+            future = self._inflight.pop((pack, seg), None)
+        if future is not None and not future.done():
+            if exc is not None:
+                future.set_exception(exc)
+            else:
+                future.set_result(data)
+
+    def size(self, pack: int) -> int:
+        try:
+            return self.pending.size(pack)
+        except PackMissing:
+            pass
+        size = self.cache.size_whole(pack) or self._sizes.get(pack)
+        if size is None:
+            size = self._sizes[pack] = self.objects.size(object_name(pack))
+        return size
+
+    def list(self) -> list[int]:
+        stored = self.stored_sizes()
+        return sorted(set(self.pending.list()) | set(stored))
+
+    def stored_sizes(self) -> dict[int, int]:
+        """Every pack in the store and its size (a LIST of the store)."""
+        out = {}
+        for name, size in self.objects.list(PACKS).items():
+            pack = pack_number(name[len(PACKS):])
+            if pack is not None:
+                out[pack] = size
+        self._sizes.update(out)
+        return out
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def create(self, pack: int) -> PackAppender:
+        return self.pending.create(pack)
+
+    def truncate(self, pack: int, length: int) -> None:
+        if self.pending.path(pack).exists():
+            self.pending.truncate(pack, length)
+        # a stored pack keeps its tail: immutable, and nothing names those bytes
+
+    def put(self, pack: int, data: bytes) -> None:
+        self.pending.put(pack, data)
+
+    def upload(self, pack: int) -> int:
+        """PUT the pending pack `pack` to the store whole; its size."""
+        path = self.pending.path(pack)
+        size = path.stat().st_size
+        self.objects.put(object_name(pack), path)
+        return size
+
+    def stored(self, pack: int) -> None:
+        """The store's copy of `pack` is recorded: its local file becomes cache."""
+        self.pending.forget(pack)
+        with contextlib.suppress(FileNotFoundError):  # another uploader moved it first
+            self.cache.add_whole(pack, self.pending.path(pack))
+
+    def delete(self, pack: int) -> None:
+        self.pending.delete(pack)
+        self.cache.drop(pack)
+        self.objects.delete(object_name(pack))
+        self._sizes.pop(pack, None)
+
+    def close(self) -> None:
+        self.pending.close()
+        self.cache.close()
