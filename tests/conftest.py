@@ -298,6 +298,16 @@ def s3_server(tmp_path: Path) -> Iterator[S3Server]:
         yield server
 
 
+@pytest.fixture
+def s3_repo(rpfs: Rpfs, repo_dir: Path, s3_server: S3Server) -> Path:
+    """A repository whose packs go to `s3_server` (s3://BUCKET/repo): a 64 MiB read cache,
+    requests retried for 5 s. `rpfs` carries the server's credentials from here on."""
+    rpfs.env.update(s3_server.env())
+    rpfs("init", "--store", f"s3://{s3_server.bucket}/repo", "--s3-endpoint",
+         s3_server.endpoint, "--cache-size", "64M", "--s3-retry", "5s", check=True)
+    return repo_dir
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _no_leaked_mounts(tmp_path_factory) -> Iterator[None]:
     """Fail the run if a mount under this session's temporary directory survived it."""
