@@ -184,10 +184,11 @@ def push(repo: Repository) -> str:
     return name
 
 
-def push_if_due(repo: Repository) -> None:
-    """`push`, unless one was pushed less than PUSH_MIN seconds ago; a failure is logged
-    (the next pass pushes again)."""
-    if time.monotonic() - _pushed["at"] < PUSH_MIN:
+def push_if_due(repo: Repository, force: bool = False) -> None:
+    """`push`, unless one was pushed less than PUSH_MIN seconds ago (or `force`: `store
+    sync`, after which a recovery must find what it uploaded); a failure is logged (the
+    next pass pushes again)."""
+    if not force and time.monotonic() - _pushed["at"] < PUSH_MIN:
         return
     try:
         push(repo)

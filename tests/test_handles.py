@@ -72,7 +72,7 @@ def test_a_point_still_archiving_reads_its_frozen_blocks_through_the_overlay(set
     setup.fill(0x22)  # copy-before-write keeps the point's blocks in the local file
     handle = setup.images.open_point("vm", "p1")
     try:
-        assert handle.read_waits_on_locks
+        assert handle.read_may_wait
         assert handle.read_at_hand(0, SIZE) is None  # never answered from the cache alone
         assert handle.read(0, SIZE) == bytes([0x11]) * SIZE
         assert setup.service.registry.open_disks(), "the overlay holds the disk open"
@@ -86,7 +86,7 @@ def test_a_complete_point_reads_from_the_store(setup):
     setup.fill(0x22)
     handle = setup.images.open_point("vm", "p1")
     try:
-        assert not handle.read_waits_on_locks
+        assert not handle.read_may_wait
         assert not setup.service.registry.open_disks(), "a complete point needs no live disk"
         assert handle.read(0, SIZE) == bytes([0x11]) * SIZE
         assert handle.read_at_hand(0, BS) == bytes([0x11]) * BS  # decoded in the cache now
@@ -176,7 +176,7 @@ class Recording:
     """A handle that records which of its reads ran on which thread."""
 
     def __init__(self, waits: bool) -> None:
-        self.read_waits_on_locks = waits
+        self.read_may_wait = waits
         self.calls: list[tuple[str, int]] = []
 
     def read(self, offset: int, length: int) -> bytes:

@@ -85,6 +85,7 @@ import io  # noqa: E402
 import subprocess  # noqa: E402
 import threading  # noqa: E402
 from collections import Counter  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -162,6 +163,36 @@ def opener_records(log: Path) -> tuple[list[list[str]], list[int]]:
         else:
             errors.append(int(fields[0]))
     return opens, errors
+
+
+@contextlib.contextmanager
+def opening_until_gone(image: Path, tmp_path: Path, round_: int, hold: str
+                       ) -> Iterator[Path]:
+    """An opener that opens, reads and closes a point's `image` as fast as it can until
+    the image is gone (it ends at its first ENOENT), started and seen to open once; the
+    body removes the image, and on the way out the opener is waited for, or stopped if
+    the body failed. Yields the opener's log, for `assert_only_own_bytes`."""
+    log, stop = tmp_path / f"opener-{round_}.log", tmp_path / f"stop-{round_}"
+    opener = spawn_opener(image, log, stop, "--until-gone", "--hold", hold, "--gap", "0.001")
+    try:
+        wait_until(lambda: log.exists() and log.read_text(), "the first open")
+        yield log
+        opener.wait(timeout=30)
+    finally:
+        stop.touch()
+        opener.wait(timeout=30)
+
+
+def assert_only_own_bytes(log: Path, content: bytes, round_: int, *others: bytes) -> None:
+    """Every open in the opener's `log` read the point's own bytes (`content`'s tag) to
+    its close, and the only failure was the ENOENT that ended it."""
+    opens, errors = opener_records(log)
+    assert errors == [errno.ENOENT], f"round {round_}: failed opens {errors}"
+    names = names_of(content, *others)
+    wrong = [[names.get(t, "other") for t in rec] for rec in opens
+             if rec != [tag(content[:PROBE])] * 4]
+    assert not wrong, f"round {round_}: {len(wrong)} of {len(opens)} opens of the point " \
+                      f"image read other bytes (A = the point), e.g. {wrong[0]}"
 
 
 @pytest.fixture
@@ -276,28 +307,14 @@ def test_delete_racing_opens_of_a_point_image(rpfs, repo, mounted, remote, tmp_p
         remote.snapshot(disks=[disk], name="p")
         wait_complete(rpfs, disk, "p")
         wait_idle(remote, disk)
-        log, stop = tmp_path / f"opener-{i}.log", tmp_path / f"stop-{i}"
-        opener = spawn_opener(point_image(mounted, disk, "p"), log, stop, "--until-gone",
-                              "--hold", "0.001", "--gap", "0.001")
-        try:
-            wait_until(lambda log=log: log.exists() and log.read_text(), "the first open")
+        with opening_until_gone(point_image(mounted, disk, "p"), tmp_path, i, "0.001") as log:
             deadline = time.monotonic() + 30
             while (res := rpfs_main(repo, "disk", "delete", disk, "--with-points")).returncode:
                 assert_one_line_error(res, f"disk {disk} has", "open point image")
                 refused += 1
                 assert time.monotonic() < deadline, "delete refused for 30 s"
             assert res.stdout == f"disk {disk}: deleted with 1 point(s): p\n"
-            opener.wait(timeout=30)  # it ends at its first ENOENT
-        finally:
-            stop.touch()
-            opener.wait(timeout=30)
-        opens, errors = opener_records(log)
-        assert errors == [errno.ENOENT], f"round {i}: failed opens {errors}"
-        names = names_of(content)
-        wrong = [[names.get(t, "other") for t in rec] for rec in opens
-                 if rec != [tag(content[:PROBE])] * 4]
-        assert not wrong, f"round {i}: {len(wrong)} of {len(opens)} opens of the point " \
-                          f"image read other bytes (A = the point), e.g. {wrong[0]}"
+        assert_only_own_bytes(log, content, i)
     assert rpfs.points() == []
     assert refused, "no delete was ever refused: the loop raced nothing"
 
@@ -359,25 +376,11 @@ def test_purge_racing_opens_of_its_point_image(rpfs, repo, mounted, remote, tmp_
         remote.snapshot(disks=[disk], name="q")
         wait_complete(rpfs, disk, "q")
         wait_idle(remote, disk)
-        log, stop = tmp_path / f"opener-{i}.log", tmp_path / f"stop-{i}"
-        opener = spawn_opener(point_image(mounted, disk, "p"), log, stop, "--until-gone",
-                              "--hold", "0.02", "--gap", "0.001")
-        try:
-            wait_until(lambda log=log: log.exists() and log.read_text(), "the first open")
+        with opening_until_gone(point_image(mounted, disk, "p"), tmp_path, i, "0.02") as log:
             res = rpfs_main(repo, "point", "delete", "--purge", f"{disk}@p")
             assert res.returncode == 0, res.stderr
             deferred += "closes" in res.stdout
-            opener.wait(timeout=30)  # it ends at its first ENOENT
-        finally:
-            stop.touch()
-            opener.wait(timeout=30)
-        opens, errors = opener_records(log)
-        assert errors == [errno.ENOENT], f"round {i}: failed opens {errors}"
-        names = names_of(content, B)
-        wrong = [[names.get(t, "other") for t in rec] for rec in opens
-                 if rec != [tag(content[:PROBE])] * 4]
-        assert not wrong, f"round {i}: {len(wrong)} of {len(opens)} opens of the point " \
-                          f"image read other bytes (A = the point), e.g. {wrong[0]}"
+        assert_only_own_bytes(log, content, i, B)
         wait_until(lambda: remote.list_trash() == [], "the purge at the last close")
     assert deferred, "no purge ever met an open image: the loop raced nothing"
     with Repository(repo) as opened:

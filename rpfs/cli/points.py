@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .. import upload
 from ..capture import capture
 from ..disks.catalog import Catalog, PointStatus, read_catalog
 from ..disks.history import Line
@@ -38,10 +39,16 @@ def cmd_capture(args: argparse.Namespace) -> int:
             expires=expires,
         )
         retains = has_retention(repo, args.disk)
+        waiting = sum(upload.pending(repo).values())
     print(
         f"{point.ref}: {point.method}, {point.blocks_written} blocks written, "
         f"{fmt_bytes(point.bytes_stored)} stored"
     )
+    if waiting:
+        print(f"{fmt_bytes(waiting)} of packs wait for upload to the store: "
+              + ("the daemon uploads them in the background" if read_daemon_info(repo.root)
+                 else "mount the repository (its daemon uploads in the background) or run "
+                      "'rpfs store sync'"))
     if not retains:
         return 0
     with disk_service(repo_path(args.repo)) as service:  # the daemon's, if one runs

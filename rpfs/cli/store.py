@@ -8,16 +8,22 @@ import sys
 
 from ..names import fmt_bytes
 from ..progress import progress_bar
-from ..repo import repo_path
+from ..repo import read_daemon_info, repo_path
 from ..serve.control import disk_service
 from .output import fmt_time, print_json
 
 
 def cmd_store_sync(args: argparse.Namespace) -> int:
-    with disk_service(repo_path(args.repo)) as service, progress_bar("upload") as bar:
-        done = service.store_sync(progress=bar)
+    root = repo_path(args.repo)
+    with disk_service(root) as service, progress_bar("upload") as bar:
+        done = service.store_sync(wait=args.wait or not read_daemon_info(root),
+                                  progress=bar)
     if args.json:
         print_json(done)
+    elif done["started"]:
+        print(f"the daemon is uploading {done['pending_packs']} packs "
+              f"({fmt_bytes(done['pending_bytes'])}) now; 'rpfs store status' shows how it "
+              "goes (--wait waits for it)")
     else:
         print(f"uploaded {done['packs']} packs ({fmt_bytes(done['bytes'])}) in "
               f"{done['seconds']:.1f} s; pending: {done['pending_packs']} packs "

@@ -643,20 +643,35 @@ class DiskService:
         """Pending, stored and cached bytes, requests, the last failure (upload.py)."""
         return upload.status(self.repo, self.uploader)
 
-    def store_sync(self, progress: ProgressFn | None = None) -> dict:
-        """Upload every sealed pending pack now; what was uploaded and what is left."""
+    def store_sync(self, wait: bool = True, progress: ProgressFn | None = None) -> dict:
+        """Upload every sealed pending pack now; what was uploaded and what is left. In
+        the daemon, `wait=False` starts the pass in the background and returns at once
+        (a CLI process is the only uploader there is: it always waits)."""
         if self.uploader is None:
             return upload.status(self.repo, None)  # says there is no store
+        if not wait and self.registry.background:
+            self.registry.run_in_background("rpfs-upload", self._upload_pass)
+            return {**upload.status(self.repo, self.uploader), "started": True, "packs": 0,
+                    "bytes": 0, "seconds": 0.0, "error": None}
+        done = self._upload_pass(progress)
+        return {**upload.status(self.repo, self.uploader), "started": False,
+                "packs": done.packs, "bytes": done.bytes, "seconds": done.seconds,
+                "error": done.error}
+
+    def _upload_pass(self, progress: ProgressFn | None = None) -> upload.Pass:
+        """One upload pass, then an index checkpoint to the store if it stored packs."""
+        assert self.uploader is not None
         done = self.uploader.run(progress=progress)
         if done.packs:
-            self.after_upload()
-        return {**upload.status(self.repo, self.uploader), "packs": done.packs,
-                "bytes": done.bytes, "seconds": done.seconds, "error": done.error}
+            checkpoint.push_if_due(self.repo, force=True)
+        return done
 
-    def after_upload(self) -> None:
-        """A pass uploaded packs: points may now be wholly in the store, so the store gets
-        an index checkpoint (checkpoint.push, at most every PUSH_EVERY seconds)."""
-        checkpoint.push_if_due(self.repo)
+    def upload_pass(self) -> None:
+        """The daemon's pass every few seconds (an index checkpoint after it at most every
+        PUSH_MIN seconds: a stream of small points does not push one each)."""
+        assert self.uploader is not None
+        if self.uploader.run().packs:
+            checkpoint.push_if_due(self.repo)
 
     def upkeep(self) -> dict:
         """The daemon's own gc and turn of rolling verify, each if its interval has

@@ -113,7 +113,7 @@ OPERATIONS: dict[str, Operation] = {
     "verify": Operation(DiskService.verify, {"points": OPTIONAL_STR_LIST,
                                              "max_duration": OPTIONAL_NUMBER}, progress=True),
     "store_status": Operation(DiskService.store_status, {}),
-    "store_sync": Operation(DiskService.store_sync, {}, progress=True),
+    "store_sync": Operation(DiskService.store_sync, {"wait": FLAG}, progress=True),
     "config": Operation(DiskService.config, {}),
     "set_setting": Operation(DiskService.set_setting, {"key": STR, "value": INT}),
 }

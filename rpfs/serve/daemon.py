@@ -247,14 +247,6 @@ class _Schedules:
         self.failing = set(failed)
 
 
-def _upload(service: DiskService) -> None:
-    """One pass of the uploads; after one that uploaded packs, an index checkpoint goes
-    to the store too (a failure is the uploader's warning, and the next pass retries)."""
-    assert service.uploader is not None
-    if service.uploader.run().packs:
-        service.after_upload()
-
-
 def _upkeep(service: DiskService) -> None:
     """One look at the daemon's own gc and verify (see maintenance/schedule.py)."""
     ran = service.upkeep()
@@ -308,8 +300,7 @@ async def _serve(
         nursery.start_soon(_every, UPKEEP_LOOK, functools.partial(_upkeep, service),
                            "the daemon's gc and verify")
         if service.uploader is not None:
-            nursery.start_soon(_every, UPLOAD_EVERY, functools.partial(_upload, service),
-                               "the upload pass")
+            nursery.start_soon(_every, UPLOAD_EVERY, service.upload_pass, "the upload pass")
         nursery.start_soon(ready)
         await pyfuse3.main()
         notify("STOPPING=1")  # a signal, or an unmount from outside

@@ -189,7 +189,7 @@ class Operations(pyfuse3.Operations):
             # A lone small read fetches here, unless its fetch may wait on a lock another
             # thread holds; any other read is answered here only from what is at hand.
             read_here = (
-                handle.read if lone_small and not handle.read_waits_on_locks
+                handle.read if lone_small and not handle.read_may_wait
                 else handle.read_at_hand
             )
             with self._errors(read_here):

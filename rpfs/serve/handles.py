@@ -60,8 +60,9 @@ class PointHandle:
         self.read = image.read
         self.read_at_hand = image.read_at_hand
         # A point still being archived reads frozen blocks under its disk's locks, which
-        # another thread may hold for long; a complete one waits on nothing but its chunks.
-        self.read_waits_on_locks = overlay is not None
+        # another thread may hold for long; a complete one waits on nothing but its
+        # chunks, which an object store may take a retry bound to answer.
+        self.read_may_wait = overlay is not None or image.repo.store.backend.remote
 
     def write(self, offset: int, data: bytes) -> int:
         raise OSError(errno.EROFS, "recovery points are read-only")
@@ -80,7 +81,7 @@ class DiskHandle:
 
     writable = True
     # A read of ABSENT blocks copies them in under stripe locks another thread may hold.
-    read_waits_on_locks = True
+    read_may_wait = True
 
     def __init__(self, registry: Registry, name: str, disk: LiveDisk) -> None:
         self._registry = registry

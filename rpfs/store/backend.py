@@ -56,6 +56,7 @@ class PackBackend(Protocol):
     location: str  # where the packs are, for messages (a directory, a bucket URL)
     can_append: bool  # writes go through `create` (else only through `put`)
     connections: int  # concurrent requests worth issuing to it
+    remote: bool  # a read may wait on the network (never on the trio thread, then)
 
     def read(self, pack: int, offset: int, length: int) -> bytes:
         """Up to `length` bytes of `pack` from `offset` (fewer only at its end).

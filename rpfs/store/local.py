@@ -44,6 +44,7 @@ class LocalBackend:
     """Packs in the directory `root` (REPO/packs)."""
 
     can_append = True
+    remote = False
     connections = 2  # preads in flight that pay on one disk: the prefetch pool's size
 
     def __init__(self, root: Path) -> None:

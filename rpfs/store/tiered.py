@@ -177,6 +177,7 @@ class TieredBackend:
     """A PackBackend whose packs live in an object store (see the module docstring)."""
 
     can_append = True  # writers append to pending local packs
+    remote = True  # a read may be a GET
 
     def __init__(self, root: Path, objects: S3Objects, cache_size: int) -> None:
         self.pending = LocalBackend(root / "packs")
