@@ -90,6 +90,7 @@ class Uploader:
         self.last_error: str | None = None
         self.last_error_at: float | None = None
         self.totals = Pass()
+        self.stopping = threading.Event()  # the daemon is stopping: no next pack
 
     def run(self, packs: list[int] | None = None, progress: ProgressFn | None = None) -> Pass:
         """Upload every sealed, named, pending pack (or just `packs`, which the caller
@@ -100,6 +101,8 @@ class Uploader:
             todo = self._todo() if packs is None else sorted(packs)
             total = sum(self._size(p) for p in todo)
             for pack in todo:
+                if self.stopping.is_set():
+                    break
                 try:
                     size = self._upload(pack)
                 except (PackUnavailable, StoreRefused) as exc:

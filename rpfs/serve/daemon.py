@@ -304,6 +304,8 @@ async def _serve(
         nursery.start_soon(ready)
         await pyfuse3.main()
         notify("STOPPING=1")  # a signal, or an unmount from outside
+        if service.uploader is not None:
+            service.uploader.stopping.set()  # a pass ends after the pack it is on
         nursery.cancel_scope.cancel()
 
 
