@@ -644,19 +644,32 @@ class DiskService:
         return upload.status(self.repo, self.uploader)
 
     def store_sync(self, progress: ProgressFn | None = None) -> dict:
-        """Upload every sealed pending pack now; what was uploaded and what is left."""
+        """Upload every sealed pending pack now, then push an index checkpoint if any
+        pack was uploaded since the last one (at once: the caller may recover from it
+        next); what was uploaded and what is left."""
         if self.uploader is None:
             return upload.status(self.repo, None)  # says there is no store
         done = self.uploader.run(progress=progress)
-        if done.packs:
-            self.after_upload()
+        pushed, failed = self.push_checkpoint(now=True)
         return {**upload.status(self.repo, self.uploader), "packs": done.packs,
-                "bytes": done.bytes, "seconds": done.seconds, "error": done.error}
+                "bytes": done.bytes, "seconds": done.seconds, "error": done.error,
+                "checkpoint": pushed, "checkpoint_error": failed}
 
-    def after_upload(self) -> None:
-        """A pass uploaded packs: points may now be wholly in the store, so the store gets
-        an index checkpoint (checkpoint.push, at most every PUSH_EVERY seconds)."""
-        checkpoint.push_if_due(self.repo)
+    def push_checkpoint(self, now: bool = False) -> tuple[str | None, str | None]:
+        """Packs were uploaded since the last checkpoint pushed: points may now be wholly
+        in the store, so the store gets an index checkpoint that names them: `now`, else
+        at most every checkpoint.PUSH_MIN seconds (the daemon's upload passes). The name
+        pushed (None if none was due), and why it failed (the next pass tries again)."""
+        uploader = self.uploader
+        if uploader is None or not uploader.unpushed or not (now or checkpoint.push_due()):
+            return None, None
+        uploader.unpushed = False  # before the copy: an upload committed after it sets it
+        try:
+            return checkpoint.push(self.repo), None
+        except (RpfsError, OSError) as exc:
+            uploader.unpushed = True
+            log.warning("index checkpoint not pushed to the store: %s", exc)
+            return None, str(exc)
 
     def upkeep(self) -> dict:
         """The daemon's own gc and turn of rolling verify, each if its interval has

@@ -248,11 +248,12 @@ class _Schedules:
 
 
 def _upload(service: DiskService) -> None:
-    """One pass of the uploads; after one that uploaded packs, an index checkpoint goes
-    to the store too (a failure is the uploader's warning, and the next pass retries)."""
+    """One pass of the uploads; once packs were uploaded, an index checkpoint goes to the
+    store too, at most every checkpoint.PUSH_MIN seconds (a failure is the uploader's
+    warning, and the next pass retries)."""
     assert service.uploader is not None
-    if service.uploader.run().packs:
-        service.after_upload()
+    service.uploader.run()
+    service.push_checkpoint()
 
 
 def _upkeep(service: DiskService) -> None:
