@@ -99,6 +99,7 @@ def test_recovery_from_the_store_reads_every_stored_point_exact(
     shutil.copyfile(src2, src3)
     pwrite_all(src3, None, random_writes(rng, 3, 200_000))
     rpfs("capture", "web01", src3, "--name", "p3", check=True)
+    rpfs("config", "set", "trash-days", "3", check=True)  # after init: the push carries it
     last = sync_until_stored(rpfs, {"c1@s2", "web01@p3"})
     assert last["checkpoint"] > first["checkpoint"], (first, last)
     daemon = mount.daemon_pid()
@@ -121,6 +122,8 @@ def test_recovery_from_the_store_reads_every_stored_point_exact(
     assert "disk blank: empty" in out, out
     assert "lost (their data was not in the store yet): c1@s2, web01@p3" in out, out
 
+    config = json.loads(rpfs("config", "show", "--json", check=True).stdout)
+    assert config["trash_days"] == 3, config
     points = {f"{p['disk']}@{p['name']}" for p in rpfs.points()}
     assert points == {"web01@p1", "web01@p2", "c1@s1"}, points
     mnt, _ = mount()
