@@ -52,8 +52,9 @@ from . import mdbfile
 from .disks.blockmap import ABSENT, DIRTY, FROZEN, PRESENT, BlockMap
 from .errors import CorruptChunk, RpfsError
 from .index import MAX_GEN, ZERO, DiskRecord, Index, IndexDamaged, PointState
+from .lifecycle.purge import truncate
 from .names import ceil_div
-from .repo import Repository, load_config, lock_everything, pack_backend
+from .repo import STORE_CONFIG, Repository, config_bytes, load_config, lock_everything, pack_backend
 from .source import Source, block_runs
 from .store.backend import PackMissing
 from .store.format import HEADER, MAGIC, digest, pack_name
@@ -169,14 +170,16 @@ _pushed = {"at": 0.0}  # when this process last pushed one
 
 def push(repo: Repository) -> str:
     """Take a checkpoint and upload it to the store as a new, immutable object (its name
-    is its time), then drop the store's oldest beyond KEEP_REMOTE; the object's name. The
-    copy comes from one read transaction (`take`): writers go on meanwhile."""
+    is its time), with rpfs.json as it is now (`config set` changes it after init), then
+    drop the store's oldest beyond KEEP_REMOTE; the object's name. The copy comes from
+    one read transaction (`take`): writers go on meanwhile."""
     tiered = repo.store.backend
     if not isinstance(tiered, TieredBackend):
         raise RpfsError(f"{repo.root} has no store to push index checkpoints to")
     taken = take(repo)
     name = REMOTE + taken.path.name
     tiered.objects.put(name, taken.path)
+    tiered.objects.put(STORE_CONFIG, config_bytes(repo.config))
     _pushed["at"] = time.monotonic()
     for old in sorted(tiered.objects.list(REMOTE), reverse=True)[KEEP_REMOTE:]:
         tiered.objects.delete(old)
@@ -184,16 +187,10 @@ def push(repo: Repository) -> str:
     return name
 
 
-def push_if_due(repo: Repository, force: bool = False) -> None:
-    """`push`, unless one was pushed less than PUSH_MIN seconds ago (or `force`: `store
-    sync`, after which a recovery must find what it uploaded); a failure is logged (the
-    next pass pushes again)."""
-    if not force and time.monotonic() - _pushed["at"] < PUSH_MIN:
-        return
-    try:
-        push(repo)
-    except (RpfsError, OSError) as exc:
-        log.warning("index checkpoint not pushed to the store: %s", exc)
+def push_due() -> bool:
+    """Whether PUSH_MIN seconds have passed since this process last pushed one (the
+    daemon's upload passes push at most that often)."""
+    return time.monotonic() - _pushed["at"] >= PUSH_MIN
 
 
 def cover_new_point(repo: Repository) -> None:
@@ -461,12 +458,9 @@ def _fix_disk(
         for point in pending:
             index.delete_point(txn, point.disk, point.name)
             fix.dropped_points.append(point.ref)
-        lineage = index.get_lineage(txn, disk.lineage)
-        for block in index.drop_extents_since(txn, lineage.id, oldest):
+        for block in truncate(index, txn, index.get_lineage(txn, disk.lineage), oldest):
             if states[block] == PRESENT:
                 states[block] = DIRTY
-        lineage.head_gen = oldest - 1
-        index.put_lineage(txn, lineage)
         states[:] = states.replace(bytes([FROZEN]), bytes([DIRTY]))
     try:
         src = Source.open(root / disk.file)

@@ -91,6 +91,9 @@ class Uploader:
         self.last_error_at: float | None = None
         self.totals = Pass()
         self.stopping = threading.Event()  # the daemon is stopping: no next pack
+        # packs were uploaded since the last index checkpoint was pushed (set under the
+        # pass's lock, so a `store sync` that finds nothing left to upload still sees it)
+        self.unpushed = False
 
     def run(self, packs: list[int] | None = None, progress: ProgressFn | None = None) -> Pass:
         """Upload every sealed, named, pending pack (or just `packs`, which the caller
@@ -121,6 +124,7 @@ class Uploader:
             else:
                 self.last_error = None
             out.seconds = time.monotonic() - t0
+            self.unpushed = self.unpushed or bool(out.packs)
             self.totals.packs += out.packs
             self.totals.bytes += out.bytes
             return out

@@ -49,8 +49,14 @@ def _recover(args: argparse.Namespace, root) -> int:
           f"checkpoint {report['checkpoint']} ({report['points']} points)")
     for line in report["disks"]:
         print(line)
+    if report["lost"]:
+        print(f"lost (their data was not in the store yet): {', '.join(report['lost'])}")
     for name, problem in report["skipped"]:
         print(f"skipped newer checkpoint {name}: {problem}")
+    if report["stray_chunks"]:
+        print(f"rpfs: warning: {report['stray_chunks']} chunks still named in packs the "
+              "store lacks (" + ", ".join(map(str, report["missing_packs"])) + "); 'rpfs "
+              "check' names them", file=sys.stderr)
     return 0
 
 

@@ -28,11 +28,15 @@ def cmd_store_sync(args: argparse.Namespace) -> int:
         print(f"uploaded {done['packs']} packs ({fmt_bytes(done['bytes'])}) in "
               f"{done['seconds']:.1f} s; pending: {done['pending_packs']} packs "
               f"({fmt_bytes(done['pending_bytes'])})")
+    if done["checkpoint_error"]:
+        print(f"rpfs: error: no index checkpoint pushed to the store: "
+              f"{done['checkpoint_error']}; a recovery from the store would not see the "
+              "newest points (the daemon, or the next sync, tries again)", file=sys.stderr)
     if done["error"]:
         print(f"rpfs: error: upload stopped: {done['error']}; what is pending stays "
               "pending and is uploaded when the store answers", file=sys.stderr)
         return 1
-    return 0
+    return 1 if done["checkpoint_error"] else 0
 
 
 def cmd_store_status(args: argparse.Namespace) -> int:

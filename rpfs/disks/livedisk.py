@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .. import perms
 from ..errors import SPACE_ERRNOS
-from ..index import MAX_GEN, DiskRecord, PointRecord
+from ..index import MAX_GEN, DiskRecord, Index, PointRecord
 from ..lifecycle.purge import release
 from ..lineage import can_differ, reads_differ
 from ..names import ceil_div
@@ -331,13 +331,8 @@ class LiveDisk:
                 self.map.set(b, b + 1, ABSENT)
             try:
                 with self.index.write() as txn:  # the barrier holds the sync lock
-                    lineage = self.index.new_lineage(txn, self.name, (point.lineage, point.gen))
-                    record = self.index.get_disk(txn, self.name)
-                    left = record.lineage
-                    record.lineage = lineage.id
-                    record.started_from(point)
-                    self.index.put_disk(txn, record)
-                    release(self.index, txn, left, MAX_GEN)  # the head leaves that lineage
+                    record = repoint(self.index, txn, self.name, (point.lineage, point.gen),
+                                     point)
                     self.map.store_pages(txn)
             except BaseException:  # the disk stays as it was: its local blocks too
                 self.map.restore(before)
@@ -382,6 +377,27 @@ def _pwrite_all(fd: int, parts: list[bytes], offset: int, length: int) -> None:
     if written != length:  # a regular file writes short when its filesystem fills up
         raise OSError(errno.ENOSPC, f"short write to the local file ({written} of {length} "
                       "bytes)")
+
+
+def repoint(
+    index: Index, txn, name: str, base: tuple[int, int] | None, point: PointRecord | None
+) -> DiskRecord:
+    """Give writable disk `name` a new lineage that reads through `base` (lineage, gen),
+    or nothing (an empty disk): its head leaves the old lineage, whose extents no other
+    reader reads go. `point` is the point at `base`, recorded as the disk's origin (None
+    with a base: the origin stays as recorded). The caller sets the block map: every
+    local block that differs from `base` must be ABSENT in the same commit."""
+    lineage = index.new_lineage(txn, name, base)
+    record = index.get_disk(txn, name)
+    left = record.lineage
+    record.lineage = lineage.id
+    if point is not None:
+        record.started_from(point)
+    elif base is None:
+        record.origin = record.origin_at = None
+    index.put_disk(txn, record)
+    release(index, txn, left, MAX_GEN)  # the head leaves that lineage
+    return record
 
 
 def create_local_file(path: Path, size: int) -> None:

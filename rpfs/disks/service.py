@@ -644,34 +644,47 @@ class DiskService:
         return upload.status(self.repo, self.uploader)
 
     def store_sync(self, wait: bool = True, progress: ProgressFn | None = None) -> dict:
-        """Upload every sealed pending pack now; what was uploaded and what is left. In
-        the daemon, `wait=False` starts the pass in the background and returns at once
-        (a CLI process is the only uploader there is: it always waits)."""
+        """Upload every sealed pending pack now, then push an index checkpoint if any
+        pack was uploaded since the last one (at once: the caller may recover from it
+        next); what was uploaded and what is left. In the daemon, `wait=False` starts the
+        pass in the background and returns at once (a CLI process is the only uploader
+        there is: it always waits)."""
         if self.uploader is None:
             return upload.status(self.repo, None)  # says there is no store
         if not wait and self.registry.background:
-            self.registry.run_in_background("rpfs-upload", self._upload_pass)
+            self.registry.run_in_background("rpfs-upload", self.upload_pass)
             return {**upload.status(self.repo, self.uploader), "started": True, "packs": 0,
-                    "bytes": 0, "seconds": 0.0, "error": None}
-        done = self._upload_pass(progress)
+                    "bytes": 0, "seconds": 0.0, "error": None, "checkpoint": None,
+                    "checkpoint_error": None}
+        done = self.uploader.run(progress=progress)
+        pushed, failed = self.push_checkpoint(now=True)
         return {**upload.status(self.repo, self.uploader), "started": False,
                 "packs": done.packs, "bytes": done.bytes, "seconds": done.seconds,
-                "error": done.error}
-
-    def _upload_pass(self, progress: ProgressFn | None = None) -> upload.Pass:
-        """One upload pass, then an index checkpoint to the store if it stored packs."""
-        assert self.uploader is not None
-        done = self.uploader.run(progress=progress)
-        if done.packs:
-            checkpoint.push_if_due(self.repo, force=True)
-        return done
+                "error": done.error, "checkpoint": pushed, "checkpoint_error": failed}
 
     def upload_pass(self) -> None:
-        """The daemon's pass every few seconds (an index checkpoint after it at most every
-        PUSH_MIN seconds: a stream of small points does not push one each)."""
+        """The daemon's pass every few seconds; then an index checkpoint to the store if
+        packs were uploaded, at most every checkpoint.PUSH_MIN seconds (a stream of small
+        points does not push one each)."""
         assert self.uploader is not None
-        if self.uploader.run().packs:
-            checkpoint.push_if_due(self.repo)
+        self.uploader.run()
+        self.push_checkpoint()
+
+    def push_checkpoint(self, now: bool = False) -> tuple[str | None, str | None]:
+        """Packs were uploaded since the last checkpoint pushed: points may now be wholly
+        in the store, so the store gets an index checkpoint that names them: `now`, else
+        at most every checkpoint.PUSH_MIN seconds (the daemon's upload passes). The name
+        pushed (None if none was due), and why it failed (the next pass tries again)."""
+        uploader = self.uploader
+        if uploader is None or not uploader.unpushed or not (now or checkpoint.push_due()):
+            return None, None
+        uploader.unpushed = False  # before the copy: an upload committed after it sets it
+        try:
+            return checkpoint.push(self.repo), None
+        except (RpfsError, OSError) as exc:
+            uploader.unpushed = True
+            log.warning("index checkpoint not pushed to the store: %s", exc)
+            return None, str(exc)
 
     def upkeep(self) -> dict:
         """The daemon's own gc and turn of rolling verify, each if its interval has

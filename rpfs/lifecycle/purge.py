@@ -124,6 +124,17 @@ def release(index: Index, txn: lmdb.Transaction, lineage: int, gen: int) -> Rele
     return out
 
 
+def truncate(index: Index, txn: lmdb.Transaction, lineage: LineageRecord, gen: int) -> set[int]:
+    """Undo a lineage's generations from `gen` on, which nothing may read any more (a
+    snapshot that never finished archiving, points whose data was lost): their extents
+    go, releasing their chunks, and the head is `gen` - 1 again, so the next point takes
+    `gen` anew. Returns the blocks those extents were of."""
+    blocks = index.drop_extents_since(txn, lineage.id, gen)
+    lineage.head_gen = gen - 1
+    index.put_lineage(txn, lineage)
+    return blocks
+
+
 def _rewritten_by(
     index: Index, txn: lmdb.Transaction, lineage: int, block: int, gen: int, reader: int
 ) -> bool:
