@@ -22,6 +22,13 @@ blocks), and concurrent misses of one segment wait for the one GET in flight. Th
 of recency is kept in memory (an OrderedDict of names and sizes, about 100 bytes an
 entry: 20 GiB of 1 MiB segments is 2 MiB), rebuilt from the files' mtimes at open.
 
+A store that is down (StoreUnavailable: a GET failed after retrying for the store's
+`retry_seconds`) is not asked again for DOWN_QUIET seconds: the reads queued behind the
+failed one (the other runs of one read, the prefetcher's batches) fail at once with
+EIO instead of each waiting out the bound again, and the first read after that asks it
+again, so reads succeed again without a remount once it is back. A failed GET caches
+nothing: a segment is written (and renamed into place) only from a whole answer.
+
 Each process keeps the bound for what it adds and sees; a second process (a capture
 beside the daemon) reads the same files, and a file another process evicted reads as a
 miss. GC's deletes go to all three places.
@@ -33,6 +40,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import Future
 from pathlib import Path
@@ -40,12 +48,13 @@ from pathlib import Path
 from .backend import PackAppender, PackMissing
 from .format import pack_name, pack_number
 from .local import LocalBackend
-from .s3 import S3Objects
+from .s3 import S3Objects, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 SEGMENT = 1 << 20  # bytes of a stored pack fetched and cached as one piece
 PACKS = "packs/"  # the object names' prefix in the store
+DOWN_QUIET = 1.0  # seconds after a failed GET in which the store is not asked again
 
 
 def object_name(pack: int) -> str:
@@ -188,6 +197,7 @@ class TieredBackend:
         self._lock = threading.Lock()
         self._sizes: dict[int, int] = {}  # stored packs' sizes, learned from the store
         self.gets = self.get_bytes = 0
+        self._down: tuple[float, StoreUnavailable] | None = None  # the last GET's failure
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -239,9 +249,15 @@ class TieredBackend:
                 runs.append([seg])
         for run in runs:
             try:
-                data = self.objects.get_range(object_name(pack), run[0] * SEGMENT,
-                                              len(run) * SEGMENT)
+                self._not_down(pack)
+                try:
+                    data = self.objects.get_range(object_name(pack), run[0] * SEGMENT,
+                                                  len(run) * SEGMENT)
+                except StoreUnavailable as exc:
+                    self._down = (time.monotonic(), exc)
+                    raise
                 with self._lock:
+                    self._down = None
                     self.gets += 1
                     self.get_bytes += len(data)
                 for i, seg in enumerate(run):
@@ -254,6 +270,13 @@ class TieredBackend:
                     self._settle(pack, seg, None, exc)
                 if not isinstance(exc, OSError):
                     raise
+
+    def _not_down(self, pack: int) -> None:
+        """StoreUnavailable if a GET failed less than DOWN_QUIET seconds ago."""
+        down = self._down
+        if down is not None and time.monotonic() - down[0] < DOWN_QUIET:
+            raise StoreUnavailable(down[1].errno, down[1].strerror,
+                                   self.objects.url(object_name(pack)))
 
     def _settle(self, pack: int, seg: int, data: bytes | None, exc: BaseException | None
                 ) -> None:

@@ -1,0 +1,193 @@
+"""Object store faults (issue 13), against the real S3 server on loopback (SeaweedFS,
+tests/s3server.py): stopped (`stop`: nothing listens) or frozen (`pause`: a store that
+accepts connections and never answers).
+
+- Reads of data that is only in the store fail with EIO after the retry bound (logged
+  with disk, point, block and pack), never with wrong bytes, the daemon alive; with the
+  store back, the same reads succeed without a remount.
+- Captures, writes and live snapshots go on locally while the store is down; `store
+  status` shows the backlog (with its warning past --backlog-warn) and the last error;
+  with the store back, the daemon's passes upload the backlog.
+- A daemon SIGKILLed during an upload (before its PUT, after it, in the middle of it):
+  the next mount finishes it, and the bucket holds exactly the packs the index names.
+- Refused credentials, a missing bucket, an endpoint that is not S3 or nothing at all:
+  `init --store` and `mount` fail with one clear line, and init makes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import random
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import (
+    MiB,
+    assert_check_clean,
+    assert_one_line_error,
+    assert_same_bytes,
+    pid_alive,
+    point_image,
+)
+from s3server import free_ports
+from test_s3_store import image, status
+
+RETRY = 5.0  # --s3-retry of every repository here (the s3_repo fixture's too)
+
+
+def init(rpfs, s3_server, *options: str, endpoint: str | None = None,
+         bucket: str | None = None, check: bool = False) -> subprocess.CompletedProcess:
+    """`rpfs init --store` on the server's bucket (prefix repo/), retried for RETRY s."""
+    return rpfs("init", "--store", f"s3://{bucket or s3_server.bucket}/repo",
+                "--s3-endpoint", endpoint or s3_server.endpoint, "--s3-retry", f"{RETRY:g}s",
+                *options, check=check)
+
+
+def direct_read(path: Path, offset: int, length: int) -> bytes:
+    """`length` bytes at `offset` read with O_DIRECT: past the page cache, into the
+    daemon (an aligned buffer, as O_DIRECT wants)."""
+    import mmap
+
+    buf = mmap.mmap(-1, length)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        n = os.preadv(fd, [buf], offset)
+        return bytes(buf[:n])
+    finally:
+        os.close(fd)
+        buf.close()
+
+
+@contextlib.contextmanager
+def frozen(s3_server, freeze: bool = True) -> Iterator[None]:
+    """The server paused (a store that never answers) for the block, if `freeze`."""
+    if not freeze:
+        yield
+        return
+    s3_server.pause()
+    try:
+        yield
+    finally:
+        s3_server.resume()
+
+
+def log_since(repo: Path, start: int) -> str:
+    return (repo / "rpfs.log").read_bytes()[start:].decode(errors="replace")
+
+
+# -- reads of uncached data --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["stop", "pause"])
+def test_uncached_reads_fail_with_eio_in_the_bound_then_succeed(
+        fault, rpfs, repo_dir, s3_server, mount, tmp_path):
+    """A 4 MiB cache for a 32 MiB point: its bytes are in the store only. With the store
+    down a direct read fails with EIO within the bound, the daemon serves on and the log
+    names disk, point, block and pack; with the store back the same read is exact."""
+    rpfs.env.update(s3_server.env())
+    init(rpfs, s3_server, "--cache-size", "4M", check=True)
+    src = tmp_path / "v1.raw"
+    image(src, random.Random(31), 32 * MiB)
+    rpfs("capture", "web01", src, "--name", "p1", check=True)
+    rpfs("store", "sync", check=True)
+    assert not list((repo_dir / "packs").iterdir())
+    want = src.read_bytes()
+
+    mnt, _ = mount()
+    daemon = mount.daemon_pid()
+    img = point_image(mnt, "web01", "p1")
+    assert direct_read(img, 0, MiB) == want[:MiB]  # through a GET
+    assert status(rpfs)["gets"] > 0
+    offset = 26 * MiB  # data in the store only (not the zero hole image() leaves at 16-24)
+    log_start = (repo_dir / "rpfs.log").stat().st_size
+
+    getattr(s3_server, fault)()
+    t0 = time.monotonic()
+    with pytest.raises(OSError) as failed:
+        direct_read(img, offset, MiB)
+    took = time.monotonic() - t0
+    print(f"{fault}: the read failed with {failed.value.errno} after {took:.1f} s "
+          f"(retry bound {RETRY:g} s)")
+    assert failed.value.errno == errno.EIO
+    assert took < 2 * RETRY, f"EIO after {took:.1f} s, bound {RETRY} s"
+    assert pid_alive(daemon)
+    text = log_since(repo_dir, log_start)
+    line = next((ln for ln in text.splitlines() if "read fails with EIO" in ln), None)
+    assert line is not None, text
+    for needle in ("disk web01", "point p1", "block ", "pack ", "store unavailable"):
+        assert needle in line, line
+    s = status(rpfs)  # status needs no store, and tells the truth
+    assert s["pending_packs"] == 0 and s["stored_packs"] > 0, s
+
+    getattr(s3_server, "start" if fault == "stop" else "resume")()
+    assert direct_read(img, offset, MiB) == want[offset : offset + MiB]
+    assert pid_alive(daemon)
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    assert_same_bytes(img, src)
+    mount.cleanup()
+    assert_check_clean(rpfs)
+
+
+# -- a store that refuses, is not there, or is not S3 --------------------------------------
+
+
+def test_refused_missing_or_wrong_stores_are_one_clear_error_at_init_and_mount(
+        rpfs, repo_dir, s3_server, mount, tmp_path):
+    """Each wrong store is one line naming what is wrong, a non-zero exit and nothing
+    made (init) or nothing mounted (mount), within the retry bound."""
+    closed = f"http://127.0.0.1:{free_ports(1)[0]}"  # nothing listens there
+    not_s3 = f"http://127.0.0.1:{s3_server.ports['master']}"  # weed's master: HTTP, not S3
+    good = s3_server.env()
+    cases = [  # (what, identity, endpoint, bucket, words of the error); "frozen": paused
+        ("wrong secret", s3_server.wrong_secret, None, None,
+         ["refused the credentials", "SignatureDoesNotMatch", "AWS_SECRET_ACCESS_KEY"]),
+        ("unknown key", s3_server.unknown_key, None, None,
+         ["refused the credentials", "InvalidAccessKeyId", "AWS_ACCESS_KEY_ID"]),
+        ("missing bucket", None, None, "no-such-bucket",
+         ["s3://no-such-bucket/repo", "no such bucket"]),
+        ("not S3", None, not_s3, None, [not_s3, "does not answer as an S3 store"]),
+        ("closed port", None, closed, None, [closed, "cannot be reached",
+                                             "connection refused"]),
+        ("frozen", None, None, None, ["cannot be reached", "no answer in time"]),
+    ]
+    for what, identity, endpoint, bucket, words in cases:
+        rpfs.env.update(s3_server.env(identity))
+        t0 = time.monotonic()
+        with frozen(s3_server, what == "frozen"):
+            res = init(rpfs, s3_server, endpoint=endpoint, bucket=bucket)
+        took = time.monotonic() - t0
+        line = assert_one_line_error(res, *words)
+        print(f"init, {what}: {took:.1f} s: {line}")
+        assert took < 2 * RETRY + 5, f"init, {what}: {took:.1f} s"
+        assert not repo_dir.exists(), f"init, {what}: made {list(repo_dir.iterdir())}"
+
+    rpfs.env.update(good)
+    init(rpfs, s3_server, check=True)
+    config_path = repo_dir / "rpfs.json"
+    config = json.loads(config_path.read_text())
+    mnt = tmp_path / "mnt"
+    for what, identity, endpoint, bucket, words in cases:
+        rpfs.env.update(s3_server.env(identity))
+        store = {**config["store"]}
+        if endpoint:
+            store["endpoint"] = endpoint
+        if bucket:
+            store["url"] = f"s3://{bucket}/repo"
+        config_path.write_text(json.dumps({**config, "store": store}))
+        t0 = time.monotonic()
+        with frozen(s3_server, what == "frozen"):
+            _, res = mount(mnt, check=False)
+        took = time.monotonic() - t0
+        line = assert_one_line_error(res, *words)
+        print(f"mount, {what}: {took:.1f} s: {line}")
+        assert took < 2 * RETRY + 10, f"mount, {what}: {took:.1f} s"
+        assert not os.path.ismount(mnt)
+    config_path.write_text(json.dumps(config))
+    rpfs.env.update(good)
+    mount(mnt)  # the right store: it mounts
