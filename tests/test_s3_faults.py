@@ -36,7 +36,7 @@ from helpers import (
     point_image,
 )
 from s3server import free_ports
-from test_s3_store import image, status
+from test_s3_store import bucket_packs, image, status, stored_packs, wait_uploaded
 
 RETRY = 5.0  # --s3-retry of every repository here (the s3_repo fixture's too)
 
@@ -191,3 +191,83 @@ def test_refused_missing_or_wrong_stores_are_one_clear_error_at_init_and_mount(
     config_path.write_text(json.dumps(config))
     rpfs.env.update(good)
     mount(mnt)  # the right store: it mounts
+
+
+# -- writes while the store is down --------------------------------------------------------
+
+
+def wait_status(rpfs, ready, what: str, timeout: float = 60) -> dict:
+    """`store status` polled until `ready(status)`; the status that was."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = status(rpfs)
+        if ready(s):
+            return s
+        assert time.monotonic() < deadline, f"not {what} after {timeout} s: {s}"
+        time.sleep(0.5)
+
+
+def test_captures_and_snapshots_go_on_while_the_store_is_down_and_upload_after(
+        rpfs, repo_dir, s3_server, mount, tmp_path):
+    """The server stopped during a capture, then a clone written and snapshotted through
+    the mount: all complete locally and read exact; `store status` shows the backlog,
+    its warning past --backlog-warn, and the store's error; once the server is back the
+    daemon's passes upload it all, and the bucket holds every pack the index stores."""
+    rpfs.env.update(s3_server.env())
+    init(rpfs, s3_server, "--backlog-warn", "1M", check=True)
+    rng = random.Random(32)
+    src1, src2 = tmp_path / "v1.raw", tmp_path / "v2.raw"
+    image(src1, rng, 24 * MiB)
+    image(src2, rng, 24 * MiB)
+    rpfs("capture", "web01", src1, "--name", "p1", check=True)
+    mnt, _ = mount()
+    wait_uploaded(rpfs)
+    rpfs("clone", "web01@p1", "c1", check=True)
+
+    capture = rpfs.popen("capture", "web01", src2, "--name", "p2",
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    s3_server.stop()  # while it captures
+    _, err = capture.communicate(timeout=120)
+    assert capture.returncode == 0, err
+    clone = mnt / "disks" / "c1.img"
+    plain = tmp_path / "c1.plain"
+    plain.write_bytes(src1.read_bytes())
+    fd = os.open(clone, os.O_RDWR)
+    try:
+        with open(plain, "r+b") as p:
+            for _ in range(30):
+                off, data = rng.randrange(0, 24 * MiB - 70_000), rng.randbytes(70_000)
+                assert os.pwrite(fd, data, off) == len(data)
+                p.seek(off)
+                p.write(data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    rpfs("snapshot", "c1", "--name", "s1", check=True)
+
+    down = wait_status(rpfs, lambda s: s["last_error"] and s["pending_bytes"] > MiB,
+                       "failing with a backlog")
+    print("with the store down:", json.dumps(down))
+    assert "store unavailable" in down["last_error"], down
+    assert down["warning"] and "wait for upload" in down["warning"], down
+    assert down["last_error"] in down["warning"]
+    said = rpfs("store", "status", check=True)
+    assert "store unavailable" in said.stdout, said.stdout
+    assert said.stderr.startswith("rpfs: warning: ") and "wait for upload" in said.stderr
+    assert "pending" in rpfs("points", check=True).stdout
+    for disk, point, want in (("web01", "p1", src1), ("web01", "p2", src2),
+                              ("c1", "s1", plain)):
+        assert_same_bytes(point_image(mnt, disk, point), want)
+    assert_same_bytes(clone, plain)
+
+    t0 = time.monotonic()
+    s3_server.start()
+    up = wait_uploaded(rpfs)
+    print(f"backlog of {down['pending_bytes']} bytes uploaded "
+          f"{time.monotonic() - t0:.1f} s after the start")
+    assert up["last_error"] is None and up["warning"] is None, up
+    assert not list((repo_dir / "packs").iterdir())
+    assert bucket_packs(s3_server) == stored_packs(repo_dir)
+    assert "pending" not in rpfs("points", check=True).stdout
+    mount.cleanup()
+    assert_check_clean(rpfs)
