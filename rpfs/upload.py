@@ -107,7 +107,7 @@ class Uploader:
                     out.error = _said(exc)
                     self.last_error, self.last_error_at = out.error, time.time()
                     log.warning("upload of pack %s stopped: %s (it stays pending; the "
-                                "next pass tries again)", pack_name(pack), exc)
+                                "next pass tries again)", pack_name(pack), out.error)
                     break
                 if size is None:
                     continue

@@ -21,6 +21,7 @@ import errno
 import json
 import os
 import random
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -29,14 +30,18 @@ from pathlib import Path
 import pytest
 from helpers import (
     MiB,
+    armed,
     assert_check_clean,
     assert_one_line_error,
     assert_same_bytes,
     pid_alive,
     point_image,
+    wait_pid_exit,
 )
 from s3server import free_ports
 from test_s3_store import bucket_packs, image, status, stored_packs, wait_uploaded
+
+from rpfs.store.format import pack_name
 
 RETRY = 5.0  # --s3-retry of every repository here (the s3_repo fixture's too)
 
@@ -260,8 +265,20 @@ def test_captures_and_snapshots_go_on_while_the_store_is_down_and_upload_after(
         assert_same_bytes(point_image(mnt, disk, point), want)
     assert_same_bytes(clone, plain)
 
+    # unmounted with the store down: the daemon ends cleanly (its last index checkpoint
+    # stays local), and the next mount, with the store back, uploads the backlog
+    daemon = mount.daemon_pid()
+    log_start = (repo_dir / "rpfs.log").stat().st_size
+    t0 = time.monotonic()
+    res = rpfs("umount", mnt, timeout=120)
+    print(f"unmounted with the store down in {time.monotonic() - t0:.1f} s")
+    assert res.returncode == 0, res.stderr
+    assert wait_pid_exit(daemon, 3 * RETRY)
+    text = log_since(repo_dir, log_start)
+    assert "Traceback" not in text and "unmounted" in text, text
     t0 = time.monotonic()
     s3_server.start()
+    mount(mnt)
     up = wait_uploaded(rpfs)
     print(f"backlog of {down['pending_bytes']} bytes uploaded "
           f"{time.monotonic() - t0:.1f} s after the start")
@@ -269,5 +286,99 @@ def test_captures_and_snapshots_go_on_while_the_store_is_down_and_upload_after(
     assert not list((repo_dir / "packs").iterdir())
     assert bucket_packs(s3_server) == stored_packs(repo_dir)
     assert "pending" not in rpfs("points", check=True).stdout
+    mount.cleanup()
+    assert_check_clean(rpfs)
+
+
+# -- SIGKILL during uploads ----------------------------------------------------------------
+
+
+def pack_states(repo: Path) -> dict[int, str]:
+    """Pack -> its store record's state ("uploading", "stored"), read from the index."""
+    from rpfs.index import Index
+
+    index = Index(repo / "index", copy=False)
+    try:
+        with index.read() as txn:
+            return {p: r["state"] for p, r in index.pack_states(txn).items()}
+    finally:
+        index.close()
+
+
+def bucket_objects(s3_server, prefix: str = "repo/") -> set[str]:
+    pages = s3_server.client().get_paginator("list_objects_v2").paginate(
+        Bucket=s3_server.bucket, Prefix=prefix)
+    return {o["Key"][len(prefix):] for page in pages for o in page.get("Contents", [])}
+
+
+def killed_daemon(mount, mnt: Path, pid: int, timeout: float = 60) -> None:
+    """Wait for the daemon `pid` to be gone (SIGKILLed by a hook or the test) and undo
+    its dead FUSE connection."""
+    assert wait_pid_exit(pid, timeout), f"daemon {pid} still alive after {timeout} s"
+    subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+
+
+@pytest.mark.parametrize("moment", ["before_put", "mid_put", "after_put"])
+def test_a_daemon_killed_during_an_upload_finishes_it_at_the_next_mount(
+        moment, rpfs, s3_repo, s3_server, mount, tmp_path):
+    """The daemon SIGKILLed as it uploads the second of three packs: after its
+    "uploading" record and before the PUT, in the PUT (the store frozen, so it hangs
+    there), or after the PUT and before the "stored" record. The next mount finishes it:
+    every pack stored, nothing left pending, the bucket holds exactly the packs the index
+    names (and rpfs.json and the index checkpoints), check clean, points exact."""
+    repo = s3_repo
+    rng = random.Random(33)
+    sources = []
+    for i in range(3):
+        src = tmp_path / f"v{i}.raw"
+        image(src, rng, 16 * MiB)
+        sources.append(src)
+    mnt = tmp_path / "mnt"
+    if moment == "mid_put":
+        rpfs("capture", "vm", sources[0], "--name", "p0", check=True)
+        mount(mnt)
+        wait_uploaded(rpfs)
+        pid = mount.daemon_pid()
+        s3_server.pause()
+        try:
+            for i in (1, 2):
+                rpfs("capture", "vm", sources[i], "--name", f"p{i}", check=True)
+            deadline = time.monotonic() + 30
+            while "uploading" not in pack_states(repo).values():
+                assert time.monotonic() < deadline, pack_states(repo)
+                time.sleep(0.1)
+            time.sleep(0.5)  # its PUT is on the wire, waiting for an answer
+            os.kill(pid, signal.SIGKILL)  # the daemon this test mounted
+            killed_daemon(mount, mnt, pid)
+            t0 = time.monotonic()  # no daemon, the store frozen: status is local
+            s = status(rpfs)
+            assert time.monotonic() - t0 < RETRY, f"status took {time.monotonic() - t0} s"
+            assert s["pending_packs"] == 2, s
+        finally:
+            s3_server.resume()
+    else:
+        for i, src in enumerate(sources):
+            rpfs("capture", "vm", src, "--name", f"p{i}", check=True)
+        with armed(rpfs, **{f"kill_{moment}": 2}):
+            mount(mnt)
+            pid = mount.daemon_pid()
+        killed_daemon(mount, mnt, pid)
+    states = pack_states(repo)
+    print(f"{moment}: after the kill: {states}, in the bucket: "
+          f"{sorted(bucket_packs(s3_server))}")
+    assert sorted(states.values()) == ["stored", "uploading"], states
+    half = next(p for p, state in states.items() if state == "uploading")
+    assert (repo / "packs" / pack_name(half)).exists()
+
+    mount(mnt)
+    wait_uploaded(rpfs)
+    states = pack_states(repo)
+    assert set(states.values()) == {"stored"} and len(states) == 3, states
+    assert not list((repo / "packs").iterdir())
+    assert bucket_packs(s3_server) == stored_packs(repo)
+    others = {name for name in bucket_objects(s3_server) if not name.startswith("packs/")}
+    assert all(name == "rpfs.json" or name.startswith("index/") for name in others), others
+    for i, src in enumerate(sources):
+        assert_same_bytes(point_image(mnt, "vm", f"p{i}"), src)
     mount.cleanup()
     assert_check_clean(rpfs)

@@ -70,8 +70,8 @@ class ReadCache:
         self.limit = limit
         self.whole = LocalBackend(root / "packs")  # its read-fd cache, and delete
         self.segments = root / "segments"
-        for path in (self.whole.root, self.segments):
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for path in (root, self.whole.root, self.segments):  # each 0700, as perms wants
+            path.mkdir(mode=0o700, exist_ok=True)
         self._lock = threading.Lock()
         self._lru: OrderedDict[str, int] = OrderedDict()
         self.used = 0
