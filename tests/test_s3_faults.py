@@ -122,6 +122,8 @@ def test_uncached_reads_fail_with_eio_in_the_bound_then_succeed(
     assert failed.value.errno == errno.EIO
     assert took < 2 * RETRY, f"EIO after {took:.1f} s, bound {RETRY} s"
     assert pid_alive(daemon)
+    segments = repo_dir / "cache" / "segments"
+    assert not [p.name for p in segments.iterdir() if p.name.startswith(".")]
     text = log_since(repo_dir, log_start)
     line = next((ln for ln in text.splitlines() if "read fails with EIO" in ln), None)
     assert line is not None, text

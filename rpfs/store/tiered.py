@@ -132,9 +132,13 @@ class ReadCache:
         name = self._segment(pack, seg)
         path = self._path(name)
         tmp = path.with_name(f".{path.name}.{threading.get_ident()}")
-        with open(tmp, "wb") as out:  # not fsynced: a cache entry lost in a crash is a miss
-            out.write(data)
-        tmp.rename(path)
+        try:
+            with open(tmp, "wb") as out:  # not fsynced: one lost in a crash is a miss
+                out.write(data)
+            tmp.rename(path)
+        except BaseException:  # a full disk: no partial segment is ever read as one
+            tmp.unlink(missing_ok=True)
+            raise
         self._added(name, len(data))
 
     def add_whole(self, pack: int, source: Path) -> None:
@@ -263,7 +267,11 @@ class TieredBackend:
                 for i, seg in enumerate(run):
                     piece = bytes(data[i * SEGMENT : (i + 1) * SEGMENT])
                     if piece:
-                        self.cache.add_segment(pack, seg, piece)
+                        try:
+                            self.cache.add_segment(pack, seg, piece)
+                        except OSError as exc:  # a full cache disk: the read goes on
+                            log.warning("pack %s segment %d not cached: %s",
+                                        pack_name(pack), seg, exc)
                     self._settle(pack, seg, piece, None)
             except BaseException as exc:
                 for seg in run:
