@@ -42,6 +42,7 @@ from s3server import free_ports
 from test_s3_store import bucket_packs, image, status, stored_packs, wait_uploaded
 
 from rpfs.store.format import pack_name
+from rpfs.store.tiered import DOWN_QUIET
 
 RETRY = 5.0  # --s3-retry of every repository here (the s3_repo fixture's too)
 
@@ -133,6 +134,7 @@ def test_uncached_reads_fail_with_eio_in_the_bound_then_succeed(
     assert s["pending_packs"] == 0 and s["stored_packs"] > 0, s
 
     getattr(s3_server, "start" if fault == "stop" else "resume")()
+    time.sleep(DOWN_QUIET)  # the second after a failed GET in which reads fail at once
     assert direct_read(img, offset, MiB) == want[offset : offset + MiB]
     assert pid_alive(daemon)
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
@@ -262,6 +264,8 @@ def test_captures_and_snapshots_go_on_while_the_store_is_down_and_upload_after(
     assert "store unavailable" in said.stdout, said.stdout
     assert said.stderr.startswith("rpfs: warning: ") and "wait for upload" in said.stderr
     assert "pending" in rpfs("points", check=True).stdout
+    sync = rpfs("store", "sync")  # on demand: the same failure, said as one error line
+    assert_one_line_error(sync, "upload stopped", "store unavailable", "stays pending")
     for disk, point, want in (("web01", "p1", src1), ("web01", "p2", src2),
                               ("c1", "s1", plain)):
         assert_same_bytes(point_image(mnt, disk, point), want)
