@@ -38,7 +38,7 @@ from helpers import (
     point_image,
     wait_pid_exit,
 )
-from s3server import free_ports
+from s3server import Identity, free_ports
 from test_s3_store import bucket_packs, image, status, stored_packs, wait_uploaded
 
 from rpfs.store.format import pack_name
@@ -90,55 +90,110 @@ def log_since(repo: Path, start: int) -> str:
 # -- reads of uncached data --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fault", ["stop", "pause"])
-def test_uncached_reads_fail_with_eio_in_the_bound_then_succeed(
-        fault, rpfs, repo_dir, s3_server, mount, tmp_path):
-    """A 4 MiB cache for a 32 MiB point: its bytes are in the store only. With the store
-    down a direct read fails with EIO within the bound, the daemon serves on and the log
-    names disk, point, block and pack; with the store back the same read is exact."""
+def uncached_point(rpfs, repo: Path, s3_server, mount, tmp_path: Path
+                   ) -> tuple[Path, bytes, int]:
+    """A point of 32 MiB in a repository with a 4 MiB cache, uploaded and mounted: its
+    bytes are in the store only (its whole-pack copy did not fit the cache). Its first
+    MiB is read once (through a GET); (its image, its bytes, the daemon's pid)."""
     rpfs.env.update(s3_server.env())
     init(rpfs, s3_server, "--cache-size", "4M", check=True)
     src = tmp_path / "v1.raw"
     image(src, random.Random(31), 32 * MiB)
     rpfs("capture", "web01", src, "--name", "p1", check=True)
     rpfs("store", "sync", check=True)
-    assert not list((repo_dir / "packs").iterdir())
+    assert not list((repo / "packs").iterdir())
     want = src.read_bytes()
-
     mnt, _ = mount()
-    daemon = mount.daemon_pid()
     img = point_image(mnt, "web01", "p1")
     assert direct_read(img, 0, MiB) == want[:MiB]  # through a GET
     assert status(rpfs)["gets"] > 0
-    offset = 26 * MiB  # data in the store only (not the zero hole image() leaves at 16-24)
-    log_start = (repo_dir / "rpfs.log").stat().st_size
+    return img, want, mount.daemon_pid()
 
-    getattr(s3_server, fault)()
+
+UNCACHED = 26 * MiB  # data in the store only (not the zero hole image() leaves at 16-24)
+
+
+def failed_read(img: Path, fault: str) -> tuple[float, OSError]:
+    """A direct read of a MiB at UNCACHED that must fail; (its seconds, its error)."""
     t0 = time.monotonic()
     with pytest.raises(OSError) as failed:
-        direct_read(img, offset, MiB)
+        direct_read(img, UNCACHED, MiB)
     took = time.monotonic() - t0
     print(f"{fault}: the read failed with {failed.value.errno} after {took:.1f} s "
           f"(retry bound {RETRY:g} s)")
     assert failed.value.errno == errno.EIO
+    return took, failed.value
+
+
+def eio_logged(repo: Path, start: int, *words: str) -> str:
+    """The log line since `start` of a read failed with EIO; it names disk, point,
+    block, pack and `words`."""
+    text = log_since(repo, start)
+    line = next((ln for ln in text.splitlines() if "read fails with EIO" in ln), None)
+    assert line is not None, text
+    for needle in ("disk web01", "point p1", "block ", "pack ", *words):
+        assert needle in line, line
+    return line
+
+
+@pytest.mark.parametrize("fault", ["stop", "pause"])
+def test_uncached_reads_fail_with_eio_in_the_bound_then_succeed(
+        fault, rpfs, repo_dir, s3_server, mount, tmp_path):
+    """With the store down a direct read of bytes only it holds fails with EIO within the
+    bound, the daemon serves on and the log names disk, point, block and pack; with the
+    store back the same read is exact, without a remount."""
+    img, want, daemon = uncached_point(rpfs, repo_dir, s3_server, mount, tmp_path)
+    log_start = (repo_dir / "rpfs.log").stat().st_size
+
+    getattr(s3_server, fault)()
+    took, _ = failed_read(img, fault)
     assert took < 2 * RETRY, f"EIO after {took:.1f} s, bound {RETRY} s"
     assert pid_alive(daemon)
     segments = repo_dir / "cache" / "segments"
     assert not [p.name for p in segments.iterdir() if p.name.startswith(".")]
-    text = log_since(repo_dir, log_start)
-    line = next((ln for ln in text.splitlines() if "read fails with EIO" in ln), None)
-    assert line is not None, text
-    for needle in ("disk web01", "point p1", "block ", "pack ", "store unavailable"):
-        assert needle in line, line
+    eio_logged(repo_dir, log_start, "store unavailable")
     s = status(rpfs)  # status needs no store, and tells the truth
     assert s["pending_packs"] == 0 and s["stored_packs"] > 0, s
 
     getattr(s3_server, "start" if fault == "stop" else "resume")()
     time.sleep(DOWN_QUIET)  # the second after a failed GET in which reads fail at once
-    assert direct_read(img, offset, MiB) == want[offset : offset + MiB]
+    assert direct_read(img, UNCACHED, MiB) == want[UNCACHED : UNCACHED + MiB]
     assert pid_alive(daemon)
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    assert_same_bytes(img, src)
+    assert_same_bytes(img, (tmp_path / "v1.raw"))
+    mount.cleanup()
+    assert_check_clean(rpfs)
+
+
+def test_credentials_revoked_while_mounted_fail_reads_and_hold_uploads(
+        rpfs, repo_dir, s3_server, mount, tmp_path):
+    """The daemon's key taken out of the server's identities (a restart with another
+    key): reads of bytes only the store holds fail with EIO saying the store refused the
+    credentials, a new capture stays pending with that error; the key back, both go
+    through, without a remount."""
+    img, want, daemon = uncached_point(rpfs, repo_dir, s3_server, mount, tmp_path)
+    log_start = (repo_dir / "rpfs.log").stat().st_size
+    good = s3_server.identity
+    s3_server.stop()
+    s3_server.identity = Identity("rpfs-other-key", "rpfs-other-secret")
+    try:
+        s3_server.start()
+        failed_read(img, "revoked")
+        assert pid_alive(daemon)
+        eio_logged(repo_dir, log_start, "refused the credentials", "InvalidAccessKeyId")
+        src = tmp_path / "v2.raw"
+        image(src, random.Random(34), 8 * MiB)
+        rpfs("capture", "db01", src, "--name", "p2", check=True)
+        s = wait_status(rpfs, lambda s: s["last_error"], "failing")
+        assert "refused the credentials" in s["last_error"] and s["pending_packs"] == 1, s
+    finally:
+        s3_server.stop()
+        s3_server.identity = good
+        s3_server.start()
+    assert direct_read(img, UNCACHED, MiB) == want[UNCACHED : UNCACHED + MiB]
+    assert wait_uploaded(rpfs)["last_error"] is None
+    assert bucket_packs(s3_server) == stored_packs(repo_dir)
+    assert_same_bytes(point_image(img.parent.parent.parent, "db01", "p2"), src)
     mount.cleanup()
     assert_check_clean(rpfs)
 

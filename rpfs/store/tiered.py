@@ -27,7 +27,9 @@ A store that is down (StoreUnavailable: a GET failed after retrying for the stor
 failed one (the other runs of one read, the prefetcher's batches) fail at once with
 EIO instead of each waiting out the bound again, and the first read after that asks it
 again, so reads succeed again without a remount once it is back. A failed GET caches
-nothing: a segment is written (and renamed into place) only from a whole answer.
+nothing: a segment is written (and renamed into place) only from a whole answer. A store
+that refuses a GET (credentials revoked since the mount) fails the read the same way:
+the bytes are not known to be bad, a retry after the fix reads them.
 
 Each process keeps the bound for what it adds and sees; a second process (a capture
 beside the daemon) reads the same files, and a file another process evicted reads as a
@@ -37,6 +39,7 @@ miss. GC's deletes go to all three places.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import threading
@@ -48,7 +51,7 @@ from pathlib import Path
 from .backend import PackAppender, PackMissing
 from .format import pack_name, pack_number
 from .local import LocalBackend
-from .s3 import S3Objects, StoreUnavailable
+from .s3 import S3Objects, StoreRefused, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +260,9 @@ class TieredBackend:
                 try:
                     data = self.objects.get_range(object_name(pack), run[0] * SEGMENT,
                                                   len(run) * SEGMENT)
+                except StoreRefused as exc:  # credentials revoked since the mount
+                    raise StoreUnavailable(errno.EACCES, str(exc), self.objects.url(
+                        object_name(pack))) from None
                 except StoreUnavailable as exc:
                     self._down = (time.monotonic(), exc)
                     raise
