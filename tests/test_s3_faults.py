@@ -202,6 +202,34 @@ def test_credentials_revoked_while_mounted_fail_reads_and_hold_uploads(
     assert_check_clean(rpfs)
 
 
+def test_commands_that_need_the_store_say_so_when_it_is_down(
+        rpfs, repo_dir, s3_server, mount, tmp_path):
+    """With the store stopped and no daemon: status and points answer from local state;
+    check, gc and info (each LISTs the store) fail with one line saying the store does not
+    answer (not an I/O error to look for in dmesg); verify reads nothing, says so and
+    fails, recording no pack as verified; with the store back it verifies them sound."""
+    uncached_point(rpfs, repo_dir, s3_server, mount, tmp_path)
+    mount.cleanup()
+    s3_server.stop()
+    for args in (["store", "status"], ["points"]):
+        t0 = time.monotonic()
+        rpfs(*args, check=True)
+        assert time.monotonic() - t0 < RETRY, f"rpfs {args} waited for the store"
+    for command in ("check", "gc", "info"):
+        line = assert_one_line_error(rpfs(command), "s3://", "store unavailable",
+                                     "try again when the object store answers")
+        print(f"{command}: {line}")
+        assert "dmesg" not in line
+    res = rpfs("verify")
+    print(res.stdout.strip())
+    assert res.returncode == 1, res.stdout
+    assert "cannot be read now and are not verified" in res.stdout
+    s3_server.start()
+    report = json.loads(rpfs("verify", "--json").stdout)
+    assert report["sound"] and report["unreadable"] == 0 and report["packs_verified"] == 1
+    assert_check_clean(rpfs)
+
+
 # -- a store that refuses, is not there, or is not S3 --------------------------------------
 
 

@@ -275,6 +275,9 @@ def _upkeep(service: DiskService) -> None:
         else:
             log.warning("the daemon's verify: %d bad chunks ('rpfs verify' names the points "
                         "that read them)", len(report["bad"]))
+        if report["unreadable"]:
+            log.warning("the daemon's verify: %d chunks cannot be read now, not verified "
+                        "(the next turn takes their packs first)", report["unreadable"])
 
 
 async def _serve(

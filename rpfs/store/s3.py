@@ -49,6 +49,8 @@ class ObjectMissing(PackMissing):
 class StoreUnavailable(PackUnavailable):
     """The store did not answer in time (down, slow, or failing with 5xx)."""
 
+    advice = "try again when the object store answers"  # describe_os_error says it
+
 
 class StoreRefused(RpfsError):
     """The store refuses us: credentials, bucket or endpoint; a retry will not help."""
