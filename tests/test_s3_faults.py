@@ -5,9 +5,13 @@ accepts connections and never answers).
 - Reads of data that is only in the store fail with EIO after the retry bound (logged
   with disk, point, block and pack), never with wrong bytes, the daemon alive; with the
   store back, the same reads succeed without a remount.
-- Captures, writes and live snapshots go on locally while the store is down; `store
+- Captures (the store stopped in the middle of one), writes and live snapshots go on
+  locally while the store is down; `store
   status` shows the backlog (with its warning past --backlog-warn) and the last error;
   with the store back, the daemon's passes upload the backlog.
+- Credentials revoked while mounted: the same EIO, saying so; uploads held.
+- Commands with the store down: status and points answer, check/gc/info fail with one
+  line, verify does not call what it could not read verified.
 - A daemon SIGKILLed during an upload (before its PUT, after it, in the middle of it):
   the next mount finishes it, and the bucket holds exactly the packs the index names.
 - Refused credentials, a missing bucket, an endpoint that is not S3 or nothing at all:
@@ -320,9 +324,18 @@ def test_captures_and_snapshots_go_on_while_the_store_is_down_and_upload_after(
     wait_uploaded(rpfs)
     rpfs("clone", "web01@p1", "c1", check=True)
 
-    capture = rpfs.popen("capture", "web01", src2, "--name", "p2",
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    gate = tmp_path / "gate"  # the capture's pack writes wait while it exists
+    gate.touch()
+    before = set((repo_dir / "packs").iterdir())
+    with armed(rpfs, pack_gate=gate):
+        capture = rpfs.popen("capture", "web01", src2, "--name", "p2",
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while set((repo_dir / "packs").iterdir()) == before:  # it is writing its pack
+        assert capture.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
     s3_server.stop()  # while it captures
+    gate.unlink()
     _, err = capture.communicate(timeout=120)
     assert capture.returncode == 0, err
     clone = mnt / "disks" / "c1.img"
