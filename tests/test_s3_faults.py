@@ -6,9 +6,9 @@ accepts connections and never answers).
   with disk, point, block and pack), never with wrong bytes, the daemon alive; with the
   store back, the same reads succeed without a remount.
 - Captures (the store stopped in the middle of one), writes and live snapshots go on
-  locally while the store is down; `store
-  status` shows the backlog (with its warning past --backlog-warn) and the last error;
-  with the store back, the daemon's passes upload the backlog.
+  locally while the store is down; `store status` shows the backlog (with its warning
+  past --backlog-warn) and the last error; an unmount ends cleanly; with the store back,
+  the daemon's passes upload the backlog.
 - Credentials revoked while mounted: the same EIO, saying so; uploads held.
 - Commands with the store down: status and points answer, check/gc/info fail with one
   line, verify does not call what it could not read verified.
