@@ -56,7 +56,7 @@ from .lifecycle.purge import truncate
 from .names import ceil_div
 from .repo import STORE_CONFIG, Repository, config_bytes, load_config, lock_everything, pack_backend
 from .source import Source, block_runs
-from .store.backend import PackMissing
+from .store.backend import PackMissing, PackUnavailable
 from .store.format import HEADER, MAGIC, digest, pack_name
 from .store.local import fsync_dir
 from .store.packs import PackStore
@@ -178,11 +178,15 @@ def push(repo: Repository) -> str:
         raise RpfsError(f"{repo.root} has no store to push index checkpoints to")
     taken = take(repo)
     name = REMOTE + taken.path.name
-    tiered.objects.put(name, taken.path)
-    tiered.objects.put(STORE_CONFIG, config_bytes(repo.config))
-    _pushed["at"] = time.monotonic()
-    for old in sorted(tiered.objects.list(REMOTE), reverse=True)[KEEP_REMOTE:]:
-        tiered.objects.delete(old)
+    try:
+        tiered.objects.put(name, taken.path)
+        tiered.objects.put(STORE_CONFIG, config_bytes(repo.config))
+        _pushed["at"] = time.monotonic()
+        for old in sorted(tiered.objects.list(REMOTE), reverse=True)[KEEP_REMOTE:]:
+            tiered.objects.delete(old)
+    except PackUnavailable as exc:  # the store is down: the local checkpoint stands
+        raise RpfsError(f"index checkpoint {taken.path.name} taken, not pushed to the "
+                        f"store: {exc.filename}: {exc.strerror}") from None
     log.info("index checkpoint %s pushed to %s", taken.path.name, tiered.location)
     return name
 

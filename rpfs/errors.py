@@ -100,11 +100,16 @@ def describe_os_error(exc: OSError, where: Path | str | None) -> str:
     """One line for the operator: what happened to which path, and what to do.
 
     The path is the error's own filename where the call knew it, else `where` (the
-    repository). An errno without advice still gets one line: its path and strerror.
+    repository). An errno without advice still gets one line: its path and strerror. An
+    error class with an `advice` of its own says that instead of its errno's (an object
+    store that does not answer is EIO, but no device to check in dmesg).
     """
     if isinstance(exc, NoSpace):
         return exc.message
     path = exc.filename or where or "the repository"
+    own = getattr(exc, "advice", None)  # an error that knows better than its errno
+    if own:
+        return f"{path}: {exc.strerror}: {own}"
     advice = _ADVICE.get(exc.errno)
     if advice is None:
         return f"{path}: {exc.strerror or exc}"

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 
 from .fence import fence
+from .names import fmt_bytes
 from .progress import ProgressFn
 from .repo import Repository
 from .store.backend import PackUnavailable
@@ -109,10 +110,10 @@ class Uploader:
                 try:
                     size = self._upload(pack)
                 except (PackUnavailable, StoreRefused) as exc:
-                    out.error = str(exc)
+                    out.error = _said(exc)
                     self.last_error, self.last_error_at = out.error, time.time()
                     log.warning("upload of pack %s stopped: %s (it stays pending; the "
-                                "next pass tries again)", pack_name(pack), exc)
+                                "next pass tries again)", pack_name(pack), out.error)
                     break
                 if size is None:
                     continue
@@ -175,6 +176,13 @@ class Uploader:
         return None if stored else size
 
 
+def _said(exc: Exception) -> str:
+    """An upload's failure in one line: the object and why (a StoreRefused says both)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return str(exc)
+
+
 def status(repo: Repository, uploader: Uploader | None) -> dict:
     """`rpfs store status`: what is pending, stored and cached, the requests so far in
     this process (the daemon's, when it answers), and the last upload failure."""
@@ -208,7 +216,8 @@ def status(repo: Repository, uploader: Uploader | None) -> dict:
         "warning": None,
     }
     if backlog > limit:
-        out["warning"] = (f"{backlog} bytes wait for upload, more than {limit}: "
+        out["warning"] = (f"{fmt_bytes(backlog)} wait for upload, more than the "
+                          f"backlog's warning bound {fmt_bytes(limit)}: "
                           + (f"the store fails ({out['last_error']})" if out["last_error"]
                              else "the store is slower than the writes"))
     return out

@@ -61,9 +61,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     limit = None if args.max_duration is None else parse_duration(args.max_duration)
     with disk_service(repo_path(args.repo)) as service, progress_bar("verify") as bar:
         report = service.verify(points=args.points or None, max_duration=limit, progress=bar)
+    complete = report["sound"] and not report["unreadable"]
     if args.json:
         print_json(report)
-        return 0 if report["sound"] else 1
+        return 0 if complete else 1
     for entry in report["bad"]:
         print(f"bad chunk {entry['chunk'][:16]} (pack {entry['pack']} offset "
               f"{entry['offset']}): {entry['error']}")
@@ -79,9 +80,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     verdict = "sound" if report["sound"] else (
         f"{len(report['bad'])} bad chunks (reads of them fail; a capture or snapshot of the "
         "same content heals them)")
+    unread = (f"; {report['unreadable']} chunks cannot be read now and are not verified (the "
+              "next run tries them again)" if report["unreadable"] else "")
     print(f"verified {report['chunks_verified']} chunks ({fmt_bytes(report['bytes_verified'])})"
-          f"{left}: {verdict}")
-    return 0 if report["sound"] else 1
+          f"{left}: {verdict}{unread}")
+    return 0 if complete else 1
 
 
 def cmd_gc(args: argparse.Namespace) -> int:

@@ -7,6 +7,11 @@ reads every chunk the index names in each, records per pack when and with what r
 goes on where this one stopped. With points named it verifies exactly the chunks they
 read, and records no pack as verified (it did not read them whole).
 
+A chunk that cannot be read now (an object store that is down) is no verdict: it is not
+counted as verified, its pack is not recorded as verified (the next run takes it again),
+and the report counts it (`unreadable`): "sound" says no chunk is bad, not that all were
+read.
+
 A chunk that fails is marked bad (`bad`). Nothing is rewritten: a read of it stays EIO,
 and since a bad chunk is never deduplicated against (ingest.examine), the next capture
 or snapshot that meets the same content stores a good copy, which `Ingest.register`
@@ -50,27 +55,29 @@ def verify(repo: Repository, points: list[str] | None = None,
             plan = _rolling_plan(index, txn, chunks)
         suspects = set(index.suspects(txn))
     total = sum(loc.length for _, batch in plan for _, loc in batch)
-    done = verified_packs = checked = 0
+    done = verified_packs = checked = unreadable = 0
     bad: dict[bytes, dict] = {}
     stopped = False
     for pack, batch in plan:
         if max_duration is not None and time.monotonic() - started >= max_duration:
             stopped = True
             break
-        found = _verify_chunks(repo, batch)
+        found, unread = _verify_chunks(repo, batch)
         bad.update(found)
-        checked += len(batch)
-        done += sum(loc.length for _, loc in batch)
+        unreadable += len(unread)
+        checked += len(batch) - len(unread)
+        done += sum(loc.length for d, loc in batch if d not in unread)
+        whole = pack is not None and not unread
         with index.write() as txn:
             for digest, _ in batch:
                 if digest in found:
                     index.mark_bad(txn, digest, found[digest])
-                elif digest in suspects:
+                elif digest in suspects and digest not in unread:
                     index.clear_suspect(txn, digest)  # read again and sound
-            if pack is not None:
+            if whole:
                 index.put_verified(txn, pack, {"at": now(), "chunks": len(batch),
                                                "bad": sum(d in found for d, _ in batch)})
-        verified_packs += pack is not None
+        verified_packs += whole
         if progress:
             progress(done, total)
     with index.read() as txn:
@@ -86,7 +93,7 @@ def verify(repo: Repository, points: list[str] | None = None,
     return {"sound": not report, "chunks_verified": checked, "bytes_verified": done,
             "packs_verified": verified_packs,
             "packs_left": sum(1 for pack, _ in plan if pack is not None) - verified_packs,
-            "stopped_early": stopped, "bad": report}
+            "stopped_early": stopped, "unreadable": unreadable, "bad": report}
 
 
 def _rolling_plan(index: Index, txn, chunks: dict[bytes, ChunkLoc]
@@ -112,10 +119,12 @@ def _by_pack(chunks: Iterable[tuple[bytes, ChunkLoc]]
     return [(pack, sorted(out[pack], key=lambda c: c[1].offset)) for pack in sorted(out)]
 
 
-def _verify_chunks(repo: Repository, batch: list[tuple[bytes, ChunkLoc]]) -> dict[bytes, dict]:
-    """Read and check each chunk of `batch`; the bad ones, with what was wrong. A chunk
-    that cannot be read now (ChunkUnavailable) is no verdict: it is left for the next run."""
+def _verify_chunks(repo: Repository, batch: list[tuple[bytes, ChunkLoc]]
+                   ) -> tuple[dict[bytes, dict], set[bytes]]:
+    """Read and check each chunk of `batch`; the bad ones, with what was wrong, and the
+    ones that cannot be read now (ChunkUnavailable: no verdict, left for the next run)."""
     out = {}
+    unread = set()
     for start in range(0, len(batch), BATCH):
         part = batch[start:start + BATCH]
         results = repo.store.get_many([(loc, digest) for digest, loc in part],
@@ -127,9 +136,10 @@ def _verify_chunks(repo: Repository, batch: list[tuple[bytes, ChunkLoc]]) -> dic
                 out[digest] = {"at": now(), "pack": loc.pack, "offset": loc.offset,
                                "error": str(result)}
             elif isinstance(result, ChunkError):
+                unread.add(digest)
                 log.warning("chunk %s (pack %d): cannot be read now, not verified: %s",
                             digest.hex()[:16], loc.pack, result)
-    return out
+    return out, unread
 
 
 def _read_by(index: Index, txn, points: Iterable[PointRecord], block_size: int) -> set[bytes]:

@@ -28,6 +28,7 @@ from ..disks.service import DiskService
 from ..errors import RpfsError
 from ..lifecycle.clock import iso
 from ..repo import Repository
+from ..store.backend import PackUnavailable
 from ..store.cache import ChunkCache
 from .control import serve_control
 from .fuse import Operations
@@ -155,13 +156,13 @@ async def _every(interval: float, job: Callable[[], object], what: str) -> None:
     """Run blocking `job` in a worker thread now and then every `interval` seconds.
 
     A turn that fails is tried again at the next one: it must not end the daemon, which
-    serves every disk. An operator's error (a full disk) is one warning line, a bug a
-    traceback.
+    serves every disk. An operator's error (a full disk) or an object store that does not
+    answer (a gc's LIST) is one warning line, a bug a traceback.
     """
     while True:
         try:
             await trio.to_thread.run_sync(job)
-        except RpfsError as exc:
+        except (RpfsError, PackUnavailable) as exc:  # the operator's, or the store down
             log.warning("%s failed (tried again in %g s): %s", what, interval, exc)
         except Exception:
             log.exception("%s failed; tried again in %g s", what, interval)
@@ -266,6 +267,9 @@ def _upkeep(service: DiskService) -> None:
         else:
             log.warning("the daemon's verify: %d bad chunks ('rpfs verify' names the points "
                         "that read them)", len(report["bad"]))
+        if report["unreadable"]:
+            log.warning("the daemon's verify: %d chunks cannot be read now, not verified "
+                        "(the next turn takes their packs first)", report["unreadable"])
 
 
 async def _serve(

@@ -49,6 +49,8 @@ class ObjectMissing(PackMissing):
 class StoreUnavailable(PackUnavailable):
     """The store did not answer in time (down, slow, or failing with 5xx)."""
 
+    advice = "try again when the object store answers"  # describe_os_error says it
+
 
 class StoreRefused(RpfsError):
     """The store refuses us: credentials, bucket or endpoint; a retry will not help."""
@@ -149,8 +151,7 @@ class S3Objects:
             return refused
         if isinstance(exc, FileNotFoundError):
             return ObjectMissing(2, "no such object", self.url(name))
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return StoreUnavailable(5, f"store unavailable: {first[:300]}", self.url(name))
+        return StoreUnavailable(5, f"store unavailable: {_reason(exc)}", self.url(name))
 
     def check(self) -> None:
         """Prove the bucket exists, the endpoint speaks S3 and the credentials list it:
@@ -167,8 +168,7 @@ class S3Objects:
             if "404" in text or ("<Error>" not in text and "non-2xx" in text):
                 raise StoreRefused(f"{where} does not answer as an S3 store (HTTP "
                                    f"{_status(text)}): check --s3-endpoint") from None
-            raise StoreRefused(f"{where} cannot be reached: {text.splitlines()[0][:200]}"
-                               ) from None
+            raise StoreRefused(f"{where} cannot be reached: {_reason(exc)}") from None
 
     def put(self, name: str, data: bytes | Path) -> None:
         """Store the object `name` whole (a file streams, in parts when large)."""
@@ -231,6 +231,26 @@ class S3Objects:
             return
         except Exception as exc:
             raise self._failed(exc, name) from None
+
+
+def _reason(exc: Exception) -> str:
+    """Why a request failed, short: obstore's text is its first line (the request, its
+    retries and time) and a debug dump of the error chain, where the cause is."""
+    text = str(exc)
+    if "Connection refused" in text or "ConnectionRefused" in text:
+        cause = "connection refused"
+    elif "TimedOut" in text or "kind: Timeout" in text:
+        cause = "no answer in time"
+    elif "status code: " in text or "Server returned non-2xx" in text:
+        cause = f"HTTP {_status(text)}"
+    else:
+        cause = (text.splitlines() or [type(exc).__name__])[0][:200]
+    took = re.search(r" in ([\d.]+)s\b", text)
+    tries = re.search(r"after (\d+) retries", text)
+    if took:
+        cause += f" (for {float(took.group(1)):.1f} s"
+        cause += f", {int(tries.group(1)) + 1} tries)" if tries else ")"
+    return cause
 
 
 def _status(text: str) -> str:

@@ -22,6 +22,15 @@ blocks), and concurrent misses of one segment wait for the one GET in flight. Th
 of recency is kept in memory (an OrderedDict of names and sizes, about 100 bytes an
 entry: 20 GiB of 1 MiB segments is 2 MiB), rebuilt from the files' mtimes at open.
 
+A store that is down (StoreUnavailable: a GET failed after retrying for the store's
+`retry_seconds`) is not asked again for DOWN_QUIET seconds: the reads queued behind the
+failed one (the other runs of one read, the prefetcher's batches) fail at once with
+EIO instead of each waiting out the bound again, and the first read after that asks it
+again, so reads succeed again without a remount once it is back. A failed GET caches
+nothing: a segment is written (and renamed into place) only from a whole answer. A store
+that refuses a GET (credentials revoked since the mount) fails the read the same way:
+the bytes are not known to be bad, a retry after the fix reads them.
+
 Each process keeps the bound for what it adds and sees; a second process (a capture
 beside the daemon) reads the same files, and a file another process evicted reads as a
 miss. GC's deletes go to all three places.
@@ -30,9 +39,11 @@ miss. GC's deletes go to all three places.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import Future
 from pathlib import Path
@@ -40,12 +51,13 @@ from pathlib import Path
 from .backend import PackAppender, PackMissing
 from .format import pack_name, pack_number
 from .local import LocalBackend
-from .s3 import S3Objects
+from .s3 import S3Objects, StoreRefused, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 SEGMENT = 1 << 20  # bytes of a stored pack fetched and cached as one piece
 PACKS = "packs/"  # the object names' prefix in the store
+DOWN_QUIET = 1.0  # seconds after a failed GET in which the store is not asked again
 
 
 def object_name(pack: int) -> str:
@@ -123,9 +135,13 @@ class ReadCache:
         name = self._segment(pack, seg)
         path = self._path(name)
         tmp = path.with_name(f".{path.name}.{threading.get_ident()}")
-        with open(tmp, "wb") as out:  # not fsynced: a cache entry lost in a crash is a miss
-            out.write(data)
-        tmp.rename(path)
+        try:
+            with open(tmp, "wb") as out:  # not fsynced: one lost in a crash is a miss
+                out.write(data)
+            tmp.rename(path)
+        except BaseException:  # a full disk: no partial segment is ever read as one
+            tmp.unlink(missing_ok=True)
+            raise
         self._added(name, len(data))
 
     def add_whole(self, pack: int, source: Path) -> None:
@@ -189,6 +205,7 @@ class TieredBackend:
         self._lock = threading.Lock()
         self._sizes: dict[int, int] = {}  # stored packs' sizes, learned from the store
         self.gets = self.get_bytes = 0
+        self._down: tuple[float, StoreUnavailable] | None = None  # the last GET's failure
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -240,21 +257,41 @@ class TieredBackend:
                 runs.append([seg])
         for run in runs:
             try:
-                data = self.objects.get_range(object_name(pack), run[0] * SEGMENT,
-                                              len(run) * SEGMENT)
+                self._not_down(pack)
+                try:
+                    data = self.objects.get_range(object_name(pack), run[0] * SEGMENT,
+                                                  len(run) * SEGMENT)
+                except StoreRefused as exc:  # credentials revoked since the mount
+                    raise StoreUnavailable(errno.EACCES, str(exc), self.objects.url(
+                        object_name(pack))) from None
+                except StoreUnavailable as exc:
+                    self._down = (time.monotonic(), exc)
+                    raise
                 with self._lock:
+                    self._down = None
                     self.gets += 1
                     self.get_bytes += len(data)
                 for i, seg in enumerate(run):
                     piece = bytes(data[i * SEGMENT : (i + 1) * SEGMENT])
                     if piece:
-                        self.cache.add_segment(pack, seg, piece)
+                        try:
+                            self.cache.add_segment(pack, seg, piece)
+                        except OSError as exc:  # a full cache disk: the read goes on
+                            log.warning("pack %s segment %d not cached: %s",
+                                        pack_name(pack), seg, exc)
                     self._settle(pack, seg, piece, None)
             except BaseException as exc:
                 for seg in run:
                     self._settle(pack, seg, None, exc)
                 if not isinstance(exc, OSError):
                     raise
+
+    def _not_down(self, pack: int) -> None:
+        """StoreUnavailable if a GET failed less than DOWN_QUIET seconds ago."""
+        down = self._down
+        if down is not None and time.monotonic() - down[0] < DOWN_QUIET:
+            raise StoreUnavailable(down[1].errno, down[1].strerror,
+                                   self.objects.url(object_name(pack)))
 
     def _settle(self, pack: int, seg: int, data: bytes | None, exc: BaseException | None
                 ) -> None:

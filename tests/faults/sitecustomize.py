@@ -23,6 +23,10 @@ directory on PYTHONPATH,
   (test_purge_crash.py);
 - RPFS_TEST_KILL_AFTER_COMMITS=N: it SIGKILLs itself just after the N-th commit of a
   transaction that removed a point (test_purge_crash.py).
+- RPFS_TEST_KILL_BEFORE_PUT=N / RPFS_TEST_KILL_AFTER_PUT=N: the process SIGKILLs itself
+  at the N-th pack it uploads (TieredBackend.upload), after the pack's "uploading"
+  record and before its PUT, or after the PUT and before its "stored" record
+  (test_s3_faults.py).
 
 Removing a point is calling Index.delete_point or Index.delete_trash, as trash.delete,
 trash.purge_trash and prune do once per point: so the counts do not depend on other work
@@ -40,6 +44,8 @@ _KILL_AFTER_GC_NOTE = int(os.environ.get("RPFS_TEST_KILL_AFTER_GC_NOTE") or 0)
 _KILL_AFTER_PACK_DELETES = int(os.environ.get("RPFS_TEST_KILL_AFTER_PACK_DELETES") or 0)
 _KILL_AT_DROP = int(os.environ.get("RPFS_TEST_KILL_AT_DROP") or 0)
 _KILL_AFTER_COMMITS = int(os.environ.get("RPFS_TEST_KILL_AFTER_COMMITS") or 0)
+_KILL_BEFORE_PUT = int(os.environ.get("RPFS_TEST_KILL_BEFORE_PUT") or 0)
+_KILL_AFTER_PUT = int(os.environ.get("RPFS_TEST_KILL_AFTER_PUT") or 0)
 
 if _LIST:
     _pread = os.pread
@@ -161,6 +167,23 @@ if _KILL_AT_DROP or _KILL_AFTER_COMMITS:
                 _die()
 
     _Txn.__exit__ = _exiting
+
+if _KILL_BEFORE_PUT or _KILL_AFTER_PUT:
+    from rpfs.store.tiered import TieredBackend
+
+    _uploads = {"n": 0}
+    _upload = TieredBackend.upload
+
+    def _uploading(self, pack):
+        _uploads["n"] += 1
+        if _uploads["n"] == _KILL_BEFORE_PUT:
+            os.kill(os.getpid(), signal.SIGKILL)
+        size = _upload(self, pack)
+        if _uploads["n"] == _KILL_AFTER_PUT:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return size
+
+    TieredBackend.upload = _uploading
 
 # RPFS_TEST_PACK_GATE: while the path exists, every pwrite to a pack file waits for it to
 # go, or, while the file says ENOSPC, fails as a full disk would (a stalled archive).
