@@ -668,6 +668,9 @@ class DiskService:
         if schedule.due(self.index, "verify", config.verify_interval):
             out["verify"] = self.verify(max_duration=schedule.VERIFY_TURN)
             schedule.done(self.index, "verify")
+        if self.uploader is not None:  # retired packs' objects whose grace is over
+            with contextlib.suppress(RpfsError), self.repo.gc_lock():  # else that gc does
+                out["objects_deleted"] = gc.delete_objects(self.repo)[0]
         return out
 
     def _purge_on_close(self, point: PointRecord | None = None) -> list[dict]:

@@ -1,0 +1,155 @@
+"""GC on an S3 store (issue 13), against a real S3 server on loopback (SeaweedFS).
+
+Compaction uploads its new packs before it points chunks at them; a retired pack's
+object leaves the bucket only after the reader grace and a checkpoint pushed since. Each
+test reads the remaining points back exact through the mount from an emptied cache (so
+from the new objects), checks the bucket with an independent client (boto3), and runs
+`rpfs check`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from helpers import MiB, armed, assert_check_clean, assert_same_bytes, churn, point_image
+from test_s3_store import bucket_packs, stored_packs
+
+from rpfs.checkpoint import REMOTE
+from rpfs.lifecycle.clock import iso
+
+
+def set_grace(repo: Path, seconds: float) -> None:
+    """The store's reader grace in rpfs.json (a config field: no command sets it)."""
+    path = repo / "rpfs.json"
+    config = json.loads(path.read_text())
+    config["store"]["grace_seconds"] = seconds
+    path.write_text(json.dumps(config))
+
+
+def history(rpfs, tmp_path: Path) -> dict[str, Path]:
+    """Points p1..p4 of one disk, each sharing most of its data with the one before, all
+    uploaded; p1 and p3 deleted and purged (their own data is dead in every pack). The
+    images of p2 and p4 to compare with."""
+    source = tmp_path / "vm.img"
+    rng = random.Random(1313)
+    with open(source, "wb") as f:
+        f.write(rng.randbytes(24 * MiB))
+    kept = {}
+    for i in range(1, 5):
+        rpfs.capture("vm", source, f"p{i}")
+        if i in (2, 4):
+            kept[f"p{i}"] = shutil.copyfile(source, tmp_path / f"p{i}.want")
+        churn(source, rng, pieces=2)
+    synced = json.loads(rpfs("store", "sync", "--json", check=True, timeout=120).stdout)
+    assert synced["pending_packs"] == 0 and synced["error"] is None, synced
+    rpfs("point", "delete", "vm@p1", "vm@p3", "--purge", check=True)
+    return kept
+
+
+def gc(rpfs, *extra: str) -> dict:
+    return json.loads(rpfs("gc", "--threshold", "1", "--json", *extra, check=True,
+                           timeout=300).stdout)
+
+
+def assert_exact_from_the_store(rpfs, repo: Path, mount, kept: dict[str, Path]) -> None:
+    """Every kept point reads exact through the mount, its cache emptied first."""
+    shutil.rmtree(repo / "cache")
+    mnt, _ = mount()
+    try:
+        for name, want in kept.items():
+            assert_same_bytes(point_image(mnt, "vm", name), want)
+    finally:
+        rpfs("umount", mnt, check=True, timeout=60)
+
+
+def assert_index_matches_the_bucket(rpfs, repo: Path, s3_server, retired: int = 0) -> dict:
+    """Every pack in the bucket is recorded as stored, but `retired` packs waiting for
+    their grace; `rpfs info` counts the bucket's bytes; check is clean. info's figures."""
+    bucket, stored = bucket_packs(s3_server), stored_packs(repo)
+    assert stored.items() <= bucket.items(), "every stored pack is in the bucket"
+    assert len(bucket) - len(stored) == retired, (sorted(bucket), sorted(stored))
+    figures = json.loads(rpfs("info", "--json", check=True).stdout)
+    assert (figures["store_packs"], figures["store_bytes"]) == (len(bucket),
+                                                                sum(bucket.values()))
+    assert figures["store_retired_packs"] == retired and figures["pending_packs"] == 0
+    assert_check_clean(rpfs)
+    return figures
+
+
+def test_gc_compacts_on_the_store_and_deletes_the_old_objects(
+        rpfs, s3_repo, s3_server, mount, tmp_path):
+    repo = s3_repo
+    set_grace(repo, 0)
+    kept = history(rpfs, tmp_path)
+    before = bucket_packs(s3_server)
+    done = gc(rpfs)
+    assert done["stopped"] is None and done["packs_compacted"] == len(before), done
+    assert done["objects_deleted"] == len(before) and done["objects_waiting"] == 0
+    after = bucket_packs(s3_server)
+    assert not after.keys() & before.keys(), "the compacted packs' objects are gone"
+    assert after and after == stored_packs(repo), "the new packs are in the store, stored"
+    live = json.loads(rpfs("info", "--json", check=True).stdout)["stored_bytes"]
+    assert sum(after.values()) <= 1.05 * live < sum(before.values())
+    assert_index_matches_the_bucket(rpfs, repo, s3_server)
+    assert_exact_from_the_store(rpfs, repo, mount, kept)
+    text = rpfs("info", check=True).stdout
+    assert "in the store:" in text and "pending upload:" in text
+
+
+def test_old_objects_stay_for_the_grace_and_a_later_gc_deletes_them(
+        rpfs, s3_repo, s3_server, mount, tmp_path):
+    repo = s3_repo  # the default grace: 10 minutes
+    kept = history(rpfs, tmp_path)
+    before = bucket_packs(s3_server)
+    done = gc(rpfs)
+    assert done["stopped"] is None and done["objects_deleted"] == 0, done
+    assert done["objects_waiting"] == len(before)
+    assert before.items() <= bucket_packs(s3_server).items(), "still there for readers"
+    assert not (repo / "cache" / "packs").exists() or not any(
+        p.name in {k.split("/")[1] for k in before} for p in (repo / "cache" / "packs").iterdir()
+    ), "their local copies went at once"
+    assert_index_matches_the_bucket(rpfs, repo, s3_server, retired=len(before))
+    assert_exact_from_the_store(rpfs, repo, mount, kept)
+    early = gc(rpfs, "--threshold", "0.8")
+    assert early["objects_deleted"] == 0 and before.keys() <= bucket_packs(s3_server).keys()
+    rpfs.env["RPFS_NOW"] = iso(time.time() + 601)  # past the grace
+    try:
+        late = gc(rpfs, "--threshold", "0.8")
+    finally:
+        del rpfs.env["RPFS_NOW"]
+    assert (late["objects_deleted"], late["objects_waiting"]) == (len(before), 0), late
+    assert not bucket_packs(s3_server).keys() & before.keys()
+    assert_index_matches_the_bucket(rpfs, repo, s3_server)
+    assert_exact_from_the_store(rpfs, repo, mount, kept)
+
+
+@pytest.mark.parametrize("hook", ["kill_after_gc_note", "kill_at_gc_move",
+                                  "kill_after_pack_deletes"])
+def test_a_gc_killed_between_upload_and_object_delete_resumes(
+        rpfs, s3_repo, s3_server, mount, tmp_path, hook):
+    """SIGKILLed after its copies are uploaded and noted (before any chunk moves), in a
+    move, or just after the first old object is deleted (before the index says so): the
+    next gc finishes, and nothing is left behind in the bucket."""
+    repo = s3_repo
+    set_grace(repo, 0)
+    kept = history(rpfs, tmp_path)
+    before = bucket_packs(s3_server)
+    with armed(rpfs, **{hook: 1 if hook != "kill_at_gc_move" else 40}):
+        killed = rpfs("gc", "--threshold", "1", "--json", timeout=300)
+    assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr)
+    assert_check_clean(rpfs)
+    done = gc(rpfs)
+    assert done["stopped"] is None, done
+    after = bucket_packs(s3_server)
+    assert not after.keys() & before.keys() and after == stored_packs(repo)
+    assert_index_matches_the_bucket(rpfs, repo, s3_server)
+    assert_exact_from_the_store(rpfs, repo, mount, kept)
+    checkpoints = s3_server.client().list_objects_v2(Bucket=s3_server.bucket,
+                                                     Prefix="repo/" + REMOTE)
+    assert checkpoints.get("KeyCount", 0) >= 1, "gc pushed a checkpoint before deleting"
