@@ -17,11 +17,15 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import Mounter, Rpfs
 from helpers import MiB, armed, assert_check_clean, assert_same_bytes, churn, point_image
 from test_s3_store import bucket_packs, stored_packs
 
-from rpfs.checkpoint import REMOTE
 from rpfs.lifecycle.clock import iso
+from rpfs.maintenance import gc as gc_module
+from rpfs.repo import Repository
+from rpfs.store.format import pack_name
+from rpfs.upload import Uploader
 
 
 def set_grace(repo: Path, seconds: float) -> None:
@@ -68,6 +72,20 @@ def assert_exact_from_the_store(rpfs, repo: Path, mount, kept: dict[str, Path]) 
         rpfs("umount", mnt, check=True, timeout=60)
 
 
+def assert_recovers_exact(rpfs, s3_server, tmp_path: Path, kept: dict[str, Path]) -> None:
+    """`init --from-store` in a fresh folder takes the newest checkpoint in the bucket:
+    it names no deleted pack (check clean) and the kept points read exact."""
+    other = Rpfs(tmp_path / "recovered", dict(rpfs.env))
+    other("init", "--from-store", f"s3://{s3_server.bucket}/repo", "--s3-endpoint",
+          s3_server.endpoint, "--cache-size", "64M", check=True, timeout=120)
+    assert_check_clean(other)
+    with Mounter(other, tmp_path / "recovered-mnt") as mount:
+        mnt, _ = mount()
+        for name, want in kept.items():
+            assert_same_bytes(point_image(mnt, "vm", name), want)
+        other("umount", mnt, check=True, timeout=60)
+
+
 def assert_index_matches_the_bucket(rpfs, repo: Path, s3_server, retired: int = 0) -> dict:
     """Every pack in the bucket is recorded as stored, but `retired` packs waiting for
     their grace; `rpfs info` counts the bucket's bytes; check is clean. info's figures."""
@@ -89,6 +107,7 @@ def test_gc_compacts_on_the_store_and_deletes_the_old_objects(
     kept = history(rpfs, tmp_path)
     before = bucket_packs(s3_server)
     done = gc(rpfs)
+    assert_recovers_exact(rpfs, s3_server, tmp_path, kept)  # before a daemon pushes one
     assert done["stopped"] is None and done["packs_compacted"] == len(before), done
     assert done["objects_deleted"] == len(before) and done["objects_waiting"] == 0
     after = bucket_packs(s3_server)
@@ -145,11 +164,43 @@ def test_a_gc_killed_between_upload_and_object_delete_resumes(
     assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr)
     assert_check_clean(rpfs)
     done = gc(rpfs)
+    assert_recovers_exact(rpfs, s3_server, tmp_path, kept)
     assert done["stopped"] is None, done
     after = bucket_packs(s3_server)
     assert not after.keys() & before.keys() and after == stored_packs(repo)
     assert_index_matches_the_bucket(rpfs, repo, s3_server)
     assert_exact_from_the_store(rpfs, repo, mount, kept)
-    checkpoints = s3_server.client().list_objects_v2(Bucket=s3_server.bucket,
-                                                     Prefix="repo/" + REMOTE)
-    assert checkpoints.get("KeyCount", 0) >= 1, "gc pushed a checkpoint before deleting"
+
+
+def test_a_pack_gc_deletes_during_its_upload_is_neither_stored_nor_left_in_the_bucket(
+        rpfs, s3_repo, s3_server, tmp_path, monkeypatch):
+    """The uploader PUTs a pack; before it records "stored", a gc retires and deletes
+    that pack (its point was purged): the uploader deletes the object it put and records
+    nothing, so the bucket and the index agree and check is clean."""
+    repo = s3_repo
+    set_grace(repo, 0)
+    source = tmp_path / "vm.img"
+    for name, seed in (("p1", 7), ("p2", 8)):  # nothing in common
+        source.write_bytes(random.Random(seed).randbytes(8 * MiB))
+        rpfs.capture("vm", source, name)
+    rpfs("point", "delete", "vm@p1", "--purge", check=True)  # its pack names nothing now
+    for name, value in s3_server.env().items():  # this process is the uploader
+        monkeypatch.setenv(name, value)
+    with Repository(repo) as opened:
+        pack = min(opened.store.backend.pending.list())  # p1's
+        tiered = opened.store.backend
+        put = tiered.upload
+
+        def put_then_gc(p: int) -> int:
+            size = put(p)
+            tiered.upload = put  # gc's own uploads go as usual
+            assert f"packs/{pack_name(p)}" in bucket_packs(s3_server)
+            done = gc_module.run(opened)  # p2's pack is all live: left alone
+            assert (done["chunks_freed"], done["objects_deleted"]) == (128, 1), done
+            return size
+
+        tiered.upload = put_then_gc
+        done = Uploader(opened).run(packs=[pack])
+        assert done.error is None and done.packs == 0, done
+    assert bucket_packs(s3_server) == {} and stored_packs(repo) == {}, "p2's is pending"
+    assert_check_clean(rpfs)
