@@ -7,6 +7,7 @@ the next, so a kill anywhere repeats at most the last PUT of one pack under its 
 
 1. `stored` record "uploading" with this process's pid (another uploader leaves a pack
    whose uploader is alive alone; a dead one's is taken over), unless GC retired the pack;
+   a PUT that fails drops the record again (the next pass, of any process, retries);
 2. the PUT of the whole file (obstore streams it in parts);
 3. `stored` record "stored", then the local file is renamed into the cache; unless GC
    retired the pack during the PUT (it dropped the record): then the object just put is
@@ -170,6 +171,12 @@ class Uploader:
                 if path.exists():
                     raise
                 return None
+            except (PackUnavailable, StoreRefused):  # no PUT under way: anyone may retry
+                with index.write() as txn:
+                    state = index.pack_state(txn, pack)
+                    if state is not None and state.get("pid") == os.getpid():
+                        index.drop_pack_state(txn, pack)
+                raise
             with index.write() as txn:
                 kept = index.pack_state(txn, pack) is not None
                 if kept:

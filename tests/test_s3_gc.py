@@ -136,7 +136,9 @@ def test_old_objects_stay_for_the_grace_and_a_later_gc_deletes_them(
     assert_index_matches_the_bucket(rpfs, repo, s3_server, retired=len(before))
     assert_exact_from_the_store(rpfs, repo, mount, kept)
     early = gc(rpfs, "--threshold", "0.8")
-    assert early["objects_deleted"] == 0 and before.keys() <= bucket_packs(s3_server).keys()
+    assert (early["packs_deleted"], early["objects_deleted"], early["objects_waiting"]) == (
+        0, 0, len(before)), "a waiting object is not retired again"
+    assert before.keys() <= bucket_packs(s3_server).keys()
     rpfs.env["RPFS_NOW"] = iso(time.time() + 601)  # past the grace
     try:
         late = gc(rpfs, "--threshold", "0.8")
@@ -204,3 +206,45 @@ def test_a_pack_gc_deletes_during_its_upload_is_neither_stored_nor_left_in_the_b
         assert done.error is None and done.packs == 0, done
     assert bucket_packs(s3_server) == {} and stored_packs(repo) == {}, "p2's is pending"
     assert_check_clean(rpfs)
+
+
+def test_a_store_that_does_not_take_the_copies_stops_gc_before_any_chunk_moves(
+        rpfs, s3_repo, s3_server, mount, tmp_path, monkeypatch):
+    """The server frozen while gc uploads its first copy: the PUT fails after the retry
+    bound, gc stops and says why, the old packs stay stored and name every chunk; the
+    next gc uploads the copies and finishes."""
+    repo = s3_repo
+    set_grace(repo, 0)
+    kept = history(rpfs, tmp_path)
+    before = bucket_packs(s3_server)
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    with Repository(repo) as opened:
+        objects = opened.store.backend.objects
+        put = objects.put
+
+        def put_while_frozen(name: str, data) -> None:
+            objects.put = put  # the first one only
+            s3_server.pause()
+            try:
+                put(name, data)
+            finally:
+                s3_server.resume()
+
+        objects.put = put_while_frozen
+        stopped = gc_module.run(opened, threshold=1.0)
+        with opened.index.read() as txn:
+            moved = {loc.pack for _, loc in opened.index.iter_chunks(txn)} - {
+                int(name[6:14]) for name in before}
+    assert stopped["stopped"] and "store" in stopped["stopped"], stopped
+    assert stopped["packs_compacted"] == stopped["objects_deleted"] == 0, stopped
+    assert not moved, "no chunk names a copy the store does not hold"
+    assert before.items() <= bucket_packs(s3_server).items()
+    assert stored_packs(repo).keys() == before.keys()
+    assert_check_clean(rpfs)
+    done = gc(rpfs, "--threshold", "0.8")  # the copies are all live: not compacted again
+    assert done["stopped"] is None and done["objects_deleted"] == len(before), done
+    after = bucket_packs(s3_server)
+    assert not after.keys() & before.keys() and after == stored_packs(repo)
+    assert_index_matches_the_bucket(rpfs, repo, s3_server)
+    assert_exact_from_the_store(rpfs, repo, mount, kept)

@@ -231,9 +231,10 @@ def _candidates(repo: Repository, wall: Fence, threshold: float, freed: dict[int
     only deleted), the emptiest first."""
     with repo.index.read() as txn:
         stats = repo.index.pack_stats(txn)
+        going = {entry["pack"] for entry in repo.index.get_note(txn, STORE_RETIRED) or []}
     out = []
     for pack, size in repo.store.sizes().items():
-        if not wall.sealed(pack):
+        if not wall.sealed(pack) or pack in going:  # its object waits for the grace
             continue
         named = stats.get(pack)
         # Every named record is copied; `freed`: what a dry run's sweep would have freed.
@@ -478,13 +479,14 @@ def delete_objects(repo: Repository) -> tuple[int, int]:
     (deleted, still waiting). A store failure is logged: they wait for the next run."""
     index, tiered = repo.index, upload.backend(repo)
     assert tiered is not None
-    with index.write() as txn:
-        # "at": a time after the transaction that listed the pack committed: a checkpoint
-        # taken later holds neither its chunks nor its store record
+    with index.read() as txn:
         waiting = index.get_note(txn, STORE_RETIRED) or []
-        if any("at" not in entry for entry in waiting):
+    if any("at" not in entry for entry in waiting):
+        with index.write() as txn:
+            # "at": a time after the transaction that listed the pack committed: a
+            # checkpoint taken later holds neither its chunks nor its store record
             at = time.time()
-            waiting = [{"at": at, **entry} for entry in waiting]
+            waiting = [{"at": at, **entry} for entry in index.get_note(txn, STORE_RETIRED)]
             index.put_note(txn, STORE_RETIRED, waiting)
     due = [entry for entry in waiting if entry["due"] <= clock.now()]
     if not due:
