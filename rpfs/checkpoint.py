@@ -77,17 +77,24 @@ class Checkpoint:
     size: int
 
 
+def _created(name: str) -> float | None:
+    """When the checkpoint named `name` was taken (None: not a checkpoint's name)."""
+    match = _NAME.fullmatch(name)
+    if match is None:
+        return None
+    stamp = datetime.strptime(match.group(1), "%Y%m%dT%H%M%S").replace(tzinfo=UTC)
+    return stamp.timestamp() + int(match.group(2)) / 1e6
+
+
 def list_checkpoints(root: Path) -> list[Checkpoint]:
     """The checkpoints of the repository at `root`, newest first."""
     out = []
     for path in (root / CHECKPOINTS).glob("*.mdb"):
-        match = _NAME.fullmatch(path.name)
-        if match is None:
+        created = _created(path.name)
+        if created is None:
             continue
-        stamp = datetime.strptime(match.group(1), "%Y%m%dT%H%M%S").replace(tzinfo=UTC)
         with suppress(FileNotFoundError):  # pruned by another process meanwhile
-            out.append(Checkpoint(path, stamp.timestamp() + int(match.group(2)) / 1e6,
-                                  path.stat().st_size))
+            out.append(Checkpoint(path, created, path.stat().st_size))
     return sorted(out, key=lambda c: c.created, reverse=True)
 
 
@@ -195,6 +202,14 @@ def push_due() -> bool:
     """Whether PUSH_MIN seconds have passed since this process last pushed one (the
     daemon's upload passes push at most that often)."""
     return time.monotonic() - _pushed["at"] >= PUSH_MIN
+
+
+def newest_pushed(tiered: TieredBackend) -> float | None:
+    """When the newest checkpoint in the store was taken (None: there is none)."""
+    found = [t for name in tiered.objects.list(REMOTE)
+             if (t := _created(name[len(REMOTE):])) is not None]
+    return max(found, default=None)
+
 
 
 def cover_new_point(repo: Repository) -> None:

@@ -7,6 +7,9 @@ The fence is this process's writers (`ingest.SESSIONS`, `store.packs.OPEN_PACKS`
 every live capture's record in the index (a capture in another process): the time the
 oldest of them started, the pack counter each live capture found (its packs are above
 it), and the counter as the fence found it (a writer that started since has packs above).
+
+`retired`: the packs GC took out of the index's names and will delete (its notes
+`gc-retired` and `store-retired`); the uploader takes none of them (see gc.py, "The store").
 """
 
 from __future__ import annotations
@@ -14,9 +17,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from .index import Index
 from .ingest import SESSIONS
 from .repo import Repository
 from .store.packs import OPEN_PACKS
+
+RETIRED = "gc-retired"  # index note: packs to delete once the index names nothing in them
+STORE_RETIRED = "store-retired"  # index note: packs whose objects go after the reader grace
 
 
 @dataclass
@@ -50,3 +57,9 @@ def fence(repo: Repository) -> Fence:
         after = info.get("packs_after", 0)  # a capture of an older rpfs: every pack
         packs_after = after if packs_after is None else min(packs_after, after)
     return Fence(min(started, default=time.time()), packs_after, last_pack, OPEN_PACKS.now())
+
+
+def retired(index: Index, txn) -> set[int]:
+    """The packs GC retired and has not deleted everywhere yet (read in `txn`)."""
+    return set(index.get_note(txn, RETIRED) or []) | {
+        entry["pack"] for entry in index.get_note(txn, STORE_RETIRED) or []}

@@ -592,6 +592,10 @@ class Index:
             record["pid"] = pid
         txn.put(_PACK_KEY.pack(pack), json.dumps(record).encode(), db=self.db["stored"])
 
+    def drop_pack_state(self, txn: lmdb.Transaction, pack: int) -> None:
+        """`pack` has no copy in the store (an upload failed): only the local one."""
+        txn.delete(_PACK_KEY.pack(pack), db=self.db["stored"])
+
     def pack_states(self, txn: lmdb.Transaction) -> dict[int, dict]:
         """Every pack's store record (packs only local are absent)."""
         if "stored" not in self.db:

@@ -137,7 +137,8 @@ _CONFIG_KEYS = {
                         f"seconds from 0 to {MAX_INTERVAL}"),
     "store": (False, lambda v: _valid_store(v),
               'null or {"url": "s3://BUCKET/PREFIX", "endpoint": URL or null, "region": '
-              'NAME or null, "cache_size": bytes > 0, "retry_seconds": seconds > 0}'),
+              'NAME or null, "cache_size": bytes > 0, "retry_seconds": seconds > 0, '
+              '"backlog_warn": bytes >= 0, "grace_seconds": seconds >= 0}'),
 }
 
 
@@ -151,10 +152,11 @@ def _valid_store(v: object) -> bool:
     except (RpfsError, TypeError):
         return False
     size, retry = v.get("cache_size", 1), v.get("retry_seconds", 1)
-    warn = v.get("backlog_warn", 1)
+    warn, grace = v.get("backlog_warn", 1), v.get("grace_seconds", 0)
     return (all(type(v.get(k)) in (str, type(None)) for k in ("endpoint", "region"))
             and type(size) is int and size > 0 and type(warn) is int and warn >= 0
-            and type(retry) in (int, float) and retry > 0)
+            and type(retry) in (int, float) and retry > 0
+            and type(grace) in (int, float) and 0 <= grace < float("inf"))
 
 
 def load_config(root: Path) -> Config:

@@ -6,9 +6,12 @@ the next, so a kill anywhere repeats at most the last PUT of one pack under its 
 (immutable: the same bytes again) and loses nothing:
 
 1. `stored` record "uploading" with this process's pid (another uploader leaves a pack
-   whose uploader is alive alone; a dead one's is taken over);
+   whose uploader is alive alone; a dead one's is taken over), unless GC retired the pack;
+   a PUT that fails drops the record again (the next pass, of any process, retries);
 2. the PUT of the whole file (obstore streams it in parts);
-3. `stored` record "stored", then the local file is renamed into the cache.
+3. `stored` record "stored", then the local file is renamed into the cache; unless GC
+   retired the pack during the PUT (it dropped the record): then the object just put is
+   deleted, so none outlives GC's delete (maintenance/gc.py, "The store").
 
 The daemon runs a pass every few seconds (serve/daemon.py) and `rpfs store sync` one on
 demand. A pass that cannot reach the store stops at its first failure and says why:
@@ -23,14 +26,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from .fence import fence
+from .fence import fence, retired
 from .names import fmt_bytes
 from .progress import ProgressFn
 from .repo import Repository
-from .store.backend import PackUnavailable
+from .store.backend import PackMissing, PackUnavailable
 from .store.format import pack_name
 from .store.s3 import StoreRefused
-from .store.tiered import TieredBackend
+from .store.tiered import TieredBackend, object_name
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +151,8 @@ class Uploader:
         return [p for p in local if wall.sealed(p) and p in named]
 
     def _upload(self, pack: int) -> int | None:
-        """One pack through the three steps; its size, None if another uploader has it
-        or it is stored already."""
+        """One pack through the three steps; its size, None if another uploader has it,
+        it is stored already, or GC retired it."""
         index = self.repo.index
         path = self.tiered.pending.path(pack)
         try:
@@ -160,8 +163,9 @@ class Uploader:
             state = index.pack_state(txn, pack)
             if state is not None and state["state"] == STORED:
                 stored = True
-            elif (state is not None and state.get("pid") not in (None, os.getpid())
-                  and _alive(state["pid"])):
+            elif pack in retired(index, txn) or (
+                    state is not None and state.get("pid") not in (None, os.getpid())
+                    and _alive(state["pid"])):
                 return None
             else:
                 stored = False
@@ -169,9 +173,27 @@ class Uploader:
         if not stored:
             log.info("uploading pack %s (%d bytes) to %s", pack_name(pack), size,
                      self.tiered.location)
-            self.tiered.upload(pack)
+            try:
+                self.tiered.upload(pack)
+            except (FileNotFoundError, PackMissing):  # GC deleted the local file first
+                if path.exists():
+                    raise
+                return None
+            except (PackUnavailable, StoreRefused):  # no PUT under way: anyone may retry
+                with index.write() as txn:
+                    state = index.pack_state(txn, pack)
+                    if state is not None and state.get("pid") == os.getpid():
+                        index.drop_pack_state(txn, pack)
+                raise
             with index.write() as txn:
-                index.put_pack_state(txn, pack, STORED, size, time.time())
+                kept = index.pack_state(txn, pack) is not None
+                if kept:
+                    index.put_pack_state(txn, pack, STORED, size, time.time())
+            if not kept:
+                log.info("pack %s: retired by gc during its upload; its object is deleted",
+                         pack_name(pack))
+                self.tiered.objects.delete(object_name(pack))
+                return None
         self.tiered.stored(pack)
         return None if stored else size
 

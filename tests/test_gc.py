@@ -194,11 +194,11 @@ def test_no_space_stops_gc_cleanly_and_the_next_run_goes_on(opened, tmp_path, mo
     def no_room(what):
         raise NoSpace(f"no space for {what} (a test)", str(opened.root))
 
-    def second_finds_no_room(repo, pack, writer):
-        calls.append(pack)
+    def second_finds_no_room(repo, packs, writer, uploader):
+        calls.append(packs)
         if len(calls) == 2:
             monkeypatch.setattr(opened.space, "check", no_room)
-        return compact(repo, pack, writer)
+        return compact(repo, packs, writer, uploader)
 
     monkeypatch.setattr(gc, "_compact", second_finds_no_room)
     stopped = gc.run(opened, threshold=1.0)
@@ -236,7 +236,7 @@ def test_a_compaction_killed_after_its_copies_resumes_without_copying(opened, tm
     monkeypatch.undo()
     with opened.index.read() as txn:
         state = opened.index.get_note(txn, gc.STATE)
-        interrupted = {state["pack"]}
+        interrupted = set(state["packs"])
         moved = sum(loc.pack in state["into"] for _, loc in opened.index.iter_chunks(txn))
     assert moved == 8, "two batches committed before the kill"
     copies = {p: (opened.root / "packs" / pack_name(p)).stat().st_size for p in state["into"]}

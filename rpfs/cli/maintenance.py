@@ -24,6 +24,12 @@ _INFO_ROWS = (  # key, label, how to show it
     ("pack_bytes", "in pack files", fmt_bytes),
     ("dead_bytes", "dead (gc frees)", fmt_bytes),
     ("local_bytes", "local disk files", fmt_bytes),
+    ("store_packs", "packs in the store", str),
+    ("store_bytes", "in the store", fmt_bytes),
+    ("store_retired_packs", "retired (deleted after the grace)", str),
+    ("pending_packs", "packs pending upload", str),
+    ("pending_bytes", "pending upload", fmt_bytes),
+    ("cache_bytes", "in the read cache", fmt_bytes),
     ("dedup_ratio", "dedup ratio", lambda v: "-" if v is None else f"{v:.2f}x"),
     ("compression_ratio", "compression ratio", lambda v: "-" if v is None else f"{v:.2f}x"),
 )
@@ -35,8 +41,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print_json(figures)
         return 0
-    width = max(len(label) for _, label, _ in _INFO_ROWS)
-    for key, label, show in _INFO_ROWS:
+    rows = [row for row in _INFO_ROWS if row[0] in figures]  # the store's: with one only
+    width = max(len(label) for _, label, _ in rows)
+    for key, label, show in rows:
         print(f"{label + ':':<{width + 1}}  {show(figures[key])}")
     return 0
 

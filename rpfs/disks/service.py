@@ -629,7 +629,7 @@ class DiskService:
            progress: ProgressFn | None = None) -> dict:
         """Free unreferenced chunks and compact packs, online (maintenance/gc.py); then a
         checkpoint, so that the newest one names the packs the chunks moved to."""
-        result = gc.run(self.repo, threshold, dry_run, progress)
+        result = gc.run(self.repo, threshold, dry_run, progress, self.uploader)
         if result["packs_deleted"]:
             checkpoint.take(self.repo)
         return result
@@ -696,6 +696,9 @@ class DiskService:
         if schedule.due(self.index, "verify", config.verify_interval):
             out["verify"] = self.verify(max_duration=schedule.VERIFY_TURN)
             schedule.done(self.index, "verify")
+        if self.uploader is not None:  # retired packs' objects whose grace is over
+            with contextlib.suppress(RpfsError), self.repo.gc_lock():  # else that gc does
+                out["objects_deleted"] = gc.delete_objects(self.repo)[0]
         return out
 
     def _purge_on_close(self, point: PointRecord | None = None) -> list[dict]:

@@ -9,7 +9,9 @@ lineage's readers through it), a writable disk its local file and a block map wi
 of valid states (and no map of a file no disk names). Each finding says what is
 wrong and what to do. What a crash leaves behind on purpose (records of chunks no
 extent references, packs or local files nothing names, staging rows of dead captures)
-is no inconsistency: it is listed as reclaimable, for GC.
+is no inconsistency: it is listed as reclaimable, for GC. With a store: a pack the index
+records as "stored" must be in the bucket; packs GC retired (its objects wait for the
+reader grace) are neither checked nor listed.
 
 Headers are checked, not payloads: `rpfs verify` decodes and hashes every record.
 """
@@ -20,7 +22,9 @@ import contextlib
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
+from .. import upload
 from ..disks.blockmap import ABSENT, DIRTY, FROZEN, PAGE_BLOCKS, PRESENT
+from ..fence import retired
 from ..index import ChunkLoc
 from ..lifecycle.purge import refcount_errors
 from ..names import ceil_div
@@ -33,6 +37,8 @@ INDEX_FIX = ("the index disagrees with itself: keep a copy of REPO/index, then '
 PACK_FIX = ("a pack was changed or cut outside rpfs (or its disk failed): the points "
             "reading these chunks read EIO there; 'rpfs verify' names them")
 
+STORE_FIX = ("an object was deleted from the bucket outside rpfs: the chunks in it read EIO "
+             "where no local copy is left; 'rpfs verify' names the points")
 
 _STATES = bytes([ABSENT, PRESENT, DIRTY, FROZEN])  # the bytes a block map may hold
 
@@ -140,14 +146,18 @@ def _check_packs(repo: Repository, chunks: list[tuple[bytes, ChunkLoc]], report:
         by_pack[loc.pack].append((digest, loc))
     sizes = repo.store.sizes()  # progress is in bytes
     total, done = sum(sizes.values()), 0
+    report.add(STORE_FIX, _check_stored(repo))
     problems = []
+    with repo.index.read() as txn:
+        going = retired(repo.index, txn)
     for pack in sorted(sizes.keys() | by_pack.keys()):
         named = by_pack.get(pack, [])
         if pack not in sizes:
             problems.append(f"pack {pack} is missing: {len(named)} chunks named in it")
             continue
-        with contextlib.suppress(PackMissing):  # deleted meanwhile: a GC, after the index
-            problems += _check_pack(repo, pack, named, report)
+        if named or pack not in going:  # else GC deletes it (its object after the grace)
+            with contextlib.suppress(PackMissing):  # deleted meanwhile: by GC, after the index
+                problems += _check_pack(repo, pack, named, report)
         done += sizes[pack]
         if progress:
             progress(done, total)
@@ -157,6 +167,19 @@ def _check_packs(repo: Repository, chunks: list[tuple[bytes, ChunkLoc]], report:
     if dead:
         report.reclaimable.append(f"{len(dead)} chunks of {sum(loc.length for loc in dead)} "
                                   "bytes that no extent references")
+
+
+def _check_stored(repo: Repository) -> list[str]:
+    """With a store: each pack the index records as "stored" is in the bucket."""
+    tiered = upload.backend(repo)
+    if tiered is None:
+        return []
+    with repo.index.read() as txn:
+        states = repo.index.pack_states(txn)
+    there = tiered.stored_sizes()
+    return [f"pack {pack}: the index records it as in the store, but {tiered.location} "
+            "holds no object of it" for pack, record in sorted(states.items())
+            if record["state"] == upload.STORED and pack not in there]
 
 
 def _check_pack(repo: Repository, pack: int, named: list[tuple[bytes, ChunkLoc]],

@@ -8,6 +8,8 @@ small one. `rpfs check` recounts them from scratch.
 
 from __future__ import annotations
 
+from .. import upload
+from ..fence import STORE_RETIRED
 from ..repo import Repository
 
 
@@ -19,7 +21,10 @@ def summary(repo: Repository) -> dict:
     some point, trash entry or disk still references (after dedup and compression);
     pack_bytes: the pack files' sizes; dead_bytes: the difference, which GC frees;
     dedup_ratio: allocated bytes per distinct referenced block; compression_ratio:
-    distinct referenced blocks' bytes per stored byte.
+    distinct referenced blocks' bytes per stored byte. With a store, also: store_packs,
+    store_bytes (the objects in the bucket, a LIST of it, with the retired packs whose
+    objects wait for the reader grace: store_retired_packs), pending_packs, pending_bytes
+    (not uploaded yet), cache_bytes (the local read cache).
     """
     index, bs = repo.index, repo.block_size
     with index.read() as txn:
@@ -32,7 +37,7 @@ def summary(repo: Repository) -> dict:
     stored = sum(s.live_bytes for s in stats.values())
     distinct = sum(s.live_chunks for s in stats.values()) * bs
     allocated = sum(p.allocated_blocks for p in points) * bs
-    return {
+    out = {
         "disks": len(disks),
         "writable_disks": sum(d.writable for d in disks),
         "points": len(points),
@@ -47,6 +52,16 @@ def summary(repo: Repository) -> dict:
         "compression_ratio": round(distinct / stored, 3) if stored else None,
         "local_bytes": sum(_allocated_on_disk(repo, d.file) for d in disks if d.writable),
     }
+    tiered = upload.backend(repo)
+    if tiered is not None:
+        stored = tiered.stored_sizes()
+        waiting = upload.pending(repo)
+        with index.read() as txn:
+            retired = index.get_note(txn, STORE_RETIRED) or []
+        out.update(store_packs=len(stored), store_bytes=sum(stored.values()),
+                   store_retired_packs=len(retired), pending_packs=len(waiting),
+                   pending_bytes=sum(waiting.values()), cache_bytes=tiered.cache.used)
+    return out
 
 
 def _allocated_on_disk(repo: Repository, file: str) -> int:

@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_REGION = "us-east-1"  # SeaweedFS, Ceph and MinIO take any; a client signs with one
 RETRY_SECONDS = 60.0  # how long a request is retried before it fails (see `connect`)
+# How long the object of a pack GC retired stays: a reader in another process that looked
+# a chunk up before GC moved it may still GET the old object (maintenance/gc.py).
+GRACE_SECONDS = 600.0
 _URL = re.compile(r"s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(/[^\s]*)?")
 # codes S3 puts in an error's XML that mean the credentials are refused
 _REFUSED = ("SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied",
@@ -66,6 +69,7 @@ class StoreConfig:
     cache_size: int = 20 << 30  # the local read cache's bound, bytes
     retry_seconds: float = RETRY_SECONDS
     backlog_warn: int = 8 << 30  # pending bytes past which `store status` warns
+    grace_seconds: float = GRACE_SECONDS  # a pack GC retired keeps its object this long
 
     @property
     def bucket(self) -> str:

@@ -353,9 +353,16 @@ class TieredBackend:
         with contextlib.suppress(FileNotFoundError):  # another uploader moved it first
             self.cache.add_whole(pack, self.pending.path(pack))
 
-    def delete(self, pack: int) -> None:
+    def drop_local(self, pack: int) -> None:
+        """Remove the local copies of `pack` (pending and cached); its object stays for
+        the readers of the reader grace (maintenance/gc.py)."""
         self.pending.delete(pack)
         self.cache.drop(pack)
+
+    def delete(self, pack: int) -> None:
+        """Remove `pack` everywhere: local copies (again: a reader of the grace may have
+        cached segments of it since) and its object."""
+        self.drop_local(pack)
         self.objects.delete(object_name(pack))
         self._sizes.pop(pack, None)
 
