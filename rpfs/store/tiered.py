@@ -233,9 +233,9 @@ class TieredBackend:
         end = offset + length
         self._read_ahead(pack, offset // SEGMENT, (end - 1) // SEGMENT)
         pieces = self._segments(pack, offset, end)
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        return bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)
 
-    def _segments(self, pack: int, offset: int, end: int) -> list[bytes]:
+    def _segments(self, pack: int, offset: int, end: int) -> list[bytes | memoryview]:
         """Bytes [offset, end) of a stored pack, a piece from each segment they touch,
         the missing segments fetched with one GET per run of them (the last segment of a
         pack may be short, or absent past its end: a piece is short or empty there)."""
@@ -312,7 +312,7 @@ class TieredBackend:
                     self.gets += 1
                     self.get_bytes += len(data)
                 for i, seg in enumerate(run):
-                    piece = bytes(data[i * SEGMENT : (i + 1) * SEGMENT])
+                    piece = data[i * SEGMENT : (i + 1) * SEGMENT]  # a view: no copy
                     if piece:
                         self.cache.add_segment(pack, seg, piece)
                     self._settle(pack, seg, piece, None)
@@ -322,8 +322,8 @@ class TieredBackend:
                 if not isinstance(exc, OSError):
                     raise
 
-    def _settle(self, pack: int, seg: int, data: bytes | None, exc: BaseException | None
-                ) -> None:
+    def _settle(self, pack: int, seg: int, data: bytes | memoryview | None,
+                exc: BaseException | None) -> None:
         with self._lock:
             future = self._inflight.pop((pack, seg), None)
         if future is not None and not future.done():
