@@ -512,7 +512,7 @@ def test_s3_section_measures_rpfs_local_and_on_the_store(tmp_path: Path, monkeyp
     assert r.get("rpfs", "s3_capture_stored_MBps") < r.get("rpfs", "s3_capture_MBps")
     statuses = {v.target.name: v.status for v in br.evaluate_targets(r)}
     assert statuses["cold read from the store ≥ 0.5 × local"] in ("PASS", "FAIL")
-    restic = [r.entries[("restic", m)] for m in ("s3_capture_MBps", "s3_cold_read_MBps")]
+    restic = [r.entries[("restic", m)] for m in s3_bench.RESTIC_S3_METRICS]
     if shutil.which("restic"):
         assert all(e.value and e.value > 0 for e in restic), restic
     else:

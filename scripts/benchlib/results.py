@@ -53,6 +53,7 @@ METRICS: dict[str, str] = {
     "s3_cold_read_local_MBps": "MB/s",
     "s3_cold_read_MBps": "MB/s",
     "s3_get_KiB": "KiB",
+    "s3_restore_MBps": "MB/s",
 }
 
 
