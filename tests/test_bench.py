@@ -33,6 +33,8 @@ runner = importlib.import_module("benchlib.runner")
 cli_timer = importlib.import_module("benchlib.cli_timer")
 measure = importlib.import_module("benchlib.measure")
 background = importlib.import_module("benchlib.background")
+s3_bench = importlib.import_module("benchlib.s3")
+bench_mounts = importlib.import_module("benchlib.mounts")
 ceilingfs = importlib.import_module("ceilingfs")
 
 MiB = 1 << 20
@@ -469,3 +471,60 @@ def test_ceiling_refuses_a_missing_source(tmp_path: Path):
     assert res.returncode == 1
     assert "cannot load" in res.stderr
     assert not _mounted(mnt)
+
+
+# -- the --s3 section ---------------------------------------------------------------------
+
+
+def test_s3_targets_compare_the_store_with_local_beside_it():
+    r = br.Results(256 * MiB)
+    r.add("rpfs", "s3_cold_read_local_MBps", [600, 620, 580])
+    r.add("rpfs", "s3_cold_read_MBps", [290, 310, 300])  # 0.5: PASS (>=)
+    r.add("rpfs", "s3_capture_local_MBps", [300, 300, 300])
+    r.add("rpfs", "s3_capture_MBps", [230, 235, 239])  # 0.78: FAIL
+    r.add("rpfs", "s3_capture_stored_MBps", [100, 100, 100])  # no target of its own
+    v = _verdicts(r)
+    read = v["cold read from the store ≥ 0.5 × local"]
+    assert (read.status, read.ratio, read.required) == ("PASS", 0.5, ">= 0.5")
+    capture = v["capture to the store ≥ 0.8 × local"]
+    assert capture.status == "FAIL" and capture.ratio == pytest.approx(235 / 300)
+    row = next(line for line in br.render_table(r).splitlines()
+               if line.startswith("s3_capture_stored_MBps"))
+    assert row.split() == ["s3_capture_stored_MBps", "100"]
+
+
+@needs_fuse
+@needs_e2fsprogs
+def test_s3_section_measures_rpfs_local_and_on_the_store(tmp_path: Path, monkeypatch):
+    """The section's code on a 32 MiB sample, one run, its own SeaweedFS; restic only if
+    it is installed (no apt-get from a test)."""
+    monkeypatch.setattr(runner, "apt_install", lambda bench, pkgs: None)
+    r = br.Results(32 * MiB)
+    bench = runner.Bench(runner.Options(size=32 * MiB, runs=1, log=lambda _: None), r,
+                         tmp_path)
+    bench.rpfs_cmd = runner.rpfs_command()
+    bench.sample = sample_mod.build_sample(_mk(tmp_path / "sample"), 32 * MiB, seed=3)
+    s3_bench.bench_s3(bench)
+    assert not [n for n in r.notes if "stopped early" in n], r.notes
+    for metric in s3_bench.RPFS_S3_METRICS:
+        assert r.get("rpfs", metric) > 0, metric
+    assert r.get("rpfs", "s3_get_KiB") >= 256  # spans of records, not blocks
+    assert r.get("rpfs", "s3_capture_stored_MBps") < r.get("rpfs", "s3_capture_MBps")
+    statuses = {v.target.name: v.status for v in br.evaluate_targets(r)}
+    assert statuses["cold read from the store ≥ 0.5 × local"] in ("PASS", "FAIL")
+    restic = [r.entries[("restic", m)] for m in s3_bench.RESTIC_S3_METRICS]
+    if shutil.which("restic"):
+        assert all(e.value and e.value > 0 for e in restic), restic
+    else:
+        assert all(e.value is None and "no restic" in e.note for e in restic)
+    assert not bench_mounts.mounts_under(tmp_path)
+    assert not _weed_running(tmp_path)
+
+
+def _weed_running(root: Path) -> bool:
+    """Whether a weed process started in `root` (its cwd) is still alive."""
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if proc.name.isdigit() and (proc / "cwd").resolve() == root / "s3":
+                return True
+    return False

@@ -31,6 +31,14 @@ nothing: a segment is written (and renamed into place) only from a whole answer.
 that refuses a GET (credentials revoked since the mount) fails the read the same way:
 the bytes are not known to be bad, a retry after the fix reads them.
 
+A reader that goes forward through a stored pack (three reads in a row, each starting in
+or next to the segment where the one before ended: random reads seldom do) has the
+segments ahead of it fetched in the background, AHEAD of them in GETs of GET_SPAN. The
+chunk prefetcher's window is in blocks of the image, often only a few segments of packs
+(compressed data), so without this one 1 MiB GET at a time was in flight; and a GET has a
+cost of its own besides its bytes (SeaweedFS here: 4 MiB GETs took a third less of its CPU
+per byte than 1 MiB ones; docs/performance.md, "Object store").
+
 Each process keeps the bound for what it adds and sees; a second process (a capture
 beside the daemon) reads the same files, and a file another process evicted reads as a
 miss. GC's deletes go to all three places.
@@ -45,10 +53,10 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from .backend import PackAppender, PackMissing
+from .backend import PackAppender, PackMissing, PackUnavailable
 from .format import pack_name, pack_number
 from .local import LocalBackend
 from .s3 import S3Objects, StoreRefused, StoreUnavailable
@@ -56,6 +64,11 @@ from .s3 import S3Objects, StoreRefused, StoreUnavailable
 log = logging.getLogger(__name__)
 
 SEGMENT = 1 << 20  # bytes of a stored pack fetched and cached as one piece
+AHEAD = 16  # segments fetched ahead of a reader going forward through a pack
+GET_SPAN = 4  # segments one GET ahead asks for
+AHEAD_GETS = 4  # GETs ahead in flight at most (each holds GET_SPAN segments in memory)
+STREAMS = 64  # packs whose forward readers are followed
+STREAK = 2  # reads in a row after a first one that make a reader a forward reader
 PACKS = "packs/"  # the object names' prefix in the store
 DOWN_QUIET = 1.0  # seconds after a failed GET in which the store is not asked again
 
@@ -120,16 +133,27 @@ class ReadCache:
         with self._lock:
             return self._lru.get(f"packs/{pack_name(pack)}")
 
-    def read_segment(self, pack: int, seg: int) -> bytes | None:
+    def has_segment(self, pack: int, seg: int) -> bool:
+        with self._lock:
+            return self._segment(pack, seg) in self._lru
+
+    def read_segment(self, pack: int, seg: int, start: int = 0, length: int = SEGMENT
+                     ) -> bytes | None:
+        """`length` bytes from `start` of a cached segment (fewer at a pack's end), or
+        None if it is not cached."""
         name = self._segment(pack, seg)
         if not self._touch(name):
             return None
         try:
-            return self._path(name).read_bytes()
+            fd = os.open(self._path(name), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             with self._lock:
                 self.used -= self._lru.pop(name, 0)
             return None
+        try:
+            return os.pread(fd, length, start)
+        finally:
+            os.close(fd)
 
     def add_segment(self, pack: int, seg: int, data: bytes | memoryview) -> None:
         name = self._segment(pack, seg)
@@ -204,6 +228,13 @@ class TieredBackend:
         self._inflight: dict[tuple[int, int], Future] = {}
         self._lock = threading.Lock()
         self._sizes: dict[int, int] = {}  # stored packs' sizes, learned from the store
+        # the packs read last: pack -> (the last segment of its last read, how many reads
+        # in a row went forward)
+        self._fronts: OrderedDict[int, tuple[int, int]] = OrderedDict()
+        # at most a quarter of the cache ahead: a segment fetched ahead must live to be read
+        self.ahead = min(AHEAD, cache_size // SEGMENT // 4)
+        self.get_span = min(GET_SPAN, self.ahead)
+        self._ahead_pool: ThreadPoolExecutor | None = None
         self.gets = self.get_bytes = 0
         self._down: tuple[float, StoreUnavailable] | None = None  # the last GET's failure
 
@@ -217,21 +248,22 @@ class TieredBackend:
         data = self.cache.read_whole(pack, offset, length)
         if data is not None:
             return data
-        first, last = offset // SEGMENT, (offset + length - 1) // SEGMENT
-        parts = self._segments(pack, first, last)
-        buf = b"".join(parts)
-        start = offset - first * SEGMENT
-        return buf[start : start + length]
+        end = offset + length
+        self._read_ahead(pack, offset // SEGMENT, (end - 1) // SEGMENT)
+        pieces = self._segments(pack, offset, end)
+        return bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)
 
-    def _segments(self, pack: int, first: int, last: int) -> list[bytes]:
-        """Segments first..last of a stored pack, the missing ones fetched with one GET
-        per run of them (the last segment of a pack may be short, or absent past its
-        end)."""
+    def _segments(self, pack: int, offset: int, end: int) -> list[bytes | memoryview]:
+        """Bytes [offset, end) of a stored pack, a piece from each segment they touch,
+        the missing segments fetched with one GET per run of them (the last segment of a
+        pack may be short, or absent past its end: a piece is short or empty there)."""
+        first, last = offset // SEGMENT, (end - 1) // SEGMENT
         out: list[bytes | None] = []
         mine: list[int] = []  # segments this call fetches
         waits: dict[int, Future] = {}
         for seg in range(first, last + 1):
-            data = self.cache.read_segment(pack, seg)
+            lo, hi = _clip(seg, offset, end)
+            data = self.cache.read_segment(pack, seg, lo, hi - lo)
             if data is None:
                 with self._lock:  # a GET of it in flight is waited for, not repeated
                     future = self._inflight.get((pack, seg))
@@ -244,18 +276,53 @@ class TieredBackend:
             self.cache.misses += len(mine)
             self._fetch(pack, mine)
         for seg, future in waits.items():
-            out[seg - first] = future.result()
-        return [part for part in out if part]  # type: ignore[misc]
+            lo, hi = _clip(seg, offset, end)
+            out[seg - first] = future.result()[lo:hi]
+        return out  # type: ignore[return-value]
+
+    def _read_ahead(self, pack: int, first: int, last: int) -> None:
+        """If this read of `pack` (segments first..last) goes forward from the reads before
+        it, GET the segments up to `ahead` past it that no one has or fetches, in the
+        background. Concurrent readers of one stream (the prefetch pool's) arrive a little
+        out of order, so a read starting a segment behind the last one still counts."""
+        if not self.ahead:
+            return
+        with self._lock:
+            front, streak = self._fronts.pop(pack, (-2, 0))
+            streak = streak + 1 if front - 1 <= first <= front + 1 else 0
+            self._fronts[pack] = (last, streak)
+            while len(self._fronts) > STREAMS:
+                self._fronts.popitem(last=False)
+        if streak < STREAK:
+            return
+        try:
+            end = -(-(self._sizes.get(pack) or self.size(pack)) // SEGMENT)
+        except OSError:  # the store does not answer: this read's own GET will say so
+            return
+        stop = min(end, last + 1 + self.ahead)
+        free = [seg for seg in range(last + 1, stop) if not self.cache.has_segment(pack, seg)]
+        runs = []
+        with self._lock:  # whole GETs only: as the reader moves on, they refill in GET_SPANs
+            for run in _runs([seg for seg in free if (pack, seg) not in self._inflight],
+                             self.get_span):
+                if len(run) == self.get_span or run[-1] == end - 1:
+                    for seg in run:
+                        self._inflight[(pack, seg)] = Future()
+                    runs.append(run)
+        if not runs:
+            return
+        with self._lock:
+            if self._ahead_pool is None:
+                self._ahead_pool = ThreadPoolExecutor(AHEAD_GETS,
+                                                      thread_name_prefix="rpfs-get-ahead")
+            pool = self._ahead_pool
+        for run in runs:
+            self.cache.misses += len(run)
+            pool.submit(self._fetch, pack, run)
 
     def _fetch(self, pack: int, segs: list[int]) -> None:
         """GET each run of consecutive segments in `segs` and settle their futures."""
-        runs: list[list[int]] = []
-        for seg in segs:
-            if runs and runs[-1][-1] == seg - 1:
-                runs[-1].append(seg)
-            else:
-                runs.append([seg])
-        for run in runs:
+        for run in _runs(segs):
             try:
                 self._not_down(pack)
                 try:
@@ -272,7 +339,7 @@ class TieredBackend:
                     self.gets += 1
                     self.get_bytes += len(data)
                 for i, seg in enumerate(run):
-                    piece = bytes(data[i * SEGMENT : (i + 1) * SEGMENT])
+                    piece = data[i * SEGMENT : (i + 1) * SEGMENT]  # a view: no copy
                     if piece:
                         try:
                             self.cache.add_segment(pack, seg, piece)
@@ -293,8 +360,8 @@ class TieredBackend:
             raise StoreUnavailable(down[1].errno, down[1].strerror,
                                    self.objects.url(object_name(pack)))
 
-    def _settle(self, pack: int, seg: int, data: bytes | None, exc: BaseException | None
-                ) -> None:
+    def _settle(self, pack: int, seg: int, data: bytes | memoryview | None,
+                exc: BaseException | None) -> None:
         with self._lock:
             future = self._inflight.pop((pack, seg), None)
         if future is not None and not future.done():
@@ -367,5 +434,29 @@ class TieredBackend:
         self._sizes.pop(pack, None)
 
     def close(self) -> None:
+        if self._ahead_pool is not None:
+            self._ahead_pool.shutdown(wait=True, cancel_futures=True)
+            with self._lock:
+                left = list(self._inflight)
+            for pack, seg in left:  # GETs ahead cancelled before they began
+                self._settle(pack, seg, None, PackUnavailable(
+                    f"{pack_name(pack)}: the backend was closed"))
         self.pending.close()
         self.cache.close()
+
+
+def _clip(seg: int, offset: int, end: int) -> tuple[int, int]:
+    """The part of segment `seg` that [offset, end) covers, as offsets into it."""
+    base = seg * SEGMENT
+    return max(offset, base) - base, min(end, base + SEGMENT) - base
+
+
+def _runs(segs: list[int], longest: int | None = None) -> list[list[int]]:
+    """`segs` (ascending) cut into runs of consecutive segments, each `longest` at most."""
+    runs: list[list[int]] = []
+    for seg in segs:
+        if runs and runs[-1][-1] == seg - 1 and (longest is None or len(runs[-1]) < longest):
+            runs[-1].append(seg)
+        else:
+            runs.append([seg])
+    return runs

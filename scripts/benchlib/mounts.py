@@ -112,12 +112,15 @@ def unmount(path: Path, pid: int | None, proc: subprocess.Popen | None = None) -
 
 
 @contextlib.contextmanager
-def rpfs_mount(rpfs_cmd: list[str], repo: Path, mountpoint: Path) -> Iterator[int]:
-    """`rpfs mount`; yields the daemon's pid (from REPO/locks/daemon.lock)."""
+def rpfs_mount(rpfs_cmd: list[str], repo: Path, mountpoint: Path,
+               env: dict[str, str] | None = None) -> Iterator[int]:
+    """`rpfs mount` (in `env`: a store's credentials); yields the daemon's pid (from
+    REPO/locks/daemon.lock)."""
     mountpoint.mkdir(parents=True, exist_ok=True)
     pid = None
     try:
-        run([*rpfs_cmd, "-r", repo, "mount", mountpoint], timeout=MOUNT_TIMEOUT + 10)
+        run([*rpfs_cmd, "-r", repo, "mount", mountpoint], timeout=MOUNT_TIMEOUT + 10,
+            env=env)
         try:
             info = json.loads((repo / "locks" / "daemon.lock").read_text() or "{}")
             pid = int(info["pid"])
@@ -129,7 +132,7 @@ def rpfs_mount(rpfs_cmd: list[str], repo: Path, mountpoint: Path) -> Iterator[in
     finally:
         if mounted(mountpoint):
             res = subprocess.run([*rpfs_cmd, "-r", str(repo), "umount", str(mountpoint)],
-                                 capture_output=True, text=True, timeout=120)
+                                 capture_output=True, text=True, timeout=120, env=env)
             if res.returncode != 0:
                 unmount(mountpoint, pid)
         if pid is not None:

@@ -47,6 +47,13 @@ METRICS: dict[str, str] = {
     "gc_rand4k_qd1_mean_us": "us",
     "gc_rand4k_qd1_p99_quiet_us": "us",
     "gc_rand4k_qd1_p99_us": "us",
+    "s3_capture_local_MBps": "MB/s",
+    "s3_capture_MBps": "MB/s",
+    "s3_capture_stored_MBps": "MB/s",
+    "s3_cold_read_local_MBps": "MB/s",
+    "s3_cold_read_MBps": "MB/s",
+    "s3_get_KiB": "KiB",
+    "s3_restore_MBps": "MB/s",
 }
 
 
@@ -225,6 +232,11 @@ TARGETS: tuple[Target, ...] = (
     _relative(f"clone rand4k p99 during gc ≤ {GC_READ_SLOWDOWN:g} × quiet",
               "gc_rand4k_qd1_p99_us", "<=", GC_READ_SLOWDOWN, "rpfs",
               "gc_rand4k_qd1_p99_quiet_us"),
+    # issue 13; capture: until the point is complete (durable locally), not until stored
+    _relative("cold read from the store ≥ 0.5 × local", "s3_cold_read_MBps", ">=", 0.5,
+              "rpfs", "s3_cold_read_local_MBps"),
+    _relative("capture to the store ≥ 0.8 × local", "s3_capture_MBps", ">=", 0.8, "rpfs",
+              "s3_capture_local_MBps"),
 )
 
 _OPS = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, "<": lambda a, b: a < b}

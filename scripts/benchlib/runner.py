@@ -41,6 +41,7 @@ from .measure import (
     wait_for,
 )
 from .results import Results
+from .s3 import bench_s3
 from .sample import CHURN_REGION, MiB, Sample, apply_churn, build_sample
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,6 +87,7 @@ class Options:
     seed: int = 1
     workdir: Path = Path("/var/tmp")
     big: bool = True
+    s3: bool = False
     log: Callable[[str], None] = print
 
 
@@ -178,6 +180,7 @@ def machine_info(work: Path) -> dict:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
+        "load_avg_start": [round(x, 2) for x in os.getloadavg()],  # others' work, too
     }
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -626,7 +629,7 @@ def _capture_runs(bench: Bench, system: str, repo: Path, init: Callable[[], None
     r.add(system, "repo_bytes_added_incr", bytes_incr)
 
 
-def _link_source(src: Path, image: Path) -> None:
+def link_source(src: Path, image: Path) -> None:
     """Make src/disk.img a new name of `image` (a new inode: backups must read it again)."""
     target = src / "disk.img"
     target.unlink(missing_ok=True)
@@ -644,7 +647,7 @@ def bench_restic(bench: Bench) -> None:
     full_env = {**os.environ, **env}
 
     def backup(image: Path) -> None:
-        _link_source(src, image)
+        link_source(src, image)
         run(["restic", "backup", "-q", "--host", "bench", "disk.img"], env=full_env, cwd=src)
 
     _capture_runs(bench, "restic", repo,
@@ -673,7 +676,7 @@ def bench_borg(bench: Bench) -> None:
     full_env = {**os.environ, **env}
 
     def create(archive: str, image: Path) -> None:
-        _link_source(src, image)
+        link_source(src, image)
         run(["borg", "create", "--compression", BORG_COMPRESSION, "--chunker-params",
              BORG_CHUNKER, f"::{archive}", "disk.img"], env=full_env, cwd=src)
 
@@ -765,6 +768,7 @@ def run_bench(opts: Options) -> Results:
     try:
         _run(bench)
     finally:
+        results.machine["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
         if bench.timer is not None:
             bench.timer.close()
         leftover = mounts.mounts_under(work)
@@ -821,6 +825,8 @@ def _run(bench: Bench) -> None:
         bench_ceiling(bench)
     with bench.section("raw", READ_METRICS):
         bench_raw(bench)
+    if opts.s3:
+        bench_s3(bench)
     if opts.peers:
         missing = ensure_peers(bench)
         for system, cmd, fn in (("restic", "restic", bench_restic),
