@@ -162,3 +162,41 @@ def test_recovery_refuses_a_folder_in_use_and_a_prefix_without_a_repository(
     res = rpfs("init", "--from-store", url, *endpoint)  # nothing uploaded yet
     assert_one_line_error(res, "holds no index checkpoint")
     assert not rpfs.repo.exists()
+
+
+def test_a_lost_newest_capture_cuts_its_disk_back_and_empties_a_clone_of_it(
+        rpfs, s3_repo, s3_server, tmp_path):
+    """No daemon: `store sync` pushes the checkpoint itself. p2's packs never reach the
+    store: p2 is lost, and so is the point of its clone, which comes back empty (its
+    origin is lost too); web01's next capture starts from p1 again and reads exact."""
+    rng = random.Random(1314)
+    src1, src2 = tmp_path / "v1.raw", tmp_path / "v2.raw"
+    image(src1, rng, SIZE)
+    shutil.copyfile(src1, src2)
+    pwrite_all(src2, None, random_writes(rng, 4, 200_000))
+    rpfs("capture", "web01", src1, "--name", "p1", check=True)
+    sync_until_stored(rpfs, {"web01@p1"})
+    kept = set(bucket_packs(s3_server))
+    rpfs("capture", "web01", src2, "--name", "p2", check=True)
+    rpfs("clone", "web01@p2", "c2", check=True)
+    rpfs("snapshot", "c2", "--name", "s1", check=True)
+    last = sync_until_stored(rpfs, {"web01@p2", "c2@s1"})
+    assert last["checkpoint"], last
+    for name in set(bucket_packs(s3_server)) - kept:
+        s3_server.client().delete_object(Bucket=s3_server.bucket, Key=f"repo/{name}")
+
+    shutil.rmtree(s3_repo)
+    rpfs.repo = tmp_path / "recovered"
+    out = rpfs("init", "--from-store", f"s3://{s3_server.bucket}/repo", "--s3-endpoint",
+               s3_server.endpoint, check=True).stdout
+    assert "disk c2: empty" in out, out
+    assert "lost (their data was not in the store yet): c2@s1, web01@p2" in out, out
+    assert_check_clean(rpfs)
+    rpfs("capture", "web01", src2, "--name", "p2", check=True)  # the name is free again
+    points = {p["name"]: p for p in rpfs.points("web01")}
+    assert set(points) == {"p1", "p2"} and points["p2"]["method"] == "incremental", points
+    restored = tmp_path / "p2.out"
+    for name, src in (("p1", src1), ("p2", src2)):
+        rpfs("restore", f"web01@{name}", restored, "--force", check=True)
+        assert_same_bytes(restored, src)
+    assert_check_clean(rpfs)
