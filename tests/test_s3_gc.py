@@ -139,6 +139,8 @@ def test_old_objects_stay_for_the_grace_and_a_later_gc_deletes_them(
     assert (early["packs_deleted"], early["objects_deleted"], early["objects_waiting"]) == (
         0, 0, len(before)), "a waiting object is not retired again"
     assert before.keys() <= bucket_packs(s3_server).keys()
+    said = rpfs("gc", check=True, timeout=300).stdout
+    assert f"0 objects of retired packs deleted, {len(before)} wait for the reader grace" in said
     rpfs.env["RPFS_NOW"] = iso(time.time() + 601)  # past the grace
     try:
         late = gc(rpfs, "--threshold", "0.8")

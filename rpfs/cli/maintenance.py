@@ -110,6 +110,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
               "since they became free (the next gc frees them)")
     print(f"pack files: {fmt_bytes(result['pack_bytes_before'])} -> "
           f"{fmt_bytes(result['pack_bytes_after'])}")
+    if result["objects_deleted"] or result["objects_waiting"]:
+        print(f"store: {result['objects_deleted']} objects of retired packs deleted, "
+              f"{result['objects_waiting']} wait for the reader grace")
     if result["stopped"]:
         print(f"rpfs: error: gc stopped early: {result['stopped']}", file=sys.stderr)
         return 1
