@@ -104,7 +104,7 @@ def uncached_point(rpfs, repo: Path, s3_server, mount, tmp_path: Path
     src = tmp_path / "v1.raw"
     image(src, random.Random(31), 32 * MiB)
     rpfs("capture", "web01", src, "--name", "p1", check=True)
-    rpfs("store", "sync", check=True)
+    rpfs("store", "sync", "--wait", check=True)
     assert not list((repo / "packs").iterdir())
     want = src.read_bytes()
     mnt, _ = mount()
@@ -364,7 +364,7 @@ def test_captures_and_snapshots_go_on_while_the_store_is_down_and_upload_after(
     assert "store unavailable" in said.stdout, said.stdout
     assert said.stderr.startswith("rpfs: warning: ") and "wait for upload" in said.stderr
     assert "pending" in rpfs("points", check=True).stdout
-    sync = rpfs("store", "sync")  # on demand: the same failure, said as one error line
+    sync = rpfs("store", "sync", "--wait")  # on demand: the same failure, said as one error line
     assert_one_line_error(sync, "upload stopped", "store unavailable", "stays pending")
     for disk, point, want in (("web01", "p1", src1), ("web01", "p2", src2),
                               ("c1", "s1", plain)):

@@ -50,7 +50,7 @@ def history(rpfs, tmp_path: Path) -> dict[str, Path]:
         if i in (2, 4):
             kept[f"p{i}"] = shutil.copyfile(source, tmp_path / f"p{i}.want")
         churn(source, rng, pieces=2)
-    synced = json.loads(rpfs("store", "sync", "--json", check=True, timeout=120).stdout)
+    synced = json.loads(rpfs("store", "sync", "--wait", "--json", check=True, timeout=120).stdout)
     assert synced["pending_packs"] == 0 and synced["error"] is None, synced
     rpfs("point", "delete", "vm@p1", "vm@p3", "--purge", check=True)
     return kept

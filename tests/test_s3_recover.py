@@ -40,7 +40,7 @@ def sync_until_stored(rpfs, refs: set[str], timeout: float = 60) -> dict:
     which pushed an index checkpoint that names them."""
     deadline = time.monotonic() + timeout
     while True:
-        done = json.loads(rpfs("store", "sync", "--json", check=True).stdout)
+        done = json.loads(rpfs("store", "sync", "--wait", "--json", check=True).stdout)
         points = {f"{p['disk']}@{p['name']}": p for p in rpfs.points()}
         if all(points[r]["state"] == "complete" and points[r]["pending_bytes"] == 0
                for r in refs):

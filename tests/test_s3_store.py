@@ -141,7 +141,7 @@ def test_a_cache_smaller_than_the_data_reads_every_point_exact(
         image(src, rng, 40 * MiB)
         rpfs("capture", "vm", src, "--name", f"p{i}", check=True)
         sources.append(src)
-    done = json.loads(rpfs("store", "sync", "--json", check=True).stdout)
+    done = json.loads(rpfs("store", "sync", "--wait", "--json", check=True).stdout)
     assert done["pending_packs"] == 0 and done["packs"] >= 3, done
     assert cache_bytes(repo_dir) <= 4 * MiB
     assert bucket_packs(s3_server) == stored_packs(repo_dir)

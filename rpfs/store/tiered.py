@@ -86,7 +86,8 @@ class ReadCache:
         self.limit = limit
         self.whole = LocalBackend(root / "packs")  # its read-fd cache, and delete
         self.segments = root / "segments"
-        for path in (root, self.whole.root, self.segments):  # 0700 each (perms.py)
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)  # 0700 each (perms.py)
+        for path in (self.whole.root, self.segments):
             path.mkdir(mode=0o700, exist_ok=True)
         self._lock = threading.Lock()
         self._lru: OrderedDict[str, int] = OrderedDict()
@@ -293,11 +294,14 @@ class TieredBackend:
             self._fronts[pack] = (last, streak)
             while len(self._fronts) > STREAMS:
                 self._fronts.popitem(last=False)
-        if streak < STREAK:
-            return
+        if streak < STREAK or self._down is not None:
+            return  # (the store failed last: no requests of our own choosing until it works)
         try:
             end = -(-(self._sizes.get(pack) or self.size(pack)) // SEGMENT)
-        except OSError:  # the store does not answer: this read's own GET will say so
+        except StoreUnavailable as exc:  # this read's own GET will say so
+            self._down = (time.monotonic(), exc)
+            return
+        except OSError:
             return
         stop = min(end, last + 1 + self.ahead)
         free = [seg for seg in range(last + 1, stop) if not self.cache.has_segment(pack, seg)]
