@@ -11,7 +11,8 @@ point into a file (how restic reads a backup back). The store's capture is timed
 until the capture returns (the point is complete: its data durable locally, what the
 issue's target is on) and until `rpfs store sync` has uploaded every pack ("capture until
 stored"). restic backs the same image up to its own prefix and restores it with
---no-cache (nothing local). Every read is checked by sha256 against the image.
+--no-cache (nothing local). Every capture and backup starts with the page cache dropped;
+every read is checked by sha256 against the image.
 """
 
 from __future__ import annotations
@@ -139,7 +140,9 @@ def bench_rpfs_s3(bench: Bench, server, env: dict, digest: str) -> None:
         run([*bench.rpfs_cmd, "-r", store, "init", "--store", f"s3://{server.bucket}/rpfs-{k}",
              "--s3-endpoint", server.endpoint, "--cache-size", CACHE_SIZE], env=env)
         capture = ["capture", DISK, sample.base, "--name", "p1"]
+        drop_caches()  # each capture reads the image from disk, not the one before's cache
         cap_local.append(size_mb / timed([*bench.rpfs_cmd, "-r", local, *capture], env=env))
+        drop_caches()
         t0 = time.perf_counter()
         run([*bench.rpfs_cmd, "-r", store, *capture], env=env)
         t1 = time.perf_counter()
@@ -212,6 +215,7 @@ def bench_restic_s3(bench: Bench, server, env: dict, digest: str) -> None:
         shutil.rmtree(cache, ignore_errors=True)
         run(["restic", "init", "-q"], env=renv)
         link_source(src, sample.base)
+        drop_caches()
         backups.append(opts.size / MB / timed(
             ["restic", "backup", "-q", "--host", "bench", "disk.img"], env=renv, cwd=src))
         shutil.rmtree(target, ignore_errors=True)
