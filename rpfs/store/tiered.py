@@ -22,11 +22,12 @@ blocks), and concurrent misses of one segment wait for the one GET in flight. Th
 of recency is kept in memory (an OrderedDict of names and sizes, about 100 bytes an
 entry: 20 GiB of 1 MiB segments is 2 MiB), rebuilt from the files' mtimes at open.
 
-A store that is down (StoreUnavailable: a GET failed after retrying for the store's
-`retry_seconds`) is not asked again for DOWN_QUIET seconds: the reads queued behind the
-failed one (the other runs of one read, the prefetcher's batches) fail at once with
-EIO instead of each waiting out the bound again, and the first read after that asks it
-again, so reads succeed again without a remount once it is back. A failed GET caches
+A store that is down (StoreUnavailable: a GET or HEAD failed after retrying for the
+store's `retry_seconds`) is not asked again for DOWN_QUIET seconds: the reads queued
+behind the failed one (the other runs of one read, the prefetcher's batches, the GETs
+ahead and the HEAD they need) fail at once with EIO instead of each waiting out the
+bound again, and the first read after that asks it again, so reads succeed again
+without a remount once it is back. A failed GET caches
 nothing: a segment is written (and renamed into place) only from a whole answer. A store
 that refuses a GET (credentials revoked since the mount) fails the read the same way:
 the bytes are not known to be bad, a retry after the fix reads them.
@@ -70,7 +71,7 @@ AHEAD_GETS = 4  # GETs ahead in flight at most (each holds GET_SPAN segments in 
 STREAMS = 64  # packs whose forward readers are followed
 STREAK = 2  # reads in a row after a first one that make a reader a forward reader
 PACKS = "packs/"  # the object names' prefix in the store
-DOWN_QUIET = 1.0  # seconds after a failed GET in which the store is not asked again
+DOWN_QUIET = 1.0  # seconds after a failed GET or HEAD in which the store is not asked again
 
 
 def object_name(pack: int) -> str:
@@ -298,10 +299,7 @@ class TieredBackend:
             return  # (the store failed last: no requests of our own choosing until it works)
         try:
             end = -(-(self._sizes.get(pack) or self.size(pack)) // SEGMENT)
-        except StoreUnavailable as exc:  # this read's own GET will say so
-            self._down = (time.monotonic(), exc)
-            return
-        except OSError:
+        except OSError:  # the store does not answer (size() noted it): the read's GET says so
             return
         stop = min(end, last + 1 + self.ahead)
         free = [seg for seg in range(last + 1, stop) if not self.cache.has_segment(pack, seg)]
@@ -358,7 +356,7 @@ class TieredBackend:
                     raise
 
     def _not_down(self, pack: int) -> None:
-        """StoreUnavailable if a GET failed less than DOWN_QUIET seconds ago."""
+        """StoreUnavailable if a GET or HEAD failed less than DOWN_QUIET seconds ago."""
         down = self._down
         if down is not None and time.monotonic() - down[0] < DOWN_QUIET:
             raise StoreUnavailable(down[1].errno, down[1].strerror,
@@ -381,7 +379,12 @@ class TieredBackend:
             pass
         size = self.cache.size_whole(pack) or self._sizes.get(pack)
         if size is None:
-            size = self._sizes[pack] = self.objects.size(object_name(pack))
+            self._not_down(pack)  # a HEAD waits out the bound as a GET does
+            try:
+                size = self._sizes[pack] = self.objects.size(object_name(pack))
+            except StoreUnavailable as exc:
+                self._down = (time.monotonic(), exc)
+                raise
         return size
 
     def list(self) -> list[int]:
