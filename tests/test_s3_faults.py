@@ -42,8 +42,16 @@ from helpers import (
     point_image,
     wait_pid_exit,
 )
+from s3helpers import (
+    bucket_packs,
+    image,
+    pwrite_all,
+    random_writes,
+    status,
+    stored_packs,
+    wait_uploaded,
+)
 from s3server import Identity, free_ports
-from test_s3_store import bucket_packs, image, status, stored_packs, wait_uploaded
 
 from rpfs.store.format import pack_name
 from rpfs.store.tiered import DOWN_QUIET
@@ -344,17 +352,7 @@ def test_captures_and_snapshots_go_on_while_the_store_is_down_and_upload_after(
     clone = mnt / "disks" / "c1.img"
     plain = tmp_path / "c1.plain"
     plain.write_bytes(src1.read_bytes())
-    fd = os.open(clone, os.O_RDWR)
-    try:
-        with open(plain, "r+b") as p:
-            for _ in range(30):
-                off, data = rng.randrange(0, 24 * MiB - 70_000), rng.randbytes(70_000)
-                assert os.pwrite(fd, data, off) == len(data)
-                p.seek(off)
-                p.write(data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    pwrite_all(clone, plain, random_writes(rng, 30, within=24 * MiB))
     rpfs("snapshot", "c1", "--name", "s1", check=True)
 
     down = wait_status(rpfs, lambda s: s["last_error"] and s["pending_bytes"] > MiB,

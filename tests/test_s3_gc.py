@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import Mounter, Rpfs
 from helpers import MiB, armed, assert_check_clean, assert_same_bytes, churn, point_image
-from test_s3_store import bucket_packs, stored_packs
+from s3helpers import bucket_packs, stored_packs
 
 from rpfs.lifecycle.clock import iso
 from rpfs.maintenance import gc as gc_module

@@ -16,7 +16,6 @@ import random
 import shutil
 import signal
 import time
-from pathlib import Path
 
 from helpers import (
     MiB,
@@ -27,7 +26,7 @@ from helpers import (
     unread_extents,
     wait_pid_exit,
 )
-from test_s3_store import bucket_packs, image
+from s3helpers import bucket_packs, image, pwrite_all, random_writes
 
 from rpfs.index import Index
 
@@ -48,26 +47,6 @@ def sync_until_stored(rpfs, refs: set[str], timeout: float = 60) -> dict:
             return done
         assert time.monotonic() < deadline, f"not stored after {timeout} s: {points}"
         time.sleep(0.5)
-
-
-def pwrite_all(path: Path, plain: Path | None, writes: list[tuple[int, bytes]]) -> None:
-    """Write through the mount (and into the plain copy that mirrors it), then fsync."""
-    fd = os.open(path, os.O_RDWR)
-    try:
-        for off, data in writes:
-            assert os.pwrite(fd, data, off) == len(data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if plain is not None:
-        with open(plain, "r+b") as f:
-            for off, data in writes:
-                f.seek(off)
-                f.write(data)
-
-
-def random_writes(rng: random.Random, n: int, size: int = 70_000) -> list[tuple[int, bytes]]:
-    return [(rng.randrange(0, SIZE - size), rng.randbytes(size)) for _ in range(n)]
 
 
 def test_recovery_from_the_store_reads_every_stored_point_exact(

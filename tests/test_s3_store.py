@@ -9,63 +9,21 @@ the data, still reads every point exact through ranged GETs, and stays within it
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import time
 from pathlib import Path
 
 from helpers import MiB, assert_check_clean, assert_same_bytes, point_image
-
-from rpfs.store.format import pack_name
-
-
-def status(rpfs) -> dict:
-    return json.loads(rpfs("store", "status", "--json", check=True).stdout)
-
-
-def wait_uploaded(rpfs, timeout: float = 60) -> dict:
-    """Until the daemon's passes have uploaded everything pending; the last status."""
-    deadline = time.monotonic() + timeout
-    while True:
-        s = status(rpfs)
-        if s["pending_packs"] == 0:
-            return s
-        assert time.monotonic() < deadline, f"still pending after {timeout} s: {s}"
-        time.sleep(0.5)
-
-
-def bucket_packs(s3_server, prefix: str = "repo/") -> dict[str, int]:
-    """Object name -> size of the packs in the bucket, listed by the independent client."""
-    pages = s3_server.client().get_paginator("list_objects_v2").paginate(
-        Bucket=s3_server.bucket, Prefix=prefix + "packs/")
-    return {o["Key"][len(prefix):]: o["Size"] for page in pages for o in page.get("Contents", [])}
-
-
-def stored_packs(repo: Path) -> dict[str, int]:
-    """The packs the index records as stored, named as in the bucket, and their sizes."""
-    from rpfs.index import Index
-
-    index = Index(repo / "index", copy=False)
-    try:
-        with index.read() as txn:
-            return {f"packs/{pack_name(p)}": r["size"]
-                    for p, r in index.pack_states(txn).items() if r["state"] == "stored"}
-    finally:
-        index.close()
-
-
-def cache_bytes(repo: Path) -> int:
-    """Bytes of the files in the read cache (directories left out: the bound is on data)."""
-    return sum(p.stat().st_size for p in (repo / "cache").rglob("*") if p.is_file())
-
-
-def image(path: Path, rng: random.Random, size: int) -> None:
-    """Random data with a zero hole in the middle (a sparse region the points skip)."""
-    with open(path, "wb") as f:
-        f.write(rng.randbytes(size // 2))
-        f.write(bytes(size // 4))
-        f.write(rng.randbytes(size - size // 2 - size // 4))
+from s3helpers import (
+    bucket_packs,
+    cache_bytes,
+    image,
+    pwrite_all,
+    random_writes,
+    status,
+    stored_packs,
+    wait_uploaded,
+)
 
 
 def test_capture_clone_and_live_snapshot_read_exact_from_the_store(
@@ -89,17 +47,7 @@ def test_capture_clone_and_live_snapshot_read_exact_from_the_store(
     clone = mnt / "disks" / "c1.img"
     plain = tmp_path / "c1.plain"
     shutil.copyfile(src1, plain)
-    writes = [(rng.randrange(0, 24 * MiB - 70_000), rng.randbytes(70_000)) for _ in range(40)]
-    fd = os.open(clone, os.O_RDWR)
-    try:
-        with open(plain, "r+b") as p:
-            for off, data in writes:
-                assert os.pwrite(fd, data, off) == len(data)
-                p.seek(off)
-                p.write(data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    pwrite_all(clone, plain, random_writes(rng, 40, within=24 * MiB))
     rpfs("snapshot", "c1", "--name", "s1", check=True)
     s = wait_uploaded(rpfs)
     assert s["stored_packs"] > 0 and s["last_error"] is None, s
