@@ -30,6 +30,7 @@ from ..lifecycle.clock import iso
 from ..repo import Repository
 from ..store.backend import PackUnavailable
 from ..store.cache import ChunkCache
+from ..store.s3 import StoreUnreachable
 from .control import serve_control
 from .fuse import Operations
 from .handles import Images
@@ -336,7 +337,14 @@ def serve(
         return 1
     try:
         repo.index.verify_records()  # a damaged record fails the mount, not a request
-        repo.check_store()  # credentials, bucket, endpoint: now, not at the first read
+        unreachable = None
+        try:
+            repo.check_store()  # credentials, bucket, endpoint: now, not at the first read
+        except StoreUnreachable as exc:
+            # The endpoint answered at init: no answer now is an outage, and the disks'
+            # local files, the cache and what is pending still serve (a host restarting
+            # during an outage keeps its VMs).
+            unreachable = str(exc)
         lock_fd = repo.daemon_lock()
         try:
             _check_mountpoint(root, mountpoint, options.nonempty)
@@ -348,6 +356,11 @@ def serve(
         on_error(str(exc))
         return 1
     repo.record_daemon(lock_fd, {"pid": os.getpid(), "mountpoint": str(mountpoint)})
+    if unreachable is not None:
+        log.warning("%s; serving what is here: reads of data not cached fail with EIO, and "
+                    "uploads wait, until it answers", unreachable)
+        on_warning(f"warning: {unreachable}; mounted anyway: reads of data not cached fail "
+                   "with EIO and uploads wait until the store answers")
     corrected = perms.enforce(root)  # each is logged; the operator sees the first few
     for message in corrected[:RELAYED_CORRECTIONS]:
         on_warning(message)

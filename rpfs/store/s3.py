@@ -59,6 +59,11 @@ class StoreRefused(RpfsError):
     """The store refuses us: credentials, bucket or endpoint; a retry will not help."""
 
 
+class StoreUnreachable(StoreRefused):
+    """`check()` got no answer at all (refused connections, timeouts): a wrong endpoint at
+    init, but at mount, of an endpoint that answered at init, most likely an outage."""
+
+
 @dataclass(frozen=True)
 class StoreConfig:
     """Where a repository's packs are kept (rpfs.json "store"); credentials never are."""
@@ -172,7 +177,7 @@ class S3Objects:
             if "404" in text or ("<Error>" not in text and "non-2xx" in text):
                 raise StoreRefused(f"{where} does not answer as an S3 store (HTTP "
                                    f"{_status(text)}): check --s3-endpoint") from None
-            raise StoreRefused(f"{where} cannot be reached: {_reason(exc)}") from None
+            raise StoreUnreachable(f"{where} cannot be reached: {_reason(exc)}") from None
 
     def put(self, name: str, data: bytes | Path) -> None:
         """Store the object `name` whole (a file streams, in parts when large)."""
