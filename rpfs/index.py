@@ -11,6 +11,7 @@ Named databases (see docs/design.md for the reasoning):
     points    disk ‖ 0x00 ‖ name  ->  JSON PointRecord
     lineages  lineage(8)  ->  JSON LineageRecord
     meta      counter name  ->  int(8);  "config"  ->  JSON {block_size, hash, codec}
+              "repository"  ->  8 random bytes: the repository's id (replication)
               "suspect/" ‖ chunk hash(32)  ->  time first found corrupt (8): for verify
               "note/" ‖ name  ->  JSON (gc's compaction in progress, retired packs, when
               gc and verify last ran)
@@ -55,6 +56,11 @@ ZERO = b""  # extent value of a block that reads as zeros
 MAX_GEN = (1 << 64) - 1
 MAP_SIZE = 1 << 40
 CONFIG_KEY = b"config"  # in `meta`: what rpfs.json must say (written by init)
+# In `meta`: 8 random bytes naming this repository, written at its first writable open
+# by an rpfs that has replication: a received point records which repository it came
+# from (rpfs/replicate/), so a point is never taken for another one of the same name.
+# Eight bytes, like a counter's value, so an rpfs that predates it still opens the index.
+REPO_ID_KEY = b"repository"
 # In `meta`: chunks a read found corrupt, for `rpfs verify`. Its values are u64 like the
 # counters', so an rpfs that predates it still opens and checks the index.
 SUSPECT_PREFIX = b"suspect/"
@@ -228,6 +234,10 @@ class PointRecord:
     description: str = ""  # the user's free text (`--description`, `rpfs point describe`)
     expires: float | None = None  # an on-demand point's own expiry: then it goes to the trash
     hold: str | None = None  # the tag of the hold that keeps it from delete, prune and purge
+    # A received point (rpfs/replicate/): the identity of the point it is a copy of,
+    # "REPOSITORY/LINEAGE/GEN" of its first source along a chain of replicas
+    # (replicate.stream.identity). None: a point taken here.
+    replica_of: str | None = None
 
     def __post_init__(self) -> None:
         self.state = PointState(self.state)  # records decode it as a plain string
@@ -306,7 +316,7 @@ class Index:
 
     def __init__(
         self, path: Path, map_size: int = MAP_SIZE, *, create: dict | None = None,
-        copy: bool = False, check: bool = True,
+        copy: bool = False, check: bool = True, readonly: bool = False,
     ) -> None:
         """Open the index at `path`, a directory, after checking that its file is whole;
         IndexDamaged if it is missing, cut short or corrupt (an empty or missing file is
@@ -314,7 +324,9 @@ class Index:
         and config record (`create`) are written in one transaction. `copy`: `path` is a
         single data file (a checkpoint), opened read-only. `check=False` skips the file
         check: only for salvaging what a damaged copy still holds, in a process that may
-        die of it (rpfs.checkpoint).
+        die of it (rpfs.checkpoint). `readonly`: open the index in place without any
+        write transaction (the far side of a pull, which must change nothing): the
+        databases an older index lacks stay missing.
         """
         self.path = path
         if create is None and check:
@@ -325,15 +337,19 @@ class Index:
         try:
             self.env = lmdb.open(
                 str(path), map_size=map_size, max_dbs=len(_DBS), subdir=not copy,
-                max_readers=512, readonly=copy, lock=not copy, create=create is not None,
+                max_readers=512, readonly=copy or readonly, lock=not copy,
+                create=create is not None,
                 mode=0o600,  # data.mdb and lock.mdb are private (rpfs.perms)
             )
         except _DAMAGE as exc:
             raise self.damaged(str(exc)) from None
         try:
-            self.db = self._open_dbs(create, copy)
+            self.db = self._open_dbs(create, copy or readonly)
             with self.read() as txn:
                 raw = txn.get(CONFIG_KEY, db=self.db["meta"])
+                repo_id = txn.get(REPO_ID_KEY, db=self.db["meta"])
+            # None only in an index opened read-only before any writable open gave it one
+            self.repository_id: str | None = None if repo_id is None else repo_id.hex()
             self.recorded: dict | None = None if raw is None else self._json(raw, "meta/config")
             if not isinstance(self.recorded, dict | None):
                 raise self.damaged("record meta/config is not a JSON object")
@@ -358,6 +374,8 @@ class Index:
                 for name in _DBS:
                     dbs[name] = self.env.open_db(
                         name.encode(), txn=txn, create=create is not None or name in missing)
+                if txn.get(REPO_ID_KEY, db=dbs["meta"]) is None:
+                    txn.put(REPO_ID_KEY, os.urandom(8), db=dbs["meta"])
                 if create is not None:
                     txn.put(CONFIG_KEY, json.dumps(create).encode(), db=dbs["meta"])
                 else:

@@ -221,17 +221,22 @@ def _put_back(root: Path, key: str | None) -> str:
 class Repository:
     """An open repository. Cheap to open; safe to use from several threads."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, readonly: bool = False) -> None:
+        """Open the repository at `root`. `readonly`: change nothing there, not even what
+        an open otherwise brings up to date (the index's missing databases, the config
+        record, the format): for the far side of a pull (`rpfs serve`), which only
+        reads."""
         self.root = root
+        self.readonly = readonly
         self.config = load_config(root)
         perms.check_owner(root)
         self.block_size = self.config.block_size
-        self.index = Index(root / "index")
+        self.index = Index(root / "index", readonly=readonly)
         self.store = PackStore(pack_backend(root, self.config), self.block_size)
         self.space = Space(root, self.config.reserve)
         try:
             self._check_recorded()
-            if self.config.format < FORMAT:
+            if self.config.format < FORMAT and not readonly:
                 self._upgrade()
         except BaseException:
             self.close()
@@ -252,7 +257,8 @@ class Repository:
         """rpfs.json must agree with what the index recorded at init."""
         want, have = self.config.recorded(), self.index.recorded
         if have is None:
-            self._record_config(want)
+            if not self.readonly:
+                self._record_config(want)
             return
         wrong = [key for key in want if have.get(key) != want[key]]
         if wrong:

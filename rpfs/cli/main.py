@@ -35,6 +35,7 @@ from .mount import cmd_mount, cmd_umount
 from .output import fmt_time
 from .points import cmd_allocated, cmd_capture, cmd_changed, cmd_points, cmd_restore
 from .policy import cmd_policy_clear, cmd_policy_set, cmd_policy_show
+from .replicate import cmd_pull, cmd_push, cmd_receive, cmd_send, cmd_serve
 from .repository import cmd_config_set, cmd_config_show, cmd_index_restore, cmd_init
 from .store import cmd_store_status, cmd_store_sync
 from .trash import (
@@ -375,6 +376,46 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--verify-data", action="store_true",
                    help="decode and hash every chunk, not only check its record header")
     q.set_defaults(func=cmd_index_restore)
+
+    p = _command(sub, "send", "write a point's replication stream (to a file or a pipe)",
+                 common)
+    p.add_argument("point", metavar="DISK@POINT", help="the point to send")
+    p.add_argument("--from", dest="base", metavar="DISK@POINT",
+                   help="send only what differs from this point, which the receiver has")
+    p.add_argument("-o", "--output", metavar="FILE", help="write the stream to this new file "
+                   "(default: standard output, which must not be a terminal)")
+    p.set_defaults(func=cmd_send)
+
+    p = _command(sub, "receive", "publish the point of a stream from 'rpfs send'", common)
+    p.add_argument("-i", "--input", metavar="FILE", help="read the stream from this file "
+                   "(default: standard input)")
+    p.add_argument("--disk", metavar="NAME", help="receive into this disk (default: the "
+                   "source's disk name)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_receive)
+
+    for name, where, what in (
+            ("pull", "source", "fetch the points this repository lacks from another one"),
+            ("push", "target", "send the points another repository lacks to it")):
+        p = _command(sub, name, what, common)
+        p.add_argument(where, metavar=where.upper(),
+                       help="a repository path on this host, or ssh://[USER@]HOST[:PORT]/PATH")
+        p.add_argument("disks", nargs="*", metavar="DISK", help="only these disks (default: all)")
+        p.add_argument("--last", type=int, metavar="N",
+                       help="only the newest N complete points of each disk (older ones it "
+                            "lacks too: backfill)")
+        p.add_argument("--rsh", metavar="CMD", help="run this instead of ssh")
+        p.add_argument("--remote-rpfs", default="rpfs", metavar="CMD",
+                       help="the rpfs command on the far host (default: rpfs)")
+        p.add_argument("--json", action="store_true",
+                       help="print the summary as JSON: points_published, bytes_sent, "
+                            "bytes_received, ...")
+        p.set_defaults(func=cmd_pull if name == "pull" else cmd_push)
+
+    p = _command(sub, "serve", "answer a pull or push on standard input and output (what "
+                 "ssh runs on the far side)", common)
+    p.add_argument("--stdio", action="store_true", help="speak the protocol on stdin/stdout")
+    p.set_defaults(func=cmd_serve)
 
     p = _command(sub, "umount", "unmount and stop the daemon", common)
     p.add_argument("mountpoint", metavar="MOUNTPOINT", help="where the repository is mounted")

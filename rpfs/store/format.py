@@ -58,16 +58,24 @@ def encode_chunk(block: bytes, block_digest: bytes) -> bytes:
     return HEADER.pack(MAGIC, codec, block_digest, len(payload)) + payload
 
 
+def check_header(record: bytes | memoryview, expected: bytes, where: tuple[str, int]) -> int:
+    """That `record` is one whole record of chunk `expected` (by its header alone); its
+    codec. What a sender checks before it ships a record as stored (rpfs.replicate): the
+    receiver decodes and hashes it."""
+    if len(record) < HEADER.size:
+        raise CorruptChunk(*where, "record is truncated")
+    magic, codec, stored_digest, length = HEADER.unpack_from(record)
+    if magic != MAGIC or stored_digest != expected or length != len(record) - HEADER.size:
+        raise CorruptChunk(*where, "record header does not match the index")
+    return codec
+
+
 def decode_chunk(
     record: bytes | memoryview, expected: bytes, block_size: int, where: tuple[str, int]
 ) -> bytes:
     """Check and decode one pack record; raise CorruptChunk naming `where` (pack, offset)."""
-    if len(record) < HEADER.size:
-        raise CorruptChunk(*where, "record is truncated")
-    magic, codec, stored_digest, length = HEADER.unpack_from(record)
+    codec = check_header(record, expected, where)
     payload = memoryview(record)[HEADER.size :]
-    if magic != MAGIC or stored_digest != expected or length != len(payload):
-        raise CorruptChunk(*where, "record header does not match the index")
     if codec == CODEC_RAW:
         block = bytes(payload)
     elif codec == CODEC_ZSTD:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from ..errors import ChunkError, ChunkUnavailable, CorruptChunk
 from ..index import ChunkLoc
 from .backend import PackAppender, PackBackend, PackMissing, PackUnavailable
-from .format import HEADER, MAGIC, decode_chunk, pack_name
+from .format import HEADER, MAGIC, check_header, decode_chunk, pack_name
 
 
 class PackGone(CorruptChunk):
@@ -65,10 +65,11 @@ class PackStore:
 
     def get_many(
         self, wanted: list[tuple[ChunkLoc, bytes]],
-        relocate: Callable[[bytes], ChunkLoc | None] | None = None,
+        relocate: Callable[[bytes], ChunkLoc | None] | None = None, *, raw: bool = False,
     ) -> list[bytes | ChunkError]:
         """The verified blocks at these locations, in order; one that failed is its
-        ChunkError (CorruptChunk or ChunkUnavailable).
+        ChunkError (CorruptChunk or ChunkUnavailable). `raw`: the records as stored,
+        compressed, checked by their header only (what a replication stream carries).
 
         A chunk whose pack is gone may have moved (GC compacted the pack and deleted it
         after the caller looked the location up): `relocate` looks the chunk up afresh,
@@ -92,18 +93,18 @@ class PackStore:
                 if loc.pack != last.pack or loc.offset != last.offset + last.length or (
                     span > READ_SPAN
                 ):
-                    self._read_run(wanted, run, results)
+                    self._read_run(wanted, run, results, raw)
                     run = []
             run.append(i)
         if run:
-            self._read_run(wanted, run, results)
+            self._read_run(wanted, run, results, raw)
         if relocate is not None:
-            self._reread_moved(wanted, results, relocate)
+            self._reread_moved(wanted, results, relocate, raw)
         return results  # type: ignore[return-value]
 
     def _reread_moved(self, wanted: list[tuple[ChunkLoc, bytes]],
                       results: list[bytes | ChunkError | None],
-                      relocate: Callable[[bytes], ChunkLoc | None]) -> None:
+                      relocate: Callable[[bytes], ChunkLoc | None], raw: bool) -> None:
         gone = [i for i, r in enumerate(results) if isinstance(r, PackGone)]
         moved = []
         for i in gone:
@@ -112,15 +113,17 @@ class PackStore:
                                                                wanted[i][0].offset):
                 moved.append((i, loc))
         if moved:
-            again = self.get_many([(loc, wanted[i][1]) for i, loc in moved], relocate)
+            again = self.get_many([(loc, wanted[i][1]) for i, loc in moved], relocate,
+                                  raw=raw)
             for (i, _), result in zip(moved, again, strict=True):
                 results[i] = result
 
     def _read_run(
         self, wanted: list[tuple[ChunkLoc, bytes]], run: list[int],
-        results: list[bytes | ChunkError | None],
+        results: list[bytes | ChunkError | None], raw: bool,
     ) -> None:
-        """Read records lying end to end with one read and decode each into `results`."""
+        """Read records lying end to end with one read and decode (or, `raw`, check)
+        each into `results`."""
         first = wanted[run[0]][0]
         last = wanted[run[-1]][0]
         name = pack_name(first.pack)
@@ -140,9 +143,14 @@ class PackStore:
         for i in run:
             loc, expected = wanted[i]
             start = loc.offset - first.offset
+            record = view[start : start + loc.length]
             try:
-                results[i] = decode_chunk(view[start : start + loc.length], expected,
-                                          self.block_size, (name, loc.offset))
+                if raw:
+                    check_header(record, expected, (name, loc.offset))
+                    results[i] = bytes(record)
+                else:
+                    results[i] = decode_chunk(record, expected, self.block_size,
+                                              (name, loc.offset))
             except CorruptChunk as exc:
                 results[i] = exc
 

@@ -1,0 +1,168 @@
+"""The replication commands: send, receive, pull, push, serve."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+from ..errors import RpfsError
+from ..lifecycle.policy import has_retention
+from ..names import fmt_bytes
+from ..progress import progress_bar
+from ..replicate.receiver import receive_point
+from ..replicate.remote import far_side
+from ..replicate.sender import send_point
+from ..replicate.session import Summary, answer, drive, fail, hello
+from ..replicate.stream import ANSWER, MAGIC, REQUEST, Reader, StreamError, Writer, decode_json
+from ..repo import Repository, repo_path
+from ..serve.control import disk_service
+from .output import print_json
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    if args.output is None and sys.stdout.isatty():
+        raise RpfsError("a stream is binary: write it to a file (-o FILE) or a pipe")
+    out_path = Path(args.output) if args.output else None
+    if out_path is not None and out_path.exists():
+        raise RpfsError(f"{out_path} exists; remove it or choose another -o")
+    with Repository(repo_path(args.repo), readonly=True) as repo:
+        if out_path is None:
+            writer = Writer(sys.stdout.buffer)
+            _send(repo, writer, args)
+            return 0
+        partial = out_path.with_name(out_path.name + ".partial")
+        try:
+            with open(partial, "wb") as f:
+                _send(repo, Writer(f), args)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(partial, out_path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                partial.unlink()
+    return 0
+
+
+def _send(repo: Repository, writer: Writer, args: argparse.Namespace) -> None:
+    writer.raw(MAGIC)
+    with progress_bar(f"send {args.point}") as bar:
+        sent = send_point(repo, writer, args.point, args.base, progress=bar)
+    writer.trailer()
+    print(f"{sent['point']}: {sent['extents']} blocks in the map, {sent['chunks']} chunks "
+          f"({fmt_bytes(sent['chunk_bytes'])}) sent", file=sys.stderr)
+
+
+def cmd_receive(args: argparse.Namespace) -> int:
+    root = repo_path(args.repo)
+    if args.input is None and sys.stdin.isatty():
+        raise RpfsError("give a stream on standard input (a pipe from 'rpfs send') or -i FILE")
+    with contextlib.ExitStack() as stack:
+        if args.input is None:
+            src, where, total = sys.stdin.buffer, "the stream on standard input", None
+        else:
+            try:
+                src = stack.enter_context(open(args.input, "rb"))
+            except OSError as exc:
+                raise RpfsError(f"cannot read {args.input}: {exc.strerror}") from None
+            where, total = f"stream file {args.input}", os.fstat(src.fileno()).st_size
+        reader = Reader(src, where)
+        reader.magic()
+        with Repository(root) as repo, progress_bar("receive") as bar:
+            point = receive_point(repo, reader, args.disk, progress=bar, total=total)
+    _apply_policies(root, {point.disk})
+    summary = {"points_published": [point.ref], "bytes_received": reader.bytes,
+               "chunk_bytes_received": point.bytes_stored}
+    if args.json:
+        print_json(summary)
+    else:
+        print(f"{point.ref}: received, {point.blocks_written} blocks written, "
+              f"{fmt_bytes(point.bytes_stored)} stored")
+    return 0
+
+
+def _apply_policies(root: Path, disks: set[str]) -> None:
+    """The target's own retention, for each disk that received points."""
+    with Repository(root) as repo:
+        retains = [d for d in sorted(disks) if has_retention(repo, d)]
+    if not retains:
+        return
+    with disk_service(root) as service:
+        for disk in retains:
+            plan = service.apply_policy(disk=disk)
+            removed = [p["name"] for p in plan if not p["keep"]]
+            if removed:
+                print(f"disk {disk}: its policy's retention moved {len(removed)} points to "
+                      f"the trash: {', '.join(removed)}", file=sys.stderr)
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    root = repo_path(args.repo)
+    with far_side(args.source, args.rsh, args.remote_rpfs) as far, Repository(root) as repo:
+        hello(far.writer, "pull", args.disks, args.last)
+        far.reader.expect_json(ANSWER)
+        summary = drive(repo, far.reader, far.writer, args.disks, args.last, progress_bar)
+    summary.bytes_sent, summary.bytes_received = far.writer.bytes, far.reader.bytes
+    _apply_policies(root, {ref.split("@")[0] for ref in summary.points_published})
+    _report(summary, args.json)
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    with far_side(args.target, args.rsh, args.remote_rpfs) as far, Repository(
+            repo_path(args.repo), readonly=True) as repo:
+        hello(far.writer, "push", args.disks, args.last)
+        far.reader.expect_json(ANSWER)
+        theirs = answer(repo, far.reader, far.writer)
+    summary = Summary(**{k: v for k, v in theirs.items() if k in Summary.__dataclass_fields__})
+    summary.bytes_sent, summary.bytes_received = far.writer.bytes, far.reader.bytes
+    _report(summary, args.json)
+    return 0
+
+
+def _report(summary: Summary, as_json: bool) -> None:
+    if as_json:
+        print_json(vars(summary))
+        return
+    published = summary.points_published
+    print(f"{len(published)} points published{': ' + ', '.join(published) if published else ''}"
+          f"; {summary.points_present} there already; {fmt_bytes(summary.bytes_received)} "
+          f"received, {fmt_bytes(summary.bytes_sent)} sent")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The far side: speaks the protocol on stdin/stdout (nothing else may print there)."""
+    if not args.stdio:
+        raise RpfsError("serve needs --stdio (what pull and push run on the far side)")
+    channel_out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    sys.stdout = sys.stderr  # a stray print must not corrupt the stream
+    reader, writer = Reader(sys.stdin.buffer, "the stream from the near side"), Writer(channel_out)
+    request = decode_json(REQUEST, reader.expect(REQUEST))
+    if request.get("op") != "hello" or request.get("mode") not in ("pull", "push"):
+        fail(writer, "expected a hello")
+        raise StreamError("the near side did not start with a hello")
+    root = repo_path(args.repo)
+    pushing = request["mode"] == "push"
+    try:
+        repo = Repository(root, readonly=not pushing)
+    except RpfsError as exc:
+        fail(writer, str(exc))
+        raise
+    with repo:
+        writer.json(ANSWER, {"version": 1})
+        writer.flush()
+        if not pushing:
+            answer(repo, reader, writer)
+            return 0
+        disks = [str(d) for d in request.get("disks") or []]
+        last = request.get("last")
+        try:
+            summary = drive(repo, reader, writer, disks, last if isinstance(last, int) else None,
+                            progress_bar)
+        except RpfsError as exc:
+            fail(writer, str(exc))
+            raise
+    _apply_policies(root, {ref.split("@")[0] for ref in summary.points_published})
+    return 0
