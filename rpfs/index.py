@@ -235,7 +235,7 @@ class PointRecord:
     expires: float | None = None  # an on-demand point's own expiry: then it goes to the trash
     hold: str | None = None  # the tag of the hold that keeps it from delete, prune and purge
     # A received point (rpfs/replicate/): the identity of the point it is a copy of,
-    # "REPOSITORY/LINEAGE/GEN" of its first source along a chain of replicas
+    # "REPOSITORY/LINEAGE/GEN/CREATED" of its first source along a chain of replicas
     # (replicate.stream.identity). None: a point taken here.
     replica_of: str | None = None
 

@@ -50,6 +50,12 @@ def can_differ(index: Index, txn: lmdb.Transaction, chain_a: Chain, chain_b: Cha
     }
 
 
+def share_history(chain_a: Chain, chain_b: Chain) -> bool:
+    """Whether two chains read one lineage somewhere: then one descends from a capture,
+    clone or rollback the other does too, and `changed` between them means something."""
+    return bool({lin for lin, _ in chain_a} & {lin for lin, _ in chain_b})
+
+
 def reads_differ(
     index: Index, txn: lmdb.Transaction, chain_a: Chain, chain_b: Chain, block: int
 ) -> bool:
@@ -143,7 +149,7 @@ def changed_extents(repo: Repository, ref_a: str, ref_b: str) -> list[dict]:
         a, b = complete_point(index, txn, ref_a), complete_point(index, txn, ref_b)
         chain_a = index.chain(txn, a.lineage, a.gen)
         chain_b = index.chain(txn, b.lineage, b.gen)
-        if a.size != b.size or not {lin for lin, _ in chain_a} & {lin for lin, _ in chain_b}:
+        if a.size != b.size or not share_history(chain_a, chain_b):
             raise RpfsError(
                 f"{ref_a} and {ref_b} do not share a history (one must descend from a "
                 "common capture, clone or rollback)"

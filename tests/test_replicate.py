@@ -61,6 +61,26 @@ def _churn(image: Path, rng: random.Random, blocks: int) -> None:
             f.write(rng.randbytes(BLOCK))
 
 
+def _two_points(src: Rpfs, tmp_path: Path, seed: int, first: str, second: str,
+                blocks: int) -> tuple[str, str]:
+    """Capture `web@first`, change `blocks` blocks, capture `web@second`; their sha256."""
+    image = tmp_path / "web.img"
+    write_random(image, SIZE, seed=seed)
+    src.capture("web", image, first)
+    one = sha256_file(image)
+    _churn(image, random.Random(seed), blocks)
+    src.capture("web", image, second)
+    return one, sha256_file(image)
+
+
+def _restored(rpfs: Rpfs, ref: str, tmp_path: Path) -> str:
+    """The sha256 of point `ref` written out by `rpfs restore`."""
+    out = tmp_path / "out.img"
+    out.unlink(missing_ok=True)
+    rpfs("restore", ref, out, check=True)
+    return sha256_file(out)
+
+
 def _points(rpfs: Rpfs, disk: str = "web") -> dict[str, dict]:
     return {p["name"]: p for p in rpfs.points(disk)}
 
@@ -104,13 +124,7 @@ def test_pull_full_and_incrementals(rpfs, repo, source, mount, tmp_path):
 
 
 def test_send_receive_file_and_pipe(rpfs, repo, source, tmp_path):
-    image = tmp_path / "web.img"
-    write_random(image, SIZE, seed=2)
-    source.capture("web", image, "mon")
-    mon = sha256_file(image)
-    _churn(image, random.Random(2), 20)
-    source.capture("web", image, "tue")
-    tue = sha256_file(image)
+    mon, tue = _two_points(source, tmp_path, 2, "mon", "tue", 20)
     stream = tmp_path / "mon.rps"
     source("send", "web@mon", "-o", stream, check=True)
     # an incremental whose base the target lacks: refused, nothing published
@@ -129,10 +143,7 @@ def test_send_receive_file_and_pipe(rpfs, repo, source, tmp_path):
     # a receive into another disk name
     rpfs("receive", "-i", stream, "--disk", "copy", check=True)
     for ref, digest in (("web@mon", mon), ("web@tue", tue), ("copy@mon", mon)):
-        out = tmp_path / "out.img"
-        out.unlink(missing_ok=True)
-        rpfs("restore", ref, out, check=True)
-        assert sha256_file(out) == digest, ref
+        assert _restored(rpfs, ref, tmp_path) == digest, ref
     assert_check_clean(rpfs)
 
 
@@ -152,9 +163,7 @@ def test_corrupt_and_truncated_streams(rpfs, repo, source, tmp_path):
     assert rpfs.points() == [] and json.loads(rpfs("disks", "--json", check=True).stdout) == []
     assert_check_clean(rpfs)
     rpfs("receive", "-i", stream, check=True)  # the good one still goes in
-    out = tmp_path / "out.img"
-    rpfs("restore", "web@mon", out, check=True)
-    assert sha256_file(out) == sha256_file(image)
+    assert _restored(rpfs, "web@mon", tmp_path) == sha256_file(image)
 
 
 def test_killed_pull_resumes(rpfs, repo, source, mount, tmp_path):
@@ -177,13 +186,7 @@ def test_killed_pull_resumes(rpfs, repo, source, mount, tmp_path):
 
 
 def test_backfill_and_serve_writes_nothing(rpfs, repo, source, mount, tmp_path):
-    image = tmp_path / "web.img"
-    write_random(image, SIZE, seed=5)
-    source.capture("web", image, "old")
-    old = sha256_file(image)
-    _churn(image, random.Random(5), 30)
-    source.capture("web", image, "new")
-    new = sha256_file(image)
+    old, new = _two_points(source, tmp_path, 5, "old", "new", 30)
     before = _tree(source.repo)
     res = rpfs("pull", source.repo, "--last", "1", "--json")
     assert res.returncode == 0, res.stderr
@@ -205,9 +208,7 @@ def test_push(rpfs, repo, source, tmp_path):
                  FAR_RPFS, "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["points_published"] == ["web@mon"]
-    out = tmp_path / "out.img"
-    rpfs("restore", "web@mon", out, check=True)
-    assert sha256_file(out) == sha256_file(image)
+    assert _restored(rpfs, "web@mon", tmp_path) == sha256_file(image)
 
 
 def test_bad_input(rpfs, repo, source, tmp_path):

@@ -15,8 +15,8 @@ from ..progress import progress_bar
 from ..replicate.receiver import receive_point
 from ..replicate.remote import far_side
 from ..replicate.sender import send_point
-from ..replicate.session import Summary, answer, drive, fail, hello
-from ..replicate.stream import ANSWER, MAGIC, REQUEST, Reader, StreamError, Writer, decode_json
+from ..replicate.session import Summary, answer, drive, greet, hello, telling
+from ..replicate.stream import ANSWER, MAGIC, VERSION, Reader, Writer
 from ..repo import Repository, repo_path
 from ..serve.control import disk_service
 from .output import print_json
@@ -101,20 +101,18 @@ def _apply_policies(root: Path, disks: set[str]) -> None:
 def cmd_pull(args: argparse.Namespace) -> int:
     root = repo_path(args.repo)
     with far_side(args.source, args.rsh, args.remote_rpfs) as far, Repository(root) as repo:
-        hello(far.writer, "pull", args.disks, args.last)
-        far.reader.expect_json(ANSWER)
+        hello(far.reader, far.writer, "pull", args.disks, args.last)
         summary = drive(repo, far.reader, far.writer, args.disks, args.last, progress_bar)
     summary.bytes_sent, summary.bytes_received = far.writer.bytes, far.reader.bytes
-    _apply_policies(root, {ref.split("@")[0] for ref in summary.points_published})
+    _apply_policies(root, summary.disks())
     _report(summary, args.json)
     return 0
 
 
 def cmd_push(args: argparse.Namespace) -> int:
     with far_side(args.target, args.rsh, args.remote_rpfs) as far, Repository(
-            repo_path(args.repo), readonly=True) as repo:
-        hello(far.writer, "push", args.disks, args.last)
-        far.reader.expect_json(ANSWER)
+            repo_path(args.repo), readonly=True) as repo, telling(far.writer):
+        hello(far.reader, far.writer, "push", args.disks, args.last)
         theirs = answer(repo, far.reader, far.writer)
     summary = Summary(**{k: v for k, v in theirs.items() if k in Summary.__dataclass_fields__})
     summary.bytes_sent, summary.bytes_received = far.writer.bytes, far.reader.bytes
@@ -127,7 +125,7 @@ def _report(summary: Summary, as_json: bool) -> None:
         print_json(vars(summary))
         return
     published = summary.points_published
-    print(f"{len(published)} points published{': ' + ', '.join(published) if published else ''}"
+    print(f"points published: {', '.join(published) if published else 'none'}"
           f"; {summary.points_present} there already; {fmt_bytes(summary.bytes_received)} "
           f"received, {fmt_bytes(summary.bytes_sent)} sent")
 
@@ -137,32 +135,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not args.stdio:
         raise RpfsError("serve needs --stdio (what pull and push run on the far side)")
     channel_out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
-    sys.stdout = sys.stderr  # a stray print must not corrupt the stream
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # a stray write must not reach it
     reader, writer = Reader(sys.stdin.buffer, "the stream from the near side"), Writer(channel_out)
-    request = decode_json(REQUEST, reader.expect(REQUEST))
-    if request.get("op") != "hello" or request.get("mode") not in ("pull", "push"):
-        fail(writer, "expected a hello")
-        raise StreamError("the near side did not start with a hello")
     root = repo_path(args.repo)
-    pushing = request["mode"] == "push"
-    try:
-        repo = Repository(root, readonly=not pushing)
-    except RpfsError as exc:
-        fail(writer, str(exc))
-        raise
-    with repo:
-        writer.json(ANSWER, {"version": 1})
-        writer.flush()
-        if not pushing:
-            answer(repo, reader, writer)
-            return 0
-        disks = [str(d) for d in request.get("disks") or []]
-        last = request.get("last")
-        try:
-            summary = drive(repo, reader, writer, disks, last if isinstance(last, int) else None,
-                            progress_bar)
-        except RpfsError as exc:
-            fail(writer, str(exc))
-            raise
-    _apply_policies(root, {ref.split("@")[0] for ref in summary.points_published})
+    with telling(writer):
+        request = greet(reader, writer)
+        pushing = request["mode"] == "push"
+        with Repository(root, readonly=not pushing) as repo:
+            writer.json(ANSWER, {"version": VERSION})
+            writer.flush()
+            if not pushing:
+                answer(repo, reader, writer)
+                return 0
+            last = request.get("last")
+            summary = drive(repo, reader, writer, [str(d) for d in request.get("disks") or []],
+                            last if isinstance(last, int) else None, progress_bar)
+    _apply_policies(root, summary.disks())
     return 0

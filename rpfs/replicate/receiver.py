@@ -149,14 +149,11 @@ class _Receive:
         base = self._check_target()
         capture_id = self._begin()
         try:
-            missing = self._read_map()
-            self._read_chunks(missing, capture_id)
-            point = self._publish(base)
+            self._read_chunks(self._read_map())
+            point = self._publish(base, capture_id)
         except BaseException as exc:
             self._abandon(capture_id, exc)
             raise
-        with self.index.write() as txn:
-            self.index.drop_staged(txn, capture_id)
         log.info("disk %s: point %s received (%s), %d blocks written, %d bytes stored",
                  point.disk, point.name, "full" if base is None else f"from {base.name}",
                  point.blocks_written, point.bytes_stored)
@@ -169,6 +166,7 @@ class _Receive:
         disk, name = self.s.disk, self.name
         with self.index.read() as txn:
             record = self.index.get_disk(txn, disk)
+            taken = self.index.get_point(txn, disk, name) is not None
         have = held(self.repo, disk)
         if self.ident in have:
             raise RpfsError(f"{self.s.header.get('disk')}@{name} is here already, as "
@@ -180,10 +178,9 @@ class _Receive:
             if record.size != self.size:
                 raise RpfsError(f"the stream's disk is {self.size} bytes and disk {disk} here "
                                 f"is {record.size}; receive into a new disk name (--disk NAME)")
-        with self.index.read() as txn:
-            if self.index.get_point(txn, disk, name) is not None:
-                raise RpfsError(f"disk {disk} here has another point named {name}; receive "
-                                "into a new disk name (--disk NAME)")
+        if taken:
+            raise RpfsError(f"disk {disk} here has another point named {name}; receive "
+                            "into a new disk name (--disk NAME)")
         base_ident = self.s.header.get("base")
         if base_ident is None:
             return None
@@ -207,7 +204,7 @@ class _Receive:
 
     def _read_map(self) -> list[bytes]:
         """Read the extent map; the chunks it names that this repository lacks (or holds
-        only a bad copy of), in the order the map names them. The rest it keeps from
+        only a bad copy of). The rest it keeps from
         GC for this receive (`keep_zero`)."""
         nblocks = ceil_div(self.size, self.repo.block_size)
         delta = self.s.delta
@@ -223,10 +220,10 @@ class _Receive:
                     raise StreamError(f"{self.reader.where}: its map names block {block} "
                                       "twice or past the disk's end")
                 delta[block] = value
-        named = list(dict.fromkeys(v for v in delta.values() if v != ZERO))
+        self.named = {v for v in delta.values() if v != ZERO}
         missing = []
         with self.index.write() as txn:
-            for value in named:
+            for value in self.named:
                 if self.index.get_chunk(txn, value) is None or self.index.is_bad(txn, value):
                     missing.append(value)
                 else:
@@ -235,11 +232,10 @@ class _Receive:
 
     # -- chunks ----------------------------------------------------------------------------
 
-    def _read_chunks(self, missing: list[bytes], capture_id: int) -> None:
+    def _read_chunks(self, missing: list[bytes]) -> None:
         """Take the chunk records up to the trailer: each must be one the map names,
         decoded and hashed here; the ones this repository has already are skipped."""
         wanted = set(missing)
-        named = set(v for v in self.s.delta.values() if v != ZERO)
         total = self.total
         if self.ask is not None:
             total = self.ask(missing)
@@ -255,7 +251,7 @@ class _Receive:
                 raise StreamError(f"{self.reader.where}: a record of kind {chr(kind)!r} "
                                   "among the chunks")
             value = RECORD_HEADER.unpack_from(payload)[2]
-            if value not in named:
+            if value not in self.named:
                 raise StreamError(f"{self.reader.where}: a chunk at byte {at} that its map "
                                   "does not name")
             if value in wanted:
@@ -285,8 +281,9 @@ class _Receive:
 
     # -- the commit point ------------------------------------------------------------------
 
-    def _publish(self, base: PointRecord | None) -> PointRecord:
-        """One transaction: the new generation's extents and the point."""
+    def _publish(self, base: PointRecord | None, capture_id: int) -> PointRecord:
+        """One transaction: the new generation's extents and the point (and the receive's
+        capture record goes)."""
         index, s, meta = self.index, self.s, self.s.meta
         description = marks.check_description(meta.get("description") or "")
         hold = meta.get("hold")
@@ -336,21 +333,24 @@ class _Receive:
             index.put_point(txn, point)
             seen = index.get_note(txn, NOTE + s.disk) or []
             index.put_note(txn, NOTE + s.disk, [*seen, self.ident])
+            index.drop_staged(txn, capture_id)
         return point
 
     def _abandon(self, capture_id: int, exc: BaseException) -> None:
         """After a failure: keep the chunks that arrived whole (registered, for the
         retry), unless the disk is full (then they go, as a failed capture's do); the
         capture record goes either way."""
+        full = isinstance(exc, OSError) and exc.errno in SPACE_ERRNOS
         try:
-            if isinstance(exc, OSError) and exc.errno in SPACE_ERRNOS:
-                raise exc
-            self._flush()
-            self.ingest.close()
-        except BaseException:
+            if not full:
+                self._flush()
+                self.ingest.close()
+        except Exception:
+            full = True
+            log.info("disk %s: keeping the chunks of the failed receive failed too",
+                     self.s.disk, exc_info=True)
+        if full:
             self.ingest.discard()
-            log.info("disk %s: the chunks of the failed receive are dropped", self.s.disk,
-                     exc_info=True)
         try:
             with self.index.write() as txn:
                 self.index.drop_staged(txn, capture_id)

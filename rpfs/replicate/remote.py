@@ -60,14 +60,7 @@ class FarSide:
 
     def why(self) -> str:
         """The far side's last words, once it has ended."""
-        with contextlib.suppress(OSError):
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._drain.join(timeout=5)
+        self.close()
         lines = [line.decode(errors="replace").strip() for line in self._err]
         lines = [line for line in lines if line]
         rc = self.proc.returncode
@@ -75,6 +68,8 @@ class FarSide:
         return f"the far side ({shlex.join(self.command[:3])} ...) exited {rc}{said}"
 
     def close(self) -> None:
+        """End our side of the channel, and wait for the far side to end (it ends at the
+        end of its input); one that does not within a minute is killed."""
         with contextlib.suppress(OSError):
             self.proc.stdin.close()
         try:
@@ -91,8 +86,8 @@ def far_side(location: str, rsh: str | None, remote_rpfs: str) -> Iterator[FarSi
     try:
         yield far
     except (RpfsError, OSError) as exc:
-        if far.proc.poll() is None and not isinstance(exc, BrokenPipeError):
-            far.close()
-            raise
-        raise RpfsError(f"{exc}; {far.why()}") from None
-    far.close()
+        if far.proc.poll() is not None or isinstance(exc, BrokenPipeError):  # it ended
+            raise RpfsError(f"{exc}; {far.why()}") from None
+        raise
+    finally:
+        far.close()

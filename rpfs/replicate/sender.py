@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from ..errors import ChunkError, RpfsError
 from ..index import ZERO, PointRecord, PointState
-from ..lineage import changed, complete_point, reads
+from ..lineage import changed, complete_point, reads, share_history
 from ..progress import ProgressFn
 from ..repo import CODEC, HASH, Repository
 from .stream import (
@@ -80,9 +80,9 @@ def choose_base(index, txn, point: PointRecord, held: list[PointRecord]) -> Poin
         return max(older, key=lambda p: p.gen)
     if same:
         return min(same, key=lambda p: p.gen)
-    lineages = {lin for lin, _ in index.chain(txn, point.lineage, point.gen)}
+    chain = index.chain(txn, point.lineage, point.gen)
     for p in held:
-        if lineages & {lin for lin, _ in index.chain(txn, p.lineage, p.gen)}:
+        if share_history(chain, index.chain(txn, p.lineage, p.gen)):
             return p
     return None
 
@@ -90,11 +90,12 @@ def choose_base(index, txn, point: PointRecord, held: list[PointRecord]) -> Poin
 def send_point(
     repo: Repository, out: Writer, ref: str, base_ref: str | None,
     wanted: Callable[[list[bytes]], list[bytes]] | None = None,
-    progress: ProgressFn | None = None,
+    progress: ProgressFn | None = None, announce: Callable[[int], None] | None = None,
 ) -> dict:
     """Write the stream of point `ref` relative to `base_ref` (None: full) to `out`.
     `wanted`: asks the receiver which of the map's chunks it lacks (a session); without
-    it, every chunk the base does not read goes. Returns {point, base, extents, chunks,
+    it, every chunk the base does not read goes. `announce`: told the bytes of chunk
+    records about to follow (the receiver's progress). Returns {point, base, extents, chunks,
     chunk_bytes}."""
     index = repo.index
     source = repository_id(repo)
@@ -105,8 +106,7 @@ def send_point(
         if base_ref is not None:
             base = complete_point(index, txn, base_ref)
             base_chain = index.chain(txn, base.lineage, base.gen)
-            if base.size != point.size or not {lin for lin, _ in chain} & {
-                    lin for lin, _ in base_chain}:
+            if base.size != point.size or not share_history(base_chain, chain):
                 raise RpfsError(f"{base.ref} is not of the history of {point.ref}: a stream "
                                 "is relative to an earlier (or later) point of its disk")
             delta = {b: index.resolve(txn, chain, b)
@@ -138,7 +138,7 @@ def send_point(
         if not set(send) <= named:  # the receiver asked beyond the map: refuse it all
             raise StreamError("the receiver asked for chunks the map it was sent does not "
                               "name; nothing more is sent")
-    sent = _send_chunks(repo, out, send, progress)
+    sent = _send_chunks(repo, out, send, progress, announce)
     log.info("disk %s: point %s sent (%s), %d blocks in its map, %d chunks (%d bytes)",
              point.disk, point.name, "full" if base is None else f"from {base.name}",
              len(delta), len(send), sent)
@@ -147,7 +147,8 @@ def send_point(
 
 
 def _send_chunks(repo: Repository, out: Writer, digests: list[bytes],
-                 progress: ProgressFn | None) -> int:
+                 progress: ProgressFn | None,
+                 announce: Callable[[int], None] | None) -> int:
     """Write the records of `digests` as stored, read in pack order; their bytes."""
     index = repo.index
     with index.read() as txn:
@@ -160,6 +161,8 @@ def _send_chunks(repo: Repository, out: Writer, digests: list[bytes],
             locs.append((loc, value))
     locs.sort(key=lambda item: (item[0].pack, item[0].offset))
     total = sum(loc.length for loc, _ in locs)
+    if announce is not None:
+        announce(total)
     done = 0
     for i in range(0, len(locs), READ_BATCH):
         batch = locs[i:i + READ_BATCH]

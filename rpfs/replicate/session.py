@@ -17,11 +17,13 @@ registered here, so they are no longer asked for.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from ..errors import RpfsError
+from ..lifecycle import marks
 from ..progress import ProgressFn
 from ..repo import Repository
 from .receiver import held, receive_point, received
@@ -53,6 +55,10 @@ class Summary:
     chunk_bytes_received: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
+
+    def disks(self) -> set[str]:
+        """The disks that received points (whose retention runs next)."""
+        return {ref.partition("@")[0] for ref in self.points_published}
 
 
 def plan(source_points: list[dict], have: set[str], last: int | None) -> list[dict]:
@@ -109,8 +115,6 @@ def _asker(reader: Reader, writer: Writer):
 def _sync_marks(repo: Repository, disk: str, source_points: list[dict]) -> list[str]:
     """Holds and descriptions of points the target has: a hold the source has is added
     (never released: a hold here is the target's to release), a description follows."""
-    from ..lifecycle import marks
-
     changed = []
     have = held(repo, disk)
     for p in source_points:
@@ -128,22 +132,18 @@ def _sync_marks(repo: Repository, disk: str, source_points: list[dict]) -> list[
 
 def answer(repo: Repository, reader: Reader, writer: Writer) -> dict:
     """Answer a driver's requests until it says bye; its summary."""
-    try:
-        while True:
-            request = decode_json(REQUEST, reader.expect(REQUEST))
-            op = request.get("op")
-            if op == "bye":
-                return request.get("summary") or {}
-            if op == "catalog":
-                writer.json(ANSWER, catalog(repo, list(request.get("disks") or [])))
-            elif op == "send":
-                _send(repo, reader, writer, request)
-            else:
-                raise StreamError(f"unknown request {op!r}")
-            writer.flush()
-    except RpfsError as exc:
-        fail(writer, str(exc))
-        raise
+    while True:
+        request = decode_json(REQUEST, reader.expect(REQUEST))
+        op = request.get("op")
+        if op == "bye":
+            return request.get("summary") or {}
+        if op == "catalog":
+            writer.json(ANSWER, catalog(repo, list(request.get("disks") or [])))
+        elif op == "send":
+            _send(repo, reader, writer, request)
+        else:
+            raise StreamError(f"unknown request {op!r}")
+        writer.flush()
 
 
 def _send(repo: Repository, reader: Reader, writer: Writer, request: dict) -> None:
@@ -158,29 +158,43 @@ def _send(repo: Repository, reader: Reader, writer: Writer, request: dict) -> No
     def wanted(named: list[bytes]) -> list[bytes]:
         writer.flush()
         asked: list[bytes] = []
-        while True:
-            payload = reader.expect(WANT)
-            if not payload:
-                break
+        while payload := reader.expect(WANT):
             asked += [payload[i:i + 32] for i in range(0, len(payload), 32)]
-        locs = [loc for loc in map(repo.locate, asked) if loc is not None]
-        writer.json(ANSWER, {"bytes": sum(loc.length for loc in locs)})
         return asked
 
-    send_point(repo, writer, point.ref, None if base is None else base.ref, wanted)
+    send_point(repo, writer, point.ref, None if base is None else base.ref, wanted,
+               announce=lambda total: writer.json(ANSWER, {"bytes": total}))
     writer.trailer()
 
 
-def fail(writer: Writer, message: str) -> None:
-    """Tell the other side why this side gives up (it may be gone already)."""
+@contextlib.contextmanager
+def telling(writer: Writer) -> Iterator[None]:
+    """An RpfsError in the block is told to the other side (which may be gone already)
+    before it goes on up: the other side then fails with this side's reason."""
     try:
-        writer.json(FAILED, {"message": message})
-        writer.flush()
-    except OSError:
-        pass
+        yield
+    except RpfsError as exc:
+        with contextlib.suppress(OSError):
+            writer.json(FAILED, {"message": str(exc)})
+            writer.flush()
+        raise
 
 
-def hello(writer: Writer, mode: str, disks: list[str], last: int | None) -> None:
+def hello(reader: Reader, writer: Writer, mode: str, disks: list[str],
+          last: int | None) -> None:
+    """Start a session with the far side (`rpfs serve --stdio`) as puller or pusher."""
     writer.json(REQUEST, {"op": "hello", "version": VERSION, "mode": mode, "disks": disks,
                           "last": last})
     writer.flush()
+    reader.expect_json(ANSWER)
+
+
+def greet(reader: Reader, writer: Writer) -> dict:
+    """The far side's half of `hello`: the near side's request, once answered."""
+    request = decode_json(REQUEST, reader.expect(REQUEST))
+    if request.get("op") != "hello" or request.get("mode") not in ("pull", "push"):
+        raise StreamError("the near side did not start with a hello")
+    if request.get("version") != VERSION:
+        raise StreamError(f"the near side speaks version {request.get('version')!r}; this "
+                          f"rpfs speaks version {VERSION}")
+    return request

@@ -94,6 +94,14 @@ class Counts:
     chunks: int = 0
     chunk_bytes: int = 0
 
+    def add(self, kind: int, length: int) -> None:
+        """Count one record of `kind` with a payload of `length` bytes."""
+        if kind == EXTENTS:
+            self.extents += length // EXTENT.size
+        elif kind == CHUNK:
+            self.chunks += 1
+            self.chunk_bytes += length
+
 
 class Writer:
     """Writes records to a binary file, keeping the BLAKE3 of one point's stream."""
@@ -112,11 +120,7 @@ class Writer:
     def record(self, kind: int, payload: bytes = b"") -> None:
         head = FRAME.pack(kind, len(payload))
         self.raw(head + payload + CRC.pack(crc32c(payload, crc32c(head))))
-        if kind == EXTENTS:
-            self.counts.extents += len(payload) // EXTENT.size
-        elif kind == CHUNK:
-            self.counts.chunks += 1
-            self.counts.chunk_bytes += len(payload)
+        self.counts.add(kind, len(payload))
 
     def json(self, kind: int, value: object) -> None:
         self.record(kind, encode_json(value))
@@ -126,9 +130,6 @@ class Writer:
         digest = self._hash.hexdigest()
         self.json(TRAILER, {**vars(self.counts), "blake3": digest})
         self.out.flush()
-        self.restart()
-
-    def restart(self) -> None:
         self._hash = blake3.blake3()
         self.counts = Counts()
 
@@ -180,15 +181,11 @@ class Reader:
         if crc != crc32c(payload, crc32c(head)):
             raise StreamError(f"{self.where} is corrupt: the {NAMES[kind]} record at byte "
                               f"{at} fails its CRC32C")
+        self.counts.add(kind, length)
         if kind == FAILED:
             message = decode_json(kind, payload).get("message", "no reason given")
             raise StreamError(f"the sender failed: {message}")
-        if kind == EXTENTS:
-            self.counts.extents += length // EXTENT.size
-        elif kind == CHUNK:
-            self.counts.chunks += 1
-            self.counts.chunk_bytes += length
-        elif kind == TRAILER:
+        if kind == TRAILER:
             self._check_trailer(decode_json(kind, payload), digest)
         return kind, payload
 

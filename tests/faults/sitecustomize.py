@@ -76,9 +76,9 @@ if _READS_WAIT_FOR_GC:
         finally:
             _gc_done.set()
 
-    def _after_gc(self, wanted, relocate=None):
+    def _after_gc(self, wanted, relocate=None, **options):
         _gc_done.wait(60)
-        return _get_many(self, wanted, relocate)
+        return _get_many(self, wanted, relocate, **options)
 
     gc.run = _gc_running
     PackStore.get_many = _after_gc
