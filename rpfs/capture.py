@@ -28,10 +28,11 @@ from .lifecycle import clock, marks
 from .lifecycle.purge import release
 from .lineage import allocated_at
 from .names import ceil_div, check_name, default_point_name, fmt_bytes
+from .nbd.client import NbdSource
 from .pipeline import ordered_map
 from .progress import ProgressFn
 from .repo import Repository
-from .source import Source, block_runs, load_changed
+from .source import Extent, Source, block_runs, load_changed, open_source
 
 log = logging.getLogger(__name__)
 
@@ -73,27 +74,35 @@ def reap_dead_captures(repo: Repository, held: str) -> None:
 def capture(
     repo: Repository,
     disk: str,
-    source: Path,
+    source: Path | str,
     point: str | None = None,
     changed: Path | None = None,
     progress: ProgressFn | None = None,
     description: str = "",
     expires: float | None = None,
+    bitmap: str | None = None,
 ) -> PointRecord:
-    """Capture `source` as a new point of `disk` (created by its first capture), with
-    the user's `description` and, if given, its own expiry (seconds since the epoch, in
-    the future: then a daemon moves the point to the trash)."""
+    """Capture `source` (a path, or an NBD URI) as a new point of `disk` (created by its
+    first capture), with the user's `description` and, if given, its own expiry (seconds
+    since the epoch, in the future: then a daemon moves the point to the trash).
+
+    `changed` (a file of extents) or `bitmap` (the NBD source's dirty bitmap of that
+    name) lists what changed since the disk's previous point: only that is read."""
     check_name(disk, "disk name")
     point = check_name(point, "point name") if point is not None else default_point_name()
     marks.check_description(description)
     if expires is not None:
         clock.check_expiry(expires)
-    src = Source.open(source)
+    if changed is not None and bitmap is not None:
+        raise RpfsError("give --changed or --bitmap, not both: each lists what changed")
+    src = open_source(source, bitmap)
     try:
+        listed = (load_changed(changed, src.size) if changed is not None
+                  else src.dirty_extents() if bitmap is not None else None)
         with repo.disk_lock(disk):
             reap_dead_captures(repo, disk)
-            taken = _Capture(repo, disk, point, src, changed, progress, description,
-                             expires).run()
+            taken = _Capture(repo, disk, point, src, listed, progress, description,
+                             expires, "dirty-bitmap" if bitmap else "changed-list").run()
     finally:
         src.close()
     checkpoint.cover_new_point(repo)
@@ -106,11 +115,12 @@ class _Capture:
         repo: Repository,
         disk: str,
         point: str,
-        src: Source,
-        changed: Path | None,
+        src: Source | NbdSource,
+        changed: list[Extent] | None,
         progress: ProgressFn | None,
         description: str = "",
         expires: float | None = None,
+        listed_by: str = "changed-list",
     ) -> None:
         self.repo = repo
         self.description = description
@@ -121,7 +131,8 @@ class _Capture:
         self.point = point
         self.src = src
         self.nblocks = ceil_div(src.size, self.bs)
-        self.changed = load_changed(changed, src.size) if changed is not None else None
+        self.changed = changed
+        self.listed_by = listed_by  # the method of a point whose changes were listed
         self.progress = progress or (lambda done, total: None)
         self.zero_block = bytes(self.bs)
         self.ingest = Ingest(repo)
@@ -174,7 +185,12 @@ class _Capture:
         if self.changed is not None:
             read_runs = block_runs(self.changed, self.bs, self.nblocks)
             hole_runs: list[tuple[int, int]] = []  # unlisted blocks are unchanged
-            method = "changed-list"
+            method = self.listed_by
+            if method == "dirty-bitmap" and not base.chain:
+                raise RpfsError(
+                    f"disk {self.disk} has no point yet, and a dirty bitmap lists only what "
+                    "changed since it was started: capture once without --bitmap"
+                )
         else:
             read_runs = block_runs(self.src.data_extents(), self.bs, self.nblocks)
             # A hole over a block that held data in the previous point is a change to zero.

@@ -227,7 +227,8 @@ class PointRecord:
     blocks_written: int = 0
     allocated_blocks: int = 0
     bytes_stored: int = 0
-    method: str = "full"  # full, incremental, changed-list; tracked, full-compare (live)
+    # full, incremental, changed-list, dirty-bitmap; tracked, full-compare (live)
+    method: str = "full"
     state: PointState = PointState.COMPLETE
     frozen_blocks: int = 0
     archived_blocks: int = 0

@@ -14,6 +14,8 @@ block of the disk.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import lmdb
 
 from .errors import RpfsError
@@ -89,15 +91,28 @@ def allocated(index: Index, txn: lmdb.Transaction, chain: Chain) -> list[int]:
 def reads(index: Index, txn: lmdb.Transaction, chain: Chain) -> dict[int, bytes]:
     """What each block that holds data reads through a chain (its chunk's digest), by
     the scan `allocated` describes."""
+    return {block: value for block, _, value in _deciding(index, txn, chain) if value != ZERO}
+
+
+def layers(index: Index, txn: lmdb.Transaction, chain: Chain) -> dict[int, tuple[int, bool]]:
+    """Where each block a chain has an extent for comes from: (depth, holds data), depth
+    1 for the chain's first lineage, 2 for the next (an origin), and so on; a block not
+    listed reads as zeros from no layer. What an NBD export's `base:allocation` and
+    `qemu:allocation-depth` report."""
+    return {block: (depth, value != ZERO) for block, depth, value in _deciding(index, txn, chain)}
+
+
+def _deciding(
+    index: Index, txn: lmdb.Transaction, chain: Chain
+) -> Iterator[tuple[int, int, bytes]]:
+    """(block, depth, value) of the extent each block reads through a chain, by the scan
+    `allocated` describes: depth 1 is the chain's first lineage."""
     decided: set[int] = set()
-    data: dict[int, bytes] = {}
-    for lineage, gen in chain:
+    for depth, (lineage, gen) in enumerate(chain, start=1):
         for block, written, value in index.iter_extents(txn, lineage):
             if written <= gen and block not in decided:
                 decided.add(block)
-                if value != ZERO:
-                    data[block] = value
-    return data
+                yield block, depth, value
 
 
 def allocated_at(index: Index, txn: lmdb.Transaction, lineage: int, gen: int) -> int:

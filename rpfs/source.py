@@ -1,5 +1,6 @@
 """Capture sources: raw image files and block devices, their allocated ranges, and
-changed-extent lists (the JSON that VMware's QueryChangedDiskAreas returns)."""
+changed-extent lists (the JSON that VMware's QueryChangedDiskAreas returns); NBD
+exports are nbd/client.py's NbdSource, with the same face."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from .errors import RpfsError
 from .names import ceil_div
+from .nbd.client import NbdSource, is_nbd_uri
 
 BLKGETSIZE64 = 0x80081272
 
@@ -81,6 +83,18 @@ class Source:
             done += len(chunk)
         data = b"".join(parts)
         return data + bytes(length - len(data)) if len(data) < length else data
+
+
+def open_source(source: str | Path, bitmap: str | None = None) -> Source | NbdSource:
+    """The source a capture reads: an NBD URI (with `bitmap`, its dirty bitmap of that
+    name), else a file or block device path."""
+    text = str(source)
+    if is_nbd_uri(text):
+        return NbdSource(text, bitmap)
+    if bitmap is not None:
+        raise RpfsError(f"--bitmap needs an NBD source (nbd://... or nbd+unix://...); "
+                        f"{text} is a path, which has no dirty bitmap")
+    return Source.open(Path(text))
 
 
 def load_changed(path: Path, disk_size: int) -> list[Extent]:

@@ -31,11 +31,11 @@ from .disks import (
 )
 from .maintenance import cmd_check, cmd_gc, cmd_info, cmd_verify
 from .marks import cmd_hold, cmd_point_describe, cmd_release
-from .mount import cmd_mount, cmd_umount
+from .mount import cmd_mount, cmd_serve, cmd_umount
 from .output import fmt_time
 from .points import cmd_allocated, cmd_capture, cmd_changed, cmd_points, cmd_restore
 from .policy import cmd_policy_clear, cmd_policy_set, cmd_policy_show
-from .replicate import cmd_pull, cmd_push, cmd_receive, cmd_send, cmd_serve
+from .replicate import cmd_pull, cmd_push, cmd_receive, cmd_send
 from .repository import cmd_config_set, cmd_config_show, cmd_index_restore, cmd_init
 from .store import cmd_store_status, cmd_store_sync
 from .trash import (
@@ -147,10 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "capture", "capture an image or device as a point", common)
     p.add_argument("disk", metavar="DISK", help="disk name (created by its first capture)")
-    p.add_argument("source", metavar="SOURCE", help="raw image file or block device")
+    p.add_argument("source", metavar="SOURCE",
+                   help="raw image file, block device, or NBD export (nbd://HOST[:PORT]/"
+                        "EXPORT, nbd+unix:///EXPORT?socket=PATH)")
     p.add_argument("--name", help="point name (default: UTC timestamp)")
     p.add_argument("--changed", metavar="FILE",
                    help='read only these extents: JSON [{"start": bytes, "length": bytes}, ...]')
+    p.add_argument("--bitmap", metavar="NAME",
+                   help="an NBD source's dirty bitmap: read only the extents it marks (what "
+                        "changed since the disk's previous point)")
     _point_options(p)
     p.set_defaults(func=cmd_capture)
 
@@ -305,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", metavar="DISK", help="the clone to copy into its local file")
     p.set_defaults(func=cmd_hydrate)
 
+    nbd_help = ("serve the images over NBD too: unix:PATH, tcp:PORT (on 127.0.0.1) or "
+                "tcp:HOST:PORT (unauthenticated: a warning unless HOST is loopback)")
     p = _command(sub, "mount", "serve the repository at MOUNTPOINT", common)
     p.add_argument("mountpoint", metavar="MOUNTPOINT",
                    help="an empty directory (see --nonempty) to show the disk images in")
@@ -318,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", help="mode of disk images (default 0600; points: minus write)")
     p.add_argument("--nonempty", action="store_true",
                    help="mount over a directory that holds files (hiding them)")
+    p.add_argument("--nbd", metavar="ADDRESS", help=nbd_help)
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_mount)
 
@@ -412,9 +420,15 @@ def build_parser() -> argparse.ArgumentParser:
                             "bytes_received, ...")
         p.set_defaults(func=cmd_pull if name == "pull" else cmd_push)
 
-    p = _command(sub, "serve", "answer a pull or push on standard input and output (what "
-                 "ssh runs on the far side)", common)
-    p.add_argument("--stdio", action="store_true", help="speak the protocol on stdin/stdout")
+    p = _command(sub, "serve", "serve the images over NBD without a mount (--nbd), or "
+                 "answer a pull or push on standard input and output (--stdio: what ssh runs "
+                 "on the far side)", common)
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--nbd", metavar="ADDRESS", help=nbd_help)
+    mode.add_argument("--stdio", action="store_true",
+                      help="speak the replication protocol on stdin/stdout")
+    p.add_argument("--hydrate", action="store_true",
+                   help="with --nbd: copy clones' missing blocks locally in the background")
     p.set_defaults(func=cmd_serve)
 
     p = _command(sub, "umount", "unmount and stop the daemon", common)

@@ -19,8 +19,10 @@ from ..perms import check_owner, open_log
 from ..repo import repo_path
 from ..serve.daemon import MountOptions, serve
 from ..serve.mounts import unmount
+from ..serve.nbd import parse_address
 from ..serve.vfs import Access
 from .logs import daemon_logging
+from .replicate import serve_stdio
 
 log = logging.getLogger("rpfs")
 
@@ -51,8 +53,20 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
         access["mode"] = int(args.mode, 8)
     return MountOptions(
         access=Access(allow_other=args.allow_other, **access), hydrate=args.hydrate,
-        nonempty=args.nonempty,
+        nonempty=args.nonempty, nbd=_nbd_address(args.nbd),
     )
+
+
+def _nbd_address(text: str | None):
+    """--nbd's address, checked; a warning when it lets other hosts in."""
+    if text is None:
+        return None
+    address = parse_address(text)
+    if address.exposed:
+        print(f"rpfs: warning: NBD at {address} is reachable from other hosts and has no "
+              "authentication: anyone who can connect reads (and writes) the disks",
+              file=sys.stderr)
+    return address
 
 
 def _account_id(value: str, option: str) -> int:
@@ -82,7 +96,8 @@ def _mount_args(options: MountOptions) -> list[str]:
     args = ["--allow-other", "--uid", str(access.uid), "--gid", str(access.gid),
             "--mode", f"{access.mode:04o}"] if access.allow_other else []
     return [*args, *(["--hydrate"] if options.hydrate else []),
-            *(["--nonempty"] if options.nonempty else [])]
+            *(["--nonempty"] if options.nonempty else []),
+            *(["--nbd", str(options.nbd)] if options.nbd else [])]
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
@@ -108,7 +123,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     message = _read_report(read_fd, proc)
     if message != "ready":
         raise RpfsError(message)
-    print(f"mounted {root} at {mountpoint} (daemon pid {proc.pid}, log {log_path})")
+    nbd = f", NBD at {options.nbd}" if options.nbd else ""
+    print(f"mounted {root} at {mountpoint}{nbd} (daemon pid {proc.pid}, log {log_path})")
     return 0
 
 
@@ -136,6 +152,30 @@ def _read_report(fd: int, proc: subprocess.Popen) -> str:
                 return f"the rpfs daemon exited with status {proc.returncode}; see its log"
             time.sleep(0.02)
     return f"the rpfs daemon (pid {proc.pid}) did not report ready in {MOUNT_TIMEOUT:.0f}s"
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """`serve --nbd`: the daemon in this process, NBD exports and no mount, until a signal;
+    `serve --stdio`: the far side of a pull or push."""
+    if args.stdio:
+        return serve_stdio(args)
+    root = repo_path(args.repo)
+    options = MountOptions(nbd=_nbd_address(args.nbd), hydrate=args.hydrate)
+    daemon_logging(root, to_terminal=True)
+
+    def on_ready() -> None:
+        print(f"serving {root} over NBD at {options.nbd} (pid {os.getpid()}); stop it with "
+              "SIGTERM or Ctrl-C", flush=True)
+
+    def on_warning(message: str) -> None:  # logged already (the terminal sees the log)
+        pass
+
+    failed: list[str] = []  # said once, as every command's error (main prints it)
+
+    status = serve(root, None, options, on_ready, on_warning, failed.append)
+    if failed:
+        raise RpfsError(failed[0])
+    return status
 
 
 def _serve_foreground(

@@ -31,12 +31,13 @@ def cmd_capture(args: argparse.Namespace) -> int:
         point = capture(
             repo,
             args.disk,
-            Path(args.source),
+            args.source,
             point=args.name,
             changed=Path(args.changed) if args.changed else None,
             progress=bar,
             description=args.description,
             expires=expires,
+            bitmap=args.bitmap,
         )
         retains = has_retention(repo, args.disk)
         waiting = sum(upload.pending(repo).values())

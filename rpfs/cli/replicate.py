@@ -130,10 +130,8 @@ def _report(summary: Summary, as_json: bool) -> None:
           f"received, {fmt_bytes(summary.bytes_sent)} sent")
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def serve_stdio(args: argparse.Namespace) -> int:
     """The far side: speaks the protocol on stdin/stdout (nothing else may print there)."""
-    if not args.stdio:
-        raise RpfsError("serve needs --stdio (what pull and push run on the far side)")
     channel_out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # a stray write must not reach it
     reader, writer = Reader(sys.stdin.buffer, "the stream from the near side"), Writer(channel_out)

@@ -282,6 +282,45 @@ class LiveDisk:
             self.map.set(first, (offset + written - 1) // self.bs + 1, DIRTY)
         return written
 
+    def zero_range(self, offset: int, length: int) -> None:
+        """Make [offset, offset + length) read as zeros (an NBD WRITE_ZEROES or TRIM):
+        whole blocks become holes of the local file, DIRTY, so nothing is written out and
+        the next point records them as zero blocks; the parts of blocks at the ends are
+        written with zeros. A frozen block is archived first (copy-before-write)."""
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return
+        first = ceil_div(offset, self.bs)
+        last = self.nblocks if end == self.size else end // self.bs  # whole blocks: [first, last)
+        if first >= last:  # inside one block
+            self.write(offset, bytes(end - offset))
+            return
+        if offset < first * self.bs:
+            self.write(offset, bytes(first * self.bs - offset))
+        if last * self.bs < end:
+            self.write(last * self.bs, bytes(end - last * self.bs))
+        with self._locked(first, last):
+            states = self.map.states
+            self.snapshots.archive_locked([b for b in range(first, last) if states[b] == FROZEN])
+            start = first * self.bs
+            punch_hole(self.fd, start, min(last * self.bs, self.size) - start)
+            self.map.set(first, last, DIRTY)
+
+    def local_data(self, first: int, end: int) -> list[bool]:
+        """For each block of [first, end) whether the local file holds data there (not a
+        hole): a local block that is a hole reads as zeros. One lseek per data run."""
+        out = [False] * (end - first)
+        pos, stop = first * self.bs, min(end * self.bs, self.size)
+        while pos < stop:
+            data = _next_data(self.fd, pos, self.size)
+            if data >= stop:
+                break
+            hole = min(os.lseek(self.fd, data, os.SEEK_HOLE), stop)
+            for b in range(data // self.bs, ceil_div(hole, self.bs)):
+                out[b - first] = True
+            pos = hole
+        return out
+
     def _has_hole(self, first: int, end: int) -> bool:
         """Whether blocks [first, end) of the local file hold a hole (a write there would
         allocate space). Asked only below the space reserve: one lseek."""

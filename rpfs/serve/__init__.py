@@ -1,2 +1,2 @@
-"""What serves a repository: the daemon, its control socket, the image handles, and the
-FUSE tree and operations."""
+"""What serves a repository: the daemon, its control socket, the image handles, the FUSE
+tree and operations, and the NBD exports."""

@@ -1,8 +1,11 @@
-"""The FUSE daemon's life: lock the repository, mount, tune the mount, serve, unmount.
+"""The daemon's life: lock the repository, mount, tune the mount, serve, unmount.
 
-`rpfs mount` starts this in a child process and returns when it reports ready (or
-relays its error); under systemd (`rpfs mount --foreground`, contrib/systemd) it tells
-systemd too. SIGTERM, SIGINT and `fusermount3 -u` all end it with a clean unmount. While
+It serves the images over FUSE (a mount point), over NBD (serve/nbd.py, an address), or
+both, from one set of open disks, caches and locks. `rpfs mount` starts this in a child
+process and returns when it reports ready (or relays its error); `rpfs serve --nbd`
+runs it in the foreground without a mount; under systemd (`rpfs mount --foreground`,
+contrib/systemd) it tells systemd too. SIGTERM, SIGINT and `fusermount3 -u` all end it
+with a clean unmount. While
 it serves it persists open disks' block maps, takes index checkpoints, moves expired
 points to the trash, purges the trash of points whose trash period is over, and runs the
 disks' policies (scheduled points and their retention) and, at the repository's
@@ -16,6 +19,7 @@ import functools
 import logging
 import os
 import signal
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +39,7 @@ from .control import serve_control
 from .fuse import Operations
 from .handles import Images
 from .mounts import is_dead, mount_at, table_path
+from .nbd import Address, Exports, listen, serve_nbd
 from .sdnotify import notify
 from .vfs import Access, Tree
 
@@ -84,11 +89,12 @@ def tune_readahead(mountpoint: Path) -> None:
 
 @dataclass(frozen=True)
 class MountOptions:
-    """How `rpfs mount` serves: see Access for who may use the mount."""
+    """How the daemon serves: see Access for who may use the mount."""
 
     access: Access = field(default_factory=Access)
     hydrate: bool = False  # copy every clone's missing blocks locally in the background
     nonempty: bool = False  # mount over a directory that holds files (hiding them)
+    nbd: Address | None = None  # NBD exports listen here too
 
 
 def _check_mountpoint(root: Path, mountpoint: Path, nonempty: bool) -> None:
@@ -274,22 +280,28 @@ def _upkeep(service: DiskService) -> None:
 
 
 async def _serve(
-    root: Path, mountpoint: Path, service: DiskService, checkpoints: _Checkpoints, on_ready
+    root: Path, mountpoint: Path | None, service: DiskService, checkpoints: _Checkpoints,
+    nbd: tuple[Address, list[socket.socket], Exports] | None, on_ready,
 ) -> None:
     async with trio.open_nursery() as nursery:
+        stopped = trio.Event()
 
         async def ready() -> None:
-            # pyfuse3.main() is now reading requests: a stat of the root is answered, so
-            # the kernel has had FUSE_INIT, which resets readahead; tune it after that.
-            await trio.to_thread.run_sync(tune_readahead, mountpoint)
+            if mountpoint is not None:
+                # pyfuse3.main() is now reading requests: a stat of the root is answered,
+                # so the kernel has had FUSE_INIT, which resets readahead; tune it after.
+                await trio.to_thread.run_sync(tune_readahead, mountpoint)
             on_ready()
             notify("READY=1")
 
         async def stop_on_signal() -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
                 async for signum in sigs:
-                    log.info("received %s: unmounting %s", signal.Signals(signum).name, mountpoint)
-                    pyfuse3.terminate()
+                    log.info("received %s: %s", signal.Signals(signum).name,
+                             f"unmounting {mountpoint}" if mountpoint else "stopping")
+                    stopped.set()
+                    if mountpoint is not None:
+                        pyfuse3.terminate()
                     return
 
         nursery.start_soon(stop_on_signal)
@@ -306,8 +318,13 @@ async def _serve(
                            "the daemon's gc and verify")
         if service.uploader is not None:
             nursery.start_soon(_every, UPLOAD_EVERY, service.upload_pass, "the upload pass")
+        if nbd is not None:
+            await nursery.start(serve_nbd, *nbd)  # listening before it reports ready
         nursery.start_soon(ready)
-        await pyfuse3.main()
+        if mountpoint is not None:
+            await pyfuse3.main()
+        else:
+            await stopped.wait()
         notify("STOPPING=1")  # a signal, or an unmount from outside
         if service.uploader is not None:
             service.uploader.stopping.set()  # a pass ends after the pack it is on
@@ -316,19 +333,20 @@ async def _serve(
 
 def serve(
     root: Path,
-    mountpoint: Path,
+    mountpoint: Path | None,
     options: MountOptions,
     on_ready: Callable[[], None],
     on_warning: Callable[[str], None],
     on_error: Callable[[str], None],
 ) -> int:
-    """Mount `root` at `mountpoint` and serve until unmounted; returns the exit status.
+    """Serve `root` at `mountpoint` (FUSE) and/or `options.nbd` until unmounted or
+    signalled; returns the exit status.
 
     Before it is ready, the daemon reports what the operator should know (a repository
     file mode it corrected) to `on_warning`, besides its log.
     """
     # Resolved, as the mount table writes it: `rpfs umount` compares the two.
-    mountpoint = mountpoint.resolve()
+    mountpoint = mountpoint.resolve() if mountpoint is not None else None
     limit_malloc_arenas()
     try:
         repo = Repository(root)
@@ -347,7 +365,8 @@ def serve(
             unreachable = str(exc)
         lock_fd = repo.daemon_lock()
         try:
-            _check_mountpoint(root, mountpoint, options.nonempty)
+            if mountpoint is not None:
+                _check_mountpoint(root, mountpoint, options.nonempty)
         except RpfsError:
             os.close(lock_fd)
             raise
@@ -355,7 +374,10 @@ def serve(
         repo.close()
         on_error(str(exc))
         return 1
-    repo.record_daemon(lock_fd, {"pid": os.getpid(), "mountpoint": str(mountpoint)})
+    served = {"mountpoint": str(mountpoint)} if mountpoint is not None else {}
+    if options.nbd is not None:
+        served["nbd"] = str(options.nbd)
+    repo.record_daemon(lock_fd, {"pid": os.getpid(), **served})
     if unreachable is not None:
         log.warning("%s; serving what is here: reads of data not cached fail with EIO, and "
                     "uploads wait, until it answers", unreachable)
@@ -367,37 +389,54 @@ def serve(
     if len(corrected) > RELAYED_CORRECTIONS:
         on_warning(f"and {len(corrected) - RELAYED_CORRECTIONS} more mode corrections: see "
                    f"{root / 'rpfs.log'}")
+    sockets: list[socket.socket] = []
+    if options.nbd is not None:
+        try:
+            sockets = listen(options.nbd)
+        except OSError as exc:  # the address is in use, or not ours to take
+            os.close(lock_fd)
+            repo.close()
+            on_error(f"cannot listen for NBD at {options.nbd}: {exc.strerror or exc}")
+            return 1
     cache = ChunkCache(repo)
     service = DiskService(repo, cache, background=True)
     images = Images(repo, cache, service.registry)
-    ops = Operations(Tree(repo.index, images, options.access), images)
-    service.registry.on_removed = ops.forget_disk
-    service.registry.on_point_changed = ops.forget_point
-    # default_permissions: the kernel checks the modes Access gives (root passes anyway).
-    fuse_options = set(pyfuse3.default_options) | {
-        "fsname=rpfs", "subtype=rpfs", "default_permissions"}
-    if options.access.allow_other:
-        fuse_options.add("allow_other")
-    try:
-        pyfuse3.init(ops, str(mountpoint), fuse_options)
-    except RuntimeError as exc:
-        os.close(lock_fd)
-        repo.close()
-        on_error(f"cannot mount at {mountpoint}: {exc}")
-        return 1
-    log.info("serving repository %s at %s (pid %d)", root, mountpoint, os.getpid())
+    if mountpoint is not None:
+        ops = Operations(Tree(repo.index, images, options.access), images)
+        service.registry.on_removed = ops.forget_disk
+        service.registry.on_point_changed = ops.forget_point
+        # default_permissions: the kernel checks the modes Access gives (root passes anyway).
+        fuse_options = set(pyfuse3.default_options) | {
+            "fsname=rpfs", "subtype=rpfs", "default_permissions"}
+        if options.access.allow_other:
+            fuse_options.add("allow_other")
+        try:
+            pyfuse3.init(ops, str(mountpoint), fuse_options)
+        except RuntimeError as exc:
+            for sock in sockets:
+                sock.close()
+            cache.close()
+            os.close(lock_fd)
+            repo.close()
+            on_error(f"cannot mount at {mountpoint}: {exc}")
+            return 1
+    nbd = (options.nbd, sockets, Exports(images)) if options.nbd is not None else None
+    log.info("serving repository %s%s%s (pid %d)", root,
+             f" at {mountpoint}" if mountpoint else "",
+             f" over NBD at {options.nbd}" if options.nbd else "", os.getpid())
     service.registry.resume_archiving()
     if options.hydrate:
         service.start_background_hydration()
     checkpoints = _Checkpoints(repo)
     try:
-        trio.run(_serve, root, mountpoint, service, checkpoints, on_ready)
+        trio.run(_serve, root, mountpoint, service, checkpoints, nbd, on_ready)
     finally:
-        pyfuse3.close(unmount=True)
+        if mountpoint is not None:
+            pyfuse3.close(unmount=True)
         service.registry.close_all()
         cache.close()
         checkpoints.take_if_changed(0)  # the state the disks were closed in
         repo.close()
         os.close(lock_fd)
-        log.info("unmounted %s", mountpoint)
+        log.info("stopped serving %s", mountpoint or options.nbd)
     return 0

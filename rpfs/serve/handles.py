@@ -26,8 +26,10 @@ from dataclasses import dataclass
 from ..disks.livedisk import LiveDisk
 from ..disks.point import PointImage
 from ..disks.registry import Registry
+from ..disks.status import DiskStatus, PointStatus
 from ..errors import RpfsError
-from ..index import DiskRecord, PointRecord, PointState
+from ..index import MAX_GEN, DiskRecord, PointRecord, PointState
+from ..lineage import share_history
 from ..repo import Repository
 from ..store.cache import ChunkCache
 
@@ -55,10 +57,12 @@ class PointHandle:
         self._registry = registry
         self._point = image.point
         self._overlay = overlay
+        self.disk = image.point.disk
         self.size = image.size
         self.instance = _instance(image.point)
         self.read = image.read
         self.read_at_hand = image.read_at_hand
+        self.status = PointStatus(image.repo.index, image.point)
         # A point still being archived reads frozen blocks under its disk's locks, which
         # another thread may hold for long; a complete one waits on nothing but its
         # chunks, which an object store may take a retry bound to answer.
@@ -66,6 +70,12 @@ class PointHandle:
 
     def write(self, offset: int, data: bytes) -> int:
         raise OSError(errno.EROFS, "recovery points are read-only")
+
+    def zero_range(self, offset: int, length: int) -> None:
+        raise OSError(errno.EROFS, "recovery points are read-only")
+
+    def hydrate(self, offset: int, length: int) -> None:
+        """A point has nothing to copy in: its chunks are where they stay."""
 
     def sync(self) -> None:
         pass
@@ -85,12 +95,22 @@ class DiskHandle:
 
     def __init__(self, registry: Registry, name: str, disk: LiveDisk) -> None:
         self._registry = registry
-        self.name = name
+        self.name = self.disk = name
         self.size = disk.size
+        self._bs = disk.bs
+        self._hydrate = disk.hydrate_range
         self.read = disk.read
         self.read_at_hand = disk.read_at_hand
         self.write = disk.write
+        self.zero_range = disk.zero_range
         self.sync = disk.sync
+        self.status = DiskStatus(disk)
+
+    def hydrate(self, offset: int, length: int) -> None:
+        """Copy the ABSENT blocks of a byte range into the local file now (a clone's)."""
+        end = min(offset + length, self.size)
+        if offset < end:
+            self._hydrate(offset // self._bs, (end - 1) // self._bs + 1)
 
     def close(self) -> None:
         self._registry.release(self.name, handle=True)
@@ -147,6 +167,39 @@ class Images:
             log.warning("open of disk %s refused: %s", name, exc)
             raise OSError(errno.EBUSY, str(exc)) from None
         return DiskHandle(self.registry, name, disk)
+
+    def names(self) -> tuple[list[tuple[str, str]], list[str]]:
+        """Every image there is: the (disk, point) pairs and the writable disks' names."""
+        with self.repo.index.read() as txn:
+            disks = self.repo.index.list_disks(txn)
+            points = [(d.name, p.name) for d in disks
+                      for p in self.repo.index.list_points(txn, d.name)]
+        return points, [d.name for d in disks if d.writable]
+
+    def history_points(self, disk: str) -> list[str]:
+        """The points of a disk, by name: what an image of it can be compared with (a
+        dirty bitmap) without naming a disk."""
+        with self.repo.index.read() as txn:
+            return [p.name for p in self.repo.index.list_points(txn, disk)]
+
+    def compared_point(self, disk: str, point: str | None, name: str) -> PointRecord | None:
+        """The point `name` (POINT of `disk`, or DISK@POINT) if it shares the history of
+        the image `disk`@`point` (the writable disk `disk` when `point` is None), so
+        their differences mean something; else None."""
+        index = self.repo.index
+        other_disk, _, other = name.rpartition("@")
+        with index.read() as txn:
+            found = index.get_point(txn, other_disk or disk, other)
+            if point is not None:
+                ours = index.get_point(txn, disk, point)
+                chain = None if ours is None else index.chain(txn, ours.lineage, ours.gen)
+            else:
+                record = index.get_disk(txn, disk)
+                chain = None if record is None else index.chain(txn, record.lineage, MAX_GEN)
+            if found is None or chain is None:
+                return None
+            theirs = index.chain(txn, found.lineage, found.gen)
+        return found if share_history(chain, theirs) else None
 
     def point_info(self, disk: str, name: str) -> ImageInfo:
         return self._point_info(self._point(disk, name))

@@ -91,15 +91,19 @@ class FioResult:
     direct: bool
 
 
-def fio(path: Path, rw: str, runtime: float, qd: int = 1, direct: bool = True,
+def fio(path: Path | str, rw: str, runtime: float, qd: int = 1, direct: bool = True,
         fsync: int = 0, size: int | None = None) -> FioResult:
-    """One fio job of 4 KiB random I/O on an existing file; clat mean and p99 from JSON."""
+    """One fio job of 4 KiB random I/O on an existing file, or on an NBD export (`path`
+    an nbd:// or nbd+unix:// URI: fio's nbd engine, libnbd); clat mean and p99 from JSON."""
+    if str(path).startswith(("nbd://", "nbd+unix://")):
+        target = ["--ioengine=nbd", f"--uri={path}"]
+    else:
+        target = [f"--filename={path}", f"--direct={int(direct)}",
+                  "--ioengine=" + ("psync" if qd == 1 else "libaio"), "--invalidate=1"]
     cmd = [
-        "fio", "--name=r", f"--filename={path}", f"--rw={rw}", "--bs=4k",
-        f"--direct={int(direct)}", f"--iodepth={qd}",
-        "--ioengine=" + ("psync" if qd == 1 else "libaio"),
+        "fio", "--name=r", *target, f"--rw={rw}", "--bs=4k", f"--iodepth={qd}",
         f"--runtime={runtime:g}", "--time_based", "--output-format=json",
-        "--randrepeat=1", "--norandommap", "--invalidate=1",
+        "--randrepeat=1", "--norandommap",
     ]
     if rw.endswith("read"):
         cmd.append("--readonly")

@@ -40,6 +40,7 @@ from .measure import (
     tree_bytes,
     wait_for,
 )
+from .nbd import NBD_CLONE_METRICS, NBD_METRICS, bench_nbd
 from .results import Results
 from .s3 import bench_s3
 from .sample import CHURN_REGION, MiB, Sample, apply_churn, build_sample
@@ -697,15 +698,10 @@ def bench_borg(bench: Bench) -> None:
         measure_reads(bench, "borg", mnt / "disk.img", sample.churned)
 
 
-def bench_qemu(bench: Bench) -> None:
-    sample = bench.sample
-    assert sample is not None
-    qdir = bench.work / "qemu"
-    qdir.mkdir(exist_ok=True)
-    base, overlay = qdir / "base.qcow2", qdir / "overlay.qcow2"
-    # The churned regions, one file each: what changed block tracking would hand over.
+def churn_writes(sample: Sample, churn: Path, compressed: bool) -> list[str]:
+    """qemu-io arguments writing the churned regions of `sample`, one file each in
+    `churn` (what changed block tracking would hand over)."""
     regions = json.loads(sample.changed.read_text())
-    churn = qdir / "churn"
     churn.mkdir(exist_ok=True)
     writes = []
     with open(sample.churned, "rb") as f:
@@ -713,7 +709,19 @@ def bench_qemu(bench: Bench) -> None:
             f.seek(ext["start"])
             part = churn / f"{i:06d}.bin"
             part.write_bytes(f.read(ext["length"]))
-            writes += ["-c", f"write -c -q -s {part} {ext['start']} {ext['length']}"]
+            flag = "-c " if compressed else ""
+            writes += ["-c", f"write {flag}-q -s {part} {ext['start']} {ext['length']}"]
+    return writes
+
+
+def bench_qemu(bench: Bench) -> None:
+    sample = bench.sample
+    assert sample is not None
+    qdir = bench.work / "qemu"
+    qdir.mkdir(exist_ok=True)
+    base, overlay = qdir / "base.qcow2", qdir / "overlay.qcow2"
+    churn = qdir / "churn"
+    writes = churn_writes(sample, churn, compressed=True)
 
     def full() -> None:
         run(["qemu-img", "convert", "-O", "qcow2", "-c", "-o", "compression_type=zstd",
@@ -825,6 +833,8 @@ def _run(bench: Bench) -> None:
         bench_ceiling(bench)
     with bench.section("raw", READ_METRICS):
         bench_raw(bench)
+    with bench.section("nbd", NBD_METRICS + NBD_CLONE_METRICS, "rpfs"):
+        bench_nbd(bench)
     if opts.s3:
         bench_s3(bench)
     if opts.peers:
