@@ -438,5 +438,8 @@ def serve(
         checkpoints.take_if_changed(0)  # the state the disks were closed in
         repo.close()
         os.close(lock_fd)
-        log.info("stopped serving %s", mountpoint or options.nbd)
+        if mountpoint is not None:
+            log.info("unmounted %s", mountpoint)
+        else:
+            log.info("stopped serving NBD at %s", options.nbd)
     return 0
