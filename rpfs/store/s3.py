@@ -174,7 +174,10 @@ class S3Objects:
             if refused is not None:
                 raise refused from None
             text = str(exc)
-            if "404" in text or ("<Error>" not in text and "non-2xx" in text):
+            # Not S3: an HTTP server answered with a status and no S3 error document. A
+            # failure with no status is no answer (seen under load in CI): an outage.
+            if "404" in text or ("<Error>" not in text and "non-2xx" in text
+                                 and _status(text) != "?"):
                 raise StoreRefused(f"{where} does not answer as an S3 store (HTTP "
                                    f"{_status(text)}): check --s3-endpoint") from None
             raise StoreUnreachable(f"{where} cannot be reached: {_reason(exc)}") from None
