@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
 """The ceiling filesystem: the fastest a pyfuse3 filesystem can serve a file here.
 
-One read-only file, `image.img`, at the root of the mount, whose content is a bytes object
-held in memory: a copy of SOURCE, or with SOURCE `pattern:SIZE` (e.g. `pattern:64M`) a
-deterministic pattern of that size. Reads are slices of that object answered on the trio
-thread; nothing else happens. The mount uses rpfs's FUSE settings: the same options
-(allow_other, default_permissions), keep_cache on open, st_blksize 1 MiB and the same bdi
-read_ahead_kb, so the difference between rpfs and this is rpfs's own work.
+One file, `image.img`, at the root of the mount, whose content is a bytearray held in
+memory: a copy of SOURCE, or with SOURCE `pattern:SIZE` (e.g. `pattern:64M`) a
+deterministic pattern of that size. Reads are slices of a memoryview of it and writes are
+stored into it, both answered on the trio thread; fsync and flush do nothing (there is
+nothing to make durable), the size is fixed and SOURCE is never written. Nothing else
+happens. The mount uses rpfs's FUSE settings: the same options (allow_other,
+default_permissions), keep_cache on an open for reading only (as rpfs on a point's open)
+and not on one for writing (as rpfs on a writable disk's), st_blksize 1 MiB and the same
+bdi read_ahead_kb, so the difference between rpfs and this is rpfs's own work, for reads
+and for writes (the bench writes after all its reads: a write changes what reads see).
 
     python scripts/ceilingfs.py SOURCE MOUNTPOINT
 
@@ -51,16 +55,22 @@ def pattern_bytes(size: int) -> bytes:
     return words.tobytes()[:size]
 
 
-def load_source(source: str) -> bytes:
+def load_source(source: str) -> bytearray:
+    """The file's content, writable: a copy of `source` in memory (or the pattern)."""
     if source.startswith("pattern:"):
-        return pattern_bytes(parse_size(source.removeprefix("pattern:")))
-    return Path(source).read_bytes()
+        return bytearray(pattern_bytes(parse_size(source.removeprefix("pattern:"))))
+    with open(source, "rb") as f:
+        data = bytearray(os.fstat(f.fileno()).st_size)
+        f.readinto(data)  # one copy, not a bytes object and then a bytearray of it
+    return data
 
 
 class CeilingOps(pyfuse3.Operations):
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytearray) -> None:
         super().__init__()
         self.data = data
+        # reads slice this (no copy); writes assign into it. The bytearray is never
+        # resized, which an exported memoryview would forbid anyway.
         self.view = memoryview(data)
         self.mtime_ns = time.time_ns()
 
@@ -71,7 +81,7 @@ class CeilingOps(pyfuse3.Operations):
             entry.st_mode = stat.S_IFDIR | 0o755
             entry.st_nlink = 2
         elif ino == FILE_INO:
-            entry.st_mode = stat.S_IFREG | 0o444
+            entry.st_mode = stat.S_IFREG | 0o644
             entry.st_nlink = 1
             entry.st_size = len(self.data)
             entry.st_blocks = (len(self.data) + 511) // 512
@@ -93,7 +103,9 @@ class CeilingOps(pyfuse3.Operations):
         return self._attr(inode)
 
     async def setattr(self, inode, attr, fields, fh, ctx):
-        raise pyfuse3.FUSEError(errno.EROFS)
+        if inode != FILE_INO or (fields.update_size and attr.st_size != len(self.data)):
+            raise pyfuse3.FUSEError(errno.EPERM)  # a disk image's size is fixed
+        return self._attr(inode)  # times and modes are not kept: nothing to change
 
     async def opendir(self, inode, ctx):
         if inode != pyfuse3.ROOT_INODE:
@@ -110,17 +122,27 @@ class CeilingOps(pyfuse3.Operations):
     async def open(self, inode, flags, ctx):
         if inode != FILE_INO:
             raise pyfuse3.FUSEError(errno.EISDIR)
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
-            raise pyfuse3.FUSEError(errno.EROFS)
-        return pyfuse3.FileInfo(fh=FILE_INO, keep_cache=True)
+        if flags & (os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EPERM)  # a disk image's size is fixed
+        writable = bool(flags & (os.O_WRONLY | os.O_RDWR))
+        return pyfuse3.FileInfo(fh=FILE_INO, keep_cache=not writable)
 
     async def read(self, fh, off, size):
         return self.view[off : off + size]
 
     async def write(self, fh, off, buf):
-        raise pyfuse3.FUSEError(errno.EROFS)
+        if not buf:
+            return 0
+        end = min(off + len(buf), len(self.data))
+        if off >= end:
+            raise pyfuse3.FUSEError(errno.ENOSPC)  # at or past the end: it does not grow
+        self.view[off:end] = buf[: end - off]
+        return end - off
 
     async def flush(self, fh):
+        pass
+
+    async def fsync(self, fh, datasync):
         pass
 
     async def release(self, fh):

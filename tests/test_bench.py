@@ -4,10 +4,12 @@ targets and the JSON file. The benchmark itself never runs in tests (nothing is 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import importlib
 import itertools
 import json
+import mmap
 import os
 import select
 import shutil
@@ -35,6 +37,7 @@ measure = importlib.import_module("benchlib.measure")
 background = importlib.import_module("benchlib.background")
 s3_bench = importlib.import_module("benchlib.s3")
 bench_mounts = importlib.import_module("benchlib.mounts")
+write32m = importlib.import_module("benchlib.write32m")
 ceilingfs = importlib.import_module("ceilingfs")
 
 MiB = 1 << 20
@@ -84,13 +87,14 @@ def test_missing_marks_only_unrecorded_metrics_null():
 def _fake_results() -> br.Results:
     r = br.Results(2 << 30, {"cpus": 2})
     r.add("rpfs", "seq_read_cold_MBps", [700, 690, 710])
-    r.add("ceiling", "seq_read_cold_MBps", [1000, 1000, 1000])
-    r.add("borg", "seq_read_cold_MBps", [300, 300, 300])  # 700 < 3 × 300: FAIL
+    r.add("ceiling", "seq_read_cold_MBps", [1000, 1000, 1000])  # no target on it
+    r.add("borg", "seq_read_cold_MBps", [300, 300, 300])  # no target on it
+    r.add("qemu", "seq_read_cold_MBps", [800, 800, 800])  # 700 < 800: FAIL
     r.add("rpfs", "clone_create_s", [0.05, 0.04, 0.06])  # PASS
     r.add("rpfs", "snapshot_s", [0.2, 0.3, 0.25])  # FAIL
     r.add("rpfs", "rollback_s", None, "not measured: no rollback command yet")  # n/a
     r.add("rpfs", "rand4k_qd1_mean_us", [100, 100, 100])
-    r.add("qemu", "rand4k_qd1_mean_us", [120, 120, 120])  # PASS
+    r.add("qemu", "rand4k_qd1_mean_us", [90, 90, 90])  # 1.11 ≤ 1.25: PASS
     r.add("rpfs", "repo_bytes_added_incr", [5 * MiB] * 3)
     r.add("qemu", "repo_bytes_added_incr", [5 * MiB] * 3)  # equal: PASS (<=)
     r.add("rpfs", "daemon_peak_rss_MiB", [90.0])
@@ -105,24 +109,105 @@ def _verdicts(r: br.Results) -> dict[str, br.Verdict]:
 
 def test_targets_with_fake_numbers():
     v = _verdicts(_fake_results())
-    ceiling = v["point cold read ≥ 0.6 × ceiling"]
-    assert (ceiling.status, ceiling.ratio, ceiling.required) == ("PASS", 0.7, ">= 0.6")
-    borg = v["point cold read ≥ 3 × borg"]
-    assert borg.status == "FAIL" and borg.ratio == pytest.approx(700 / 300)
-    assert v["point cold read ≥ 3 × restic"].status == "n/a"  # restic not measured
-    assert v["point cold read ≥ 3 × restic"].ratio is None
+    qemu = v["point cold read ≥ qemu"]
+    assert (qemu.status, qemu.ratio, qemu.required) == ("FAIL", 0.875, ">= 1")
+    assert v["full capture ≥ 2 × borg"].status == "n/a"  # no capture measured
+    assert v["full capture ≥ 2 × borg"].ratio is None
     assert v["clone < 0.1 s"].status == "PASS"
     assert v["clone < 0.1 s"].ratio == pytest.approx(0.5)
     assert v["snapshot < 0.1 s"].status == "FAIL"
     assert v["rollback < 0.1 s"].status == "n/a"
-    assert v["rand4k qd1 mean latency ≤ qemu"].status == "PASS"
+    qd1 = v["point rand4k qd1 mean latency ≤ 1.25 × qemu"]
+    assert qd1.status == "PASS" and qd1.ratio == pytest.approx(100 / 90)
     assert v["incremental repo bytes ≤ qcow2 overlay"].status == "PASS"
     assert v["daemon peak RSS ≤ 150 MiB"].status == "PASS"
     assert v["daemon peak RSS ≤ 150 MiB at 64 GiB"].status == "PASS"
     growth = [t for name, t in v.items() if name.startswith("daemon RSS not growing")]
     assert growth[0].status == "FAIL"
-    assert v["hydrated clone read ≥ 0.8 × ceiling"].status == "n/a"
+    assert v["hydrated clone cold read ≥ 0.7 × raw"].status == "n/a"
     assert {t.status for t in v.values()} == {"PASS", "FAIL", "n/a"}
+
+
+# issue 16's speed targets: (name, rpfs metric, reference (system, metric), reference
+# value, an rpfs value that passes (the bound itself where it is exact), one that fails)
+ISSUE16_TARGETS = [
+    ("point rand4k qd16 ≥ 0.5 × ceiling", "rand4k_qd16_iops", ("ceiling", "rand4k_qd16_iops"),
+     12658, 6329, 2224),
+    ("point rand4k qd16 ≥ 0.5 × qemu", "rand4k_qd16_iops", ("qemu", "rand4k_qd16_iops"),
+     15775, 8000, 7800),
+    ("point rand4k qd1 mean latency ≤ 1.25 × qemu", "rand4k_qd1_mean_us",
+     ("qemu", "rand4k_qd1_mean_us"), 184, 230, 352),
+    ("hydrated clone rand4k qd16 ≥ 0.5 × ceiling", "clone_hydrated_rand4k_qd16_iops",
+     ("ceiling", "rand4k_qd16_iops"), 12658, 6329, 6000),
+    ("hydrated clone cold read ≥ 0.7 × raw", "clone_hydrated_read_MBps",
+     ("raw", "seq_read_cold_MBps"), 2000, 1400, 395),
+    ("copy-on-read first read ≥ 0.5 × point cold read", "clone_first_read_MBps",
+     ("rpfs", "seq_read_cold_MBps"), 364, 182, 181),
+    ("point cold read ≥ qemu", "seq_read_cold_MBps", ("qemu", "seq_read_cold_MBps"),
+     599, 599, 364),
+    ("full capture ≥ 2 × borg", "capture_full_MBps", ("borg", "capture_full_MBps"),
+     140, 280, 248),
+    ("incremental capture ≤ 0.5 × qemu overlay writes", "capture_incr_s",
+     ("qemu", "capture_incr_s"), 2.4, 1.2, 1.3),
+    ("clone rand4k write (fsync/32) ≥ qemu qcow2 overlay", "clone_rand4k_write_iops",
+     ("qemu", "clone_rand4k_write_iops"), 4000, 4000, 851),
+    ("32 MiB write from an untouched buffer ≤ 2 × touched", "write32m_untouched_s",
+     ("rpfs", "write32m_touched_s"), 0.25, 0.5, 28.9),
+    ("clone rand4k write qd16 ≥ 0.5 × ceiling", "rand4k_write_qd16_iops",
+     ("ceiling", "rand4k_write_qd16_iops"), 20000, 10000, 851),
+]
+
+
+@pytest.mark.parametrize(("name", "metric", "other", "ref", "good", "bad"), ISSUE16_TARGETS,
+                         ids=[case[0] for case in ISSUE16_TARGETS])
+def test_issue16_targets_pass_and_fail_on_made_up_values(name, metric, other, ref, good, bad):
+    r = br.Results(2 << 30)
+    r.add(*other, [ref])
+    assert _verdicts(r)[name].status == "n/a"  # rpfs's side not measured
+    r.add("rpfs", metric, [good])
+    verdict = _verdicts(r)[name]
+    assert verdict.status == "PASS", verdict
+    assert (verdict.value, verdict.reference) == (good, ref)
+    r.add("rpfs", metric, [bad])
+    assert _verdicts(r)[name].status == "FAIL"
+    r.add(*other, None, "not measured: no peer")
+    assert _verdicts(r)[name].status == "n/a"
+
+
+def test_issue16_targets_replace_the_old_speed_targets():
+    names = {t.name for t in br.TARGETS}
+    assert {case[0] for case in ISSUE16_TARGETS} <= names
+    for old in ("point cold read ≥ 0.6 × ceiling", "point cold read ≥ 3 × borg",
+                "point cold read ≥ 3 × restic", "hydrated clone read ≥ 0.8 × ceiling",
+                "unhydrated clone read ≥ 0.5 × ceiling", "rand4k qd1 mean latency ≤ qemu"):
+        assert old not in names
+    for kept in ("clone < 0.1 s", "snapshot < 0.1 s", "rollback < 0.1 s",
+                 "daemon peak RSS ≤ 150 MiB", "incremental repo bytes ≤ qcow2 overlay",
+                 "cold read from the store ≥ 0.5 × local", "capture to the store ≥ 0.8 × local",
+                 f"clone rand4k p99 during gc ≤ {br.GC_READ_SLOWDOWN:g} × quiet"):
+        assert kept in names
+    for t in br.TARGETS:  # every metric a target names is one the table knows
+        assert t.metric in br.METRICS, t.name
+        assert t.other is None or t.other[1] in br.METRICS, t.name
+
+
+def test_new_write_rows_print_with_their_units():
+    r = br.Results(256 * MiB)
+    r.add("rpfs", "write32m_untouched_s", [28.9, 30.1, 29.5], "no page touched")
+    r.add("rpfs", "write32m_touched_s", [0.141, 0.139, 0.142])
+    r.add("rpfs", "rand4k_write_qd16_iops", [851.4])
+    r.add("ceiling", "rand4k_write_qd16_iops", [20000])
+    r.add("rpfs", "clone_hydrated_rand4k_qd16_iops", [5180.2])
+    lines = br.render_table(r).splitlines()
+    rows = {line.split()[0]: line.split()[1:] for line in lines if line.startswith(
+        ("write32m_", "rand4k_write_", "clone_hydrated_"))}
+    assert rows["write32m_untouched_s"] == ["29.500*"]
+    assert rows["write32m_touched_s"] == ["0.141"]
+    assert rows["rand4k_write_qd16_iops"] == ["851", "20000"]
+    assert rows["clone_hydrated_rand4k_qd16_iops"] == ["5180"]
+    untouched = next(line for line in lines
+                     if line.startswith("32 MiB write from an untouched buffer"))
+    assert "FAIL" in untouched and "209.22" in untouched
 
 
 def test_target_bounds_are_strict_or_not_as_written():
@@ -153,8 +238,9 @@ def test_json_shape(tmp_path: Path):
     assert by_key[("rpfs", "rollback_s")]["value"] is None
     assert "no rollback" in by_key[("rpfs", "rollback_s")]["note"]
     statuses = {t["target"]: t["status"] for t in data["targets"]}
-    assert statuses["point cold read ≥ 0.6 × ceiling"] == "PASS"
-    assert statuses["point cold read ≥ 3 × restic"] == "n/a"
+    assert statuses["point rand4k qd1 mean latency ≤ 1.25 × qemu"] == "PASS"
+    assert statuses["point cold read ≥ qemu"] == "FAIL"
+    assert statuses["full capture ≥ 2 × borg"] == "n/a"
     assert all({"target", "rule", "status", "ratio", "required"} <= set(t) for t in data["targets"])
     # a second run in the same second gets its own file
     again = br.write_json(r, tmp_path / "bench-results", when)
@@ -168,7 +254,7 @@ def test_table_shows_values_targets_and_notes():
     header = next(line for line in lines if line.startswith("metric"))
     assert header.split() == ["metric", "rpfs", "ceiling", "borg", "qemu"]
     row = next(line for line in lines if line.startswith("seq_read_cold_MBps"))
-    assert row.split() == ["seq_read_cold_MBps", "700", "1000", "300"]
+    assert row.split() == ["seq_read_cold_MBps", "700", "1000", "300", "800"]
     assert any(line.startswith("rollback_s") and "-*" in line for line in lines)
     snap = next(line for line in lines if line.startswith("snapshot < 0.1 s "))
     assert "FAIL" in snap and "2.50" in snap
@@ -326,6 +412,50 @@ def _mk(p: Path) -> Path:
     return p
 
 
+# -- the 32 MiB write ---------------------------------------------------------------------
+
+
+def test_write32m_pattern_and_sample_pages():
+    size = write32m.WRITE_SIZE
+    data = write32m.pattern(size, 3, 1 << 16)
+    assert data[:8] == ((3 << 48) + size).to_bytes(8, "little")
+    assert data[4096:4104] == ((3 << 48) + size + 4096).to_bytes(8, "little")
+    assert write32m.pattern(size + 4096, 3, 4096) == data[4096:8192]  # a page of the whole
+    assert write32m.pattern(size, 4, 4096) != data[:4096]  # each run its own
+    assert b"\0" * 8 not in [data[i : i + 8] for i in range(0, len(data), 8)]
+    pages = write32m.sample_pages(size)
+    assert len(pages) == write32m.SAMPLES and pages == sorted(set(pages))
+    assert pages[0] == size and pages[-1] == 2 * size - 4096
+    assert all(p % 4096 == 0 for p in pages)
+
+
+def test_write32m_times_one_write_in_a_helper_and_checks_it(tmp_path: Path):
+    """On a plain file: the helper's figure, the bytes checked, and a write over the limit
+    reported as None."""
+    image = tmp_path / "image.img"
+    size = write32m.WRITE_SIZE
+    with open(image, "wb") as f:
+        f.truncate(3 * size)
+    seconds, skew = write32m.timed_write(image, size, touched=True, tag=1)
+    assert seconds is not None and 0 < seconds < 60
+    assert skew is not None and 0 <= skew < 4096  # glibc: 16
+    with open(image, "rb") as f:
+        f.seek(size)
+        assert f.read(size) == write32m.pattern(size, 1)
+    seconds, _ = write32m.timed_write(image, size, touched=False, tag=2)
+    assert seconds is not None and 0 < seconds < 60
+    with open(image, "rb") as f:
+        f.seek(size)
+        assert f.read(size) == bytes(size)  # the marks at the sample pages are gone too
+    write32m.check_region(image, size, touched=False, tag=2)
+    with open(image, "r+b") as f:  # a wrong byte on a sample page is found
+        f.seek(write32m.sample_pages(size)[3] + 100)
+        f.write(b"x")
+    with pytest.raises(measure.BenchError, match="CONTENT MISMATCH"):
+        write32m.check_region(image, size, touched=False, tag=2)
+    assert write32m.timed_write(image, 2 * size, touched=True, tag=3, limit=0).seconds is None
+
+
 # -- the ceiling filesystem --------------------------------------------------------------
 
 
@@ -409,7 +539,7 @@ def test_ceiling_serves_the_source_bytes(ceiling):
     st = image.stat()
     assert st.st_size == source.stat().st_size
     assert st.st_blksize == 1 << 20
-    assert oct(st.st_mode & 0o777) == oct(0o444)
+    assert oct(st.st_mode & 0o777) == oct(0o644)
     subprocess.run(["cmp", str(image), str(source)], check=True)
     out = subprocess.run(
         ["dd", f"if={image}", "bs=1M", "status=none"], capture_output=True, check=True
@@ -427,13 +557,43 @@ def test_ceiling_serves_the_source_bytes(ceiling):
 
 
 @needs_fuse
-def test_ceiling_is_read_only_and_tuned_like_rpfs(ceiling):
-    _, mnt, _ = ceiling
+def test_ceiling_stores_writes_in_memory_and_is_tuned_like_rpfs(ceiling):
+    source, mnt, _ = ceiling
     image = mnt / "image.img"
+    before = source.read_bytes()
+    size = len(before)
+    expect = bytearray(before)
+    with open(image, "r+b", buffering=0) as f:
+        assert f.write(b"a" * 5000) == 5000  # unaligned, over a page boundary
+        f.seek(2 * MiB + 7)
+        assert f.write(b"b" * 100) == 100
+        os.fsync(f.fileno())  # a no-op, but it must answer
+        f.seek(size - 10)
+        assert f.write(b"c" * 30) == 10  # the image does not grow
+        with pytest.raises(OSError) as err:
+            f.write(b"d")
+        assert err.value.errno == errno.ENOSPC
+    expect[:5000] = b"a" * 5000
+    expect[2 * MiB + 7 : 2 * MiB + 107] = b"b" * 100
+    expect[size - 10 :] = b"c" * 10
+    assert image.read_bytes() == expect
+    fd = os.open(image, os.O_RDONLY | os.O_DIRECT)  # from the filesystem, not the cache
+    buf = mmap.mmap(-1, 1 << 16)
+    try:
+        assert os.preadv(fd, [buf], 0) == 1 << 16
+        assert buf[:] == expect[: 1 << 16]
+    finally:
+        buf.close()
+        os.close(fd)
+    assert image.stat().st_size == size
+    assert source.read_bytes() == before  # SOURCE was copied, never written
     with pytest.raises(OSError):
-        open(image, "r+b")  # noqa: SIM115
+        os.truncate(image, size + 4096)
+    with pytest.raises(OSError):
+        open(image, "wb")  # noqa: SIM115 (O_TRUNC)
     with pytest.raises(OSError):
         (mnt / "new").write_bytes(b"x")
+    assert image.stat().st_size == size
     dev = None
     with open("/proc/self/mountinfo") as f:
         for line in f:

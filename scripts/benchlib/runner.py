@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import mounts
+from . import mounts, write32m
 from .background import Repeat, covered
 from .cli_timer import CliTimer
 from .measure import (
@@ -55,7 +55,11 @@ READ_METRICS = ["seq_read_cold_MBps", "seq_read_warm_MBps", "rand4k_qd1_iops",
 CAPTURE_METRICS = ["capture_full_MBps", "capture_incr_s", "repo_bytes_after_full",
                    "repo_bytes_added_incr"]
 CLONE_METRICS = ["clone_create_s", "clone_first_read_MBps", "clone_hydrate_s",
-                 "clone_hydrated_read_MBps", "clone_rand4k_write_iops"]
+                 "clone_hydrated_read_MBps", "clone_hydrated_rand4k_qd16_iops",
+                 "clone_rand4k_write_iops", "rand4k_write_qd16_iops", "write32m_untouched_s",
+                 "write32m_touched_s"]
+CEILING_METRICS = [*READ_METRICS, "rand4k_write_qd16_iops"]
+QEMU_WRITE_METRICS = ["clone_rand4k_write_iops"]
 BIG_METRICS = ["clone_create_s_64G", "snapshot_s_64G", "rollback_s_64G",
                "daemon_peak_rss_MiB_64G"]
 GC_METRICS = ["gc_compact_MBps", "gc_rand4k_qd1_p99_quiet_us", "gc_rand4k_qd1_p99_us",
@@ -374,7 +378,7 @@ def bench_clones(bench: Bench, repo: Path, mnt: Path, source: str, suffix: str,
             metrics += CLONE_METRICS
         r.missing("rpfs", metrics, note)
         return
-    creates, first, hydrate_s, hydrated = [], [], [], []
+    creates, first, hydrate_s, hydrated, hydrated_qd16 = [], [], [], [], []
     names = []
     for k in range(runs):
         name = f"{prefix}{k}"
@@ -392,6 +396,11 @@ def bench_clones(bench: Bench, repo: Path, mnt: Path, source: str, suffix: str,
             hydrate_s.append(bench.rpfs_op_s("-r", repo, "hydrate", name))
             drop_caches()
             hydrated.append(dd_read(path, bench.opts.size))
+            bench.say(f"rpfs: clone {name}: fio 4k random reads, qd16, hydrated, "
+                      f"{bench.opts.fio_runtime:g}s")
+            drop_caches()
+            hydrated_qd16.append(fio(path, "randread", bench.opts.fio_runtime, 16,
+                                     can_open_direct(path)))
     r.add("rpfs", f"clone_create_s{suffix}", creates, bench.op_note)
     if reads:
         r.add("rpfs", "clone_first_read_MBps", first)
@@ -400,6 +409,12 @@ def bench_clones(bench: Bench, repo: Path, mnt: Path, source: str, suffix: str,
               bench.op_note if have["hydrate"] else no_hydrate)
         r.add("rpfs", "clone_hydrated_read_MBps", hydrated if have["hydrate"] else None,
               None if have["hydrate"] else no_hydrate)
+        if not have["hydrate"]:
+            r.add("rpfs", "clone_hydrated_rand4k_qd16_iops", None, no_hydrate)
+        else:
+            r.add("rpfs", "clone_hydrated_rand4k_qd16_iops", [x.iops for x in hydrated_qd16],
+                  None if all(x.direct for x in hydrated_qd16) else
+                  "buffered I/O: the clone refuses O_DIRECT (page cache dropped first)")
         path = mnt / "disks" / f"{names[0]}.img"
         res = run(["cmp", path, bench.sample.churned], check=False, timeout=600)
         if res.returncode != 0:
@@ -413,6 +428,88 @@ def bench_clones(bench: Bench, repo: Path, mnt: Path, source: str, suffix: str,
         r.add("rpfs", "clone_rand4k_write_iops", writes,
               None if direct else "buffered I/O: the clone refuses O_DIRECT")
     bench_snapshot_rollback(bench, repo, names[0], suffix, runs)
+    if reads:  # after the snapshot/rollback runs: its writes do not compete with their archiving
+        bench_clone_writes(bench, repo, mnt, source)
+
+
+def fio_writes_qd16(bench: Bench, system: str, path: Path, how: str) -> None:
+    """`rand4k_write_qd16_iops`: fio 4 KiB random writes at qd16 with no fsync, O_DIRECT
+    (buffered, noted, if `path` refuses it), `runs` × `fio_runtime`; `how` says on what."""
+    opts = bench.opts
+    direct = can_open_direct(path, write=True)
+    bench.say(f"{system}: fio 4k random writes, qd16, {opts.runs} × {opts.fio_runtime:g}s"
+              + ("" if direct else " (buffered)"))
+    iops = [fio(path, "randwrite", opts.fio_runtime, 16, direct).iops for _ in range(opts.runs)]
+    io = "O_DIRECT" if direct else "buffered I/O (the file refuses O_DIRECT)"
+    bench.results.add(system, "rand4k_write_qd16_iops", iops,
+                      f"fio 4 KiB random writes, qd16, libaio, {io}, no fsync, {how}")
+
+
+def bench_clone_writes(bench: Bench, repo: Path, mnt: Path, source: str) -> None:
+    """4 KiB random writes at qd16 and single 32 MiB write()s from untouched and touched
+    buffers, on a fresh clone of `source` hydrated first (so they measure the write path,
+    not copy-on-write fetches from the point), deleted afterwards."""
+    name = "wclone"
+    bench.rpfs("-r", repo, "clone", source, name)
+    path = mnt / "disks" / f"{name}.img"
+    if not wait_for(path.exists, 10):
+        raise BenchError(f"rpfs clone made {name} but {path} did not appear")
+    try:
+        hydrated = bench.commands["hydrate"]
+        if hydrated:
+            bench.rpfs("-r", repo, "hydrate", name)
+        state = "hydrated" if hydrated else "not hydrated (no 'hydrate' command)"
+        fio_writes_qd16(bench, "rpfs", path, f"on a fresh clone, {state}")
+        bench_write32m(bench, path, state)
+    finally:
+        with contextlib.suppress(BenchError):  # a stuck daemon: the mount's end stops it
+            bench.rpfs("-r", repo, "disk", "delete", name, timeout=120)
+
+
+def bench_write32m(bench: Bench, path: Path, state: str) -> None:
+    """`write32m_untouched_s` and `write32m_touched_s` (benchlib/write32m.py) on the clone
+    image `path`: runs interleaved, alternating which goes first, each write at its own
+    32 MiB slot while the disk has enough of them. Once an untouched write runs over the
+    limit the others are not tried (each would cost the limit again)."""
+    opts, r = bench.opts, bench.results
+    limit = write32m.WRITE_LIMIT_S
+    slots = max(1, opts.size // write32m.WRITE_SIZE)
+    untouched: list[float] = []
+    touched: list[float] = []
+    skews: set[int] = set()
+    stopped = False
+    j = 0
+    bench.say(f"rpfs: 32 MiB write()s from untouched and touched buffers, {opts.runs} runs "
+              f"each (at most {limit:g}s a write)")
+    for k in range(opts.runs):
+        for is_touched in ((False, True) if k % 2 == 0 else (True, False)):
+            if stopped and not is_touched:
+                continue
+            offset = (j % slots) * write32m.WRITE_SIZE
+            j += 1
+            seconds, skew = write32m.timed_write(path, offset, is_touched, tag=j, limit=limit)
+            if skew is not None:
+                skews.add(skew)
+            if seconds is None and is_touched:
+                raise BenchError(f"a 32 MiB write from a touched buffer ran over {limit:g}s")
+            if seconds is None:
+                bench.say(f"rpfs: a 32 MiB write from an untouched buffer ran over "
+                          f"{limit:g}s: stopped; no more of them")
+                stopped = True
+                continue
+            (touched if is_touched else untouched).append(seconds)
+    at = " or ".join(str(x) for x in sorted(skews)) or "?"
+    how = (f"one os.pwrite of a freshly malloc'ed 32 MiB buffer (starting {at} bytes past a "
+           f"page boundary) into a clone ({state}), fsync after, outside the timed part; a "
+           "sample of the region read back and compared")
+    r.add("rpfs", "write32m_touched_s", touched, f"{how}; every page written before")
+    if not stopped:
+        r.add("rpfs", "write32m_untouched_s", untouched, f"{how}; no page touched")
+    else:
+        r.add("rpfs", "write32m_untouched_s", None,
+              f"{how}; no page touched; a write ran over {limit:g}s and was stopped"
+              + (f" (the ones that finished: {', '.join(f'{x:.1f}' for x in untouched)} s)"
+                 if untouched else ""))
 
 
 def bench_snapshot_rollback(bench: Bench, repo: Path, disk: str, suffix: str,
@@ -594,6 +691,9 @@ def bench_ceiling(bench: Bench) -> None:
     with mounts.ceiling_mount(sample.churned, mnt):
         record_readahead(bench, "ceiling", mnt)
         measure_reads(bench, "ceiling", mnt / "image.img", sample.churned)
+        # writes change the content: after every read
+        fio_writes_qd16(bench, "ceiling", mnt / "image.img",
+                        "into ceilingfs's in-memory copy of the image")
 
 
 def bench_raw(bench: Bench) -> None:
@@ -763,6 +863,40 @@ def bench_qemu(bench: Bench) -> None:
                                  stop_signal=signal.SIGTERM):
         record_readahead(bench, "qemu", export)
         measure_reads(bench, "qemu", export, sample.churned)
+    with bench.section("qemu writes", QEMU_WRITE_METRICS, "qemu"):
+        bench_qemu_writes(bench, base)
+
+
+def bench_qemu_writes(bench: Bench, base: Path) -> None:
+    """rpfs's clone write job (fio 4 KiB random writes, qd1, fsync every 32, same runtime
+    and runs) on a fresh qcow2 overlay of the qcow2 base, exported writable through
+    qemu-storage-daemon's FUSE export: a VM's clone the qemu way."""
+    opts = bench.opts
+    overlay = bench.work / "qemu" / "clone.qcow2"
+    overlay.unlink(missing_ok=True)
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", overlay])
+    export = bench.work / "qemu-clone.img"
+    export.touch()
+    cmd = [
+        "qemu-storage-daemon",
+        "--blockdev", f"driver=file,node-name=file1,filename={overlay}",
+        "--blockdev", "driver=qcow2,node-name=disk1,file=file1",
+        "--export", f"type=fuse,id=exp1,node-name=disk1,mountpoint={export},writable=on",
+    ]
+    with mounts.foreground_mount(cmd, export, export, log=bench.work / "qsd-clone.log",
+                                 stop_signal=signal.SIGTERM):
+        direct = can_open_direct(export, write=True)
+        bench.say(f"qemu: fio 4k random writes on a qcow2 overlay (fsync every 32), "
+                  f"{opts.runs} × {opts.fio_runtime:g}s" + ("" if direct else " (buffered)"))
+        writes = [fio(export, "randwrite", opts.fio_runtime, 1, direct, fsync=32).iops
+                  for _ in range(opts.runs)]
+    io = "O_DIRECT" if direct else "buffered I/O (the export refuses O_DIRECT)"
+    bench.results.add(
+        "qemu", "clone_rand4k_write_iops", writes,
+        f"fio 4 KiB random writes, {io}, fsync every 32, on a fresh qcow2 overlay of the "
+        "zstd qcow2 base (a cluster's first write copies it from the base) through "
+        "qemu-storage-daemon's FUSE export, writable=on",
+    )
 
 
 # -- the whole run -----------------------------------------------------------------------
@@ -829,7 +963,7 @@ def _run(bench: Bench) -> None:
             bench_rpfs_big(bench)
     with bench.section("rpfs gc", GC_METRICS, "rpfs"):
         bench_gc(bench)
-    with bench.section("ceiling", READ_METRICS):
+    with bench.section("ceiling", CEILING_METRICS):
         bench_ceiling(bench)
     with bench.section("raw", READ_METRICS):
         bench_raw(bench)
@@ -839,13 +973,15 @@ def _run(bench: Bench) -> None:
         bench_s3(bench)
     if opts.peers:
         missing = ensure_peers(bench)
-        for system, cmd, fn in (("restic", "restic", bench_restic),
-                                ("borg", "borg", bench_borg),
-                                ("qemu", "qemu-storage-daemon", bench_qemu)):
+        for system, cmd, fn, extra in (("restic", "restic", bench_restic, []),
+                                       ("borg", "borg", bench_borg, []),
+                                       ("qemu", "qemu-storage-daemon", bench_qemu,
+                                        QEMU_WRITE_METRICS)):
+            metrics = CAPTURE_METRICS + READ_METRICS + extra
             if cmd in missing:
-                r.missing(system, CAPTURE_METRICS + READ_METRICS, f"not measured: no {cmd}")
+                r.missing(system, metrics, f"not measured: no {cmd}")
                 continue
-            with bench.section(system, CAPTURE_METRICS + READ_METRICS):
+            with bench.section(system, metrics):
                 fn(bench)
 
 
