@@ -526,7 +526,7 @@ def _check_packs(
             where = f"{pack_name(loc.pack)}:{loc.offset}"
             try:
                 if verify_data:
-                    store.get(loc, chunk_digest)
+                    store.get(loc, chunk_digest, full=True)
                     continue
                 head = store.backend.read(loc.pack, loc.offset, HEADER.size)
             except PackMissing:

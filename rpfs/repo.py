@@ -36,10 +36,12 @@ log = logging.getLogger(__name__)
 
 # Format 2: the index has `gens`, `trash` and `policies` (point lifecycle). An rpfs that
 # reads format 1 only would write extents that `gens` does not list (a purge would never
-# drop them) and would not see the trash, so it must refuse the repository: rpfs.json
-# says 2 from the first open by this rpfs on.
-FORMAT = 2
-READS = (1, 2)  # format 1 is upgraded at its first open
+# drop them) and would not see the trash, so it must refuse the repository.
+# Format 3: packs get records of codecs 2 and 3 (zstd frames with a content checksum,
+# store/format.py), which an rpfs of format 2 cannot decode. Records written before stay
+# as they are and read as before. rpfs.json says 3 from the first open by this rpfs on.
+FORMAT = 3
+READS = (1, 2, 3)  # formats 1 and 2 are upgraded at their first open
 DEFAULT_REPO = "/var/lib/rpfs"
 MIN_BLOCK, MAX_BLOCK = 4 << 10, 4 << 20
 HASH, CODEC = "blake3", "zstd"
@@ -243,15 +245,17 @@ class Repository:
             raise
 
     def _upgrade(self) -> None:
-        """Say format 2 in rpfs.json once the index opened cleanly (its open added format
-        2's databases): an older rpfs then refuses the repository instead of writing
-        extents that the lifecycle's `gens` would not list. Nothing else changes: a
-        format 1 repository is a format 2 one without those databases. (A damaged index
-        or rpfs.json fails before this, and leaves rpfs.json as it was.)"""
+        """Say format 3 in rpfs.json once the index opened cleanly (its open added format
+        2's databases), before anything writes a record: an older rpfs then refuses the
+        repository instead of writing extents that the lifecycle's `gens` would not list
+        (format 1) or failing to decode records of codecs 2 and 3 (format 2). Nothing
+        else changes: a format 1 repository is a format 2 one without those databases,
+        and a format 2 one a format 3 one with legacy records only. (A damaged index or
+        rpfs.json fails before this, and leaves rpfs.json as it was.)"""
         self.config = replace(self.config, format=FORMAT)
         _write_config(self.root, self.config)
-        log.info("%s: repository format %d now (rpfs older than the point lifecycle cannot "
-                 "open it)", self.root, FORMAT)
+        log.info("%s: repository format %d now (rpfs older than checked pack records "
+                 "cannot open it)", self.root, FORMAT)
 
     def _check_recorded(self) -> None:
         """rpfs.json must agree with what the index recorded at init."""

@@ -21,6 +21,9 @@ from rpfs.index import MAX_GEN, Index, decode_extent_key
 
 MiB = 1 << 20
 BS = 64 << 10  # the repository's default block size
+# An incompressible block's pack record: the 41-byte header and its zstd frame, which
+# holds the bytes as raw blocks (14 bytes of frame: store/format.py).
+RAW_RECORD = BS + 41 + 14
 
 
 # -- files and checksums -------------------------------------------------------------------

@@ -146,7 +146,7 @@ CASES: dict[str, tuple[Callable[[Path, random.Random], None], tuple[str, ...]]] 
     "config-block-size-zero": (edit_config(block_size=0), ("rpfs.json", "'block_size'")),
     "config-block-size-bool": (edit_config(block_size=True), ("rpfs.json", "'block_size'")),
     "config-extra-key": (edit_config(colour="blue"), ("rpfs.json", "'colour'")),
-    "config-format-newer": (edit_config(format=3), ("rpfs.json", "format 3", "newer rpfs")),
+    "config-format-newer": (edit_config(format=4), ("rpfs.json", "format 4", "newer rpfs")),
     "config-list": (write_config("[1, 2]"), ("rpfs.json", "JSON object")),
     "config-codec": (edit_config(codec="lz4"), ("rpfs.json", "'codec'", '"zstd"')),
     "config-hash": (edit_config(hash="sha256"), ("rpfs.json", "'hash'", '"blake3"')),

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from helpers import (
-    BS,
+    RAW_RECORD,
     MiB,
     assert_same_bytes,
     build_tree,
@@ -73,7 +73,7 @@ def test_ext4_points_are_exact_through_the_mount(rpfs, mounted, ext4_builder, tm
     assert p2["method"] == "incremental"
     # ~33 blocks of new file data plus a few metadata blocks, out of 2048.
     assert 33 <= p2["blocks_written"] <= 80, p2
-    assert p2["bytes_stored"] <= 2 * MiB + 40 * (BS + 41), p2
+    assert p2["bytes_stored"] <= 2 * MiB + 40 * RAW_RECORD, p2
 
     # Rebuild the image from a modified folder, same size: almost every block may move.
     (tree / "data" / "small.bin").unlink()

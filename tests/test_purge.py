@@ -251,7 +251,7 @@ def test_purging_the_full_point_merges_it_into_the_next(tmp_path: Path, monkeypa
 
 def test_an_index_without_gens_gets_them_at_open(tmp_path: Path):
     """A format 1 repository, made before `gens` existed: every extent is indexed at its
-    first open, and rpfs.json says format 2 (so an older rpfs refuses it)."""
+    first open, and rpfs.json says format 3 (so an older rpfs refuses it)."""
     h = History(tmp_path / "repo", random.Random(2))
     try:
         h.capture()
@@ -266,7 +266,7 @@ def test_an_index_without_gens_gets_them_at_open(tmp_path: Path):
     config = tmp_path / "repo" / "rpfs.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "format": 1}))
     with Repository(tmp_path / "repo") as repo:
-        assert json.loads(config.read_text())["format"] == 2, "upgraded at its first open"
+        assert json.loads(config.read_text())["format"] == 3, "upgraded at its first open"
         assert refcount_errors(repo.index) == []
         with repo.index.read() as txn:
             assert len(list(repo.index.iter_gens(txn, 1, 0, MAX_GEN))) > NBLOCKS // 2

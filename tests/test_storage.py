@@ -11,6 +11,7 @@ from pathlib import Path
 
 from helpers import (
     BS,
+    RAW_RECORD,
     MiB,
     assert_same_bytes,
     dir_size,
@@ -22,7 +23,7 @@ from helpers import (
     write_random,
 )
 
-RECORD = BS + 41  # an incompressible block's pack record: header + raw payload
+RECORD = RAW_RECORD
 
 
 def test_second_point_stores_only_changed_blocks(rpfs, mounted, tmp_path):

@@ -29,6 +29,8 @@ from rpfs.store.format import (
     CODEC_RAW,
     CODEC_ZSTD,
     HEADER,
+    LEGACY_RAW,
+    LEGACY_ZSTD,
     MAGIC,
     decode_chunk,
     digest,
@@ -300,10 +302,46 @@ def test_decode_chunk_rejects_mismatches():
     bad_codec = record[:4] + b"\x07" + record[5:]
     with pytest.raises(CorruptChunk, match="codec"):
         decode_chunk(bad_codec, digest(block), BS, where)
-    # A record whose header hash matches a different block than its payload.
-    forged = HEADER.pack(MAGIC, CODEC_RAW, digest(block), BS) + b"y" * BS
+    # A legacy record whose header hash matches a different block than its payload: a
+    # legacy record has no other check, so its decode hashes the block.
+    forged = HEADER.pack(MAGIC, LEGACY_RAW, digest(block), BS) + b"y" * BS
     with pytest.raises(CorruptChunk, match="BLAKE3"):
         decode_chunk(forged, digest(block), BS, where)
+    # A checked record whose sound frame holds another block: the read path trusts the
+    # frame's checksum; verify's full check hashes the block and finds it out.
+    other = encode_chunk(b"y" * BS, digest(block))
+    assert decode_chunk(other, digest(block), BS, where) == b"y" * BS
+    with pytest.raises(CorruptChunk, match="BLAKE3"):
+        decode_chunk(other, digest(block), BS, where, full=True)
+    assert decode_chunk(record, digest(block), BS, where, full=True) == block
+    # A frame whose checksum flag was flipped off would decode unchecked: refused.
+    flag = HEADER.size + 4
+    unflagged = record[:flag] + bytes([record[flag] & ~0x04]) + record[flag + 1 :]
+    with pytest.raises(CorruptChunk, match="content checksum"):
+        decode_chunk(unflagged, digest(block), BS, where)
+
+
+def test_legacy_records_still_decode_and_are_hashed():
+    """Records of repository formats 1-2 (codecs 0 and 1, no content checksum) read as
+    before: decoded, then checked by their BLAKE3."""
+    import zstandard
+
+    where = ("00000001.pack", 0)
+    text = b"legacy text " * (BS // 12) + b"x" * (BS % 12)
+    noise = random.Random(5).randbytes(BS)
+    legacy = {
+        LEGACY_ZSTD: (text, zstandard.ZstdCompressor(level=3).compress(text)),
+        LEGACY_RAW: (noise, noise),
+    }
+    for codec, (block, payload) in legacy.items():
+        record = HEADER.pack(MAGIC, codec, digest(block), len(payload)) + payload
+        assert decode_chunk(record, digest(block), BS, where) == block
+        damaged = bytearray(record)
+        damaged[HEADER.size + len(payload) // 2] ^= 0x01
+        with pytest.raises(CorruptChunk):
+            decode_chunk(bytes(damaged), digest(block), BS, where)
+    # Raw records now hold their bytes in a checked frame: 14 bytes more per block.
+    assert len(encode_chunk(noise, digest(noise))) - HEADER.size == BS + 14
 
 
 def test_store_read_past_end_of_pack_is_corrupt(tmp_path: Path):

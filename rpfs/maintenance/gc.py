@@ -329,7 +329,8 @@ def _check_copy(index: Index, record: bytes, digest: bytes, block_size: int, pac
     """Decode a record before copying it: a bad one is copied as it is (its readers fail
     as before) and marked bad, so the next writer of its content heals it."""
     try:
-        decode_chunk(memoryview(record), digest, block_size, (str(pack), loc.offset))
+        decode_chunk(memoryview(record), digest, block_size, (str(pack), loc.offset),
+                     full=True)
     except CorruptChunk as exc:
         log.warning("pack %d offset %d: chunk %s is bad (%s): copied as it is, marked bad",
                     pack, loc.offset, digest.hex()[:16], exc)

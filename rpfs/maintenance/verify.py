@@ -128,7 +128,8 @@ def _verify_chunks(repo: Repository, batch: list[tuple[bytes, ChunkLoc]]
     for start in range(0, len(batch), BATCH):
         part = batch[start:start + BATCH]
         results = repo.store.get_many([(loc, digest) for digest, loc in part],
-                                      relocate=repo.locate)  # moved by GC meanwhile
+                                      relocate=repo.locate,  # moved by GC meanwhile
+                                      full=True)  # BLAKE3 of every block
         for (digest, loc), result in zip(part, results, strict=True):
             if isinstance(result, PackGone) and repo.locate(digest) is None:
                 continue  # gc freed it meanwhile: nothing reads it, nothing to judge

@@ -40,8 +40,8 @@ from .stream import (
     HEADER,
     MAP_END,
     META,
+    READ_VERSIONS,
     TRAILER,
-    VERSION,
     Reader,
     StreamError,
     decode_extents,
@@ -111,10 +111,10 @@ def _field(record: dict, key: str, kind: type | tuple[type, ...]):
 
 
 def _check_header(repo: Repository, header: dict) -> None:
-    if header.get("format") != "rpfs-stream" or header.get("version") != VERSION:
+    if header.get("format") != "rpfs-stream" or header.get("version") not in READ_VERSIONS:
         raise StreamError(f"the stream is of format {header.get('format')!r} version "
                           f"{header.get('version')!r}; this rpfs reads rpfs-stream "
-                          f"version {VERSION}")
+                          f"versions {READ_VERSIONS[0]} to {READ_VERSIONS[-1]}")
     block_size = _field(header, "block_size", int)
     if block_size != repo.block_size:
         raise RpfsError(f"the stream is of {block_size}-byte blocks and {repo.root} has "
@@ -256,7 +256,7 @@ class _Receive:
                                   "does not name")
             if value in wanted:
                 try:
-                    decode_chunk(payload, value, bs, (self.reader.where, at))
+                    decode_chunk(payload, value, bs, (self.reader.where, at), full=True)
                 except RpfsError as exc:
                     raise StreamError(f"{exc}; the source's copy is bad: run 'rpfs verify' "
                                       "there") from None

@@ -23,7 +23,10 @@ from ..errors import RpfsError
 from ..index import ZERO, PointRecord
 
 MAGIC = b"RPFS-STREAM\x00\x00\x01"  # a stream file's first 14 bytes; the version is in H
-VERSION = 1
+# Version 2: chunk records may be of codecs 2 and 3 (store/format.py), which a receiver
+# of version 1 cannot decode. A version 1 stream (legacy records only) still reads.
+VERSION = 2
+READ_VERSIONS = (1, 2)
 FRAME = struct.Struct(">BI")
 CRC = struct.Struct(">I")
 MAX_PAYLOAD = 64 << 20  # the largest record payload read; a longer length is corruption

@@ -56,9 +56,10 @@ class PackStore:
         self.backend = backend
         self.block_size = block_size
 
-    def get(self, loc: ChunkLoc, expected: bytes) -> bytes:
-        """The verified block stored at `loc` (a blocking call: run it off the trio thread)."""
-        result = self.get_many([(loc, expected)])[0]
+    def get(self, loc: ChunkLoc, expected: bytes, full: bool = False) -> bytes:
+        """The verified block stored at `loc` (a blocking call: run it off the trio thread);
+        `full` as in get_many."""
+        result = self.get_many([(loc, expected)], full=full)[0]
         if isinstance(result, ChunkError):
             raise result
         return result
@@ -66,10 +67,13 @@ class PackStore:
     def get_many(
         self, wanted: list[tuple[ChunkLoc, bytes]],
         relocate: Callable[[bytes], ChunkLoc | None] | None = None, *, raw: bool = False,
+        full: bool = False,
     ) -> list[bytes | ChunkError]:
         """The verified blocks at these locations, in order; one that failed is its
         ChunkError (CorruptChunk or ChunkUnavailable). `raw`: the records as stored,
         compressed, checked by their header only (what a replication stream carries).
+        `full`: every block hashed and compared with its BLAKE3 (verify), not only
+        checked by its record's checksum (format.decode_chunk).
 
         A chunk whose pack is gone may have moved (GC compacted the pack and deleted it
         after the caller looked the location up): `relocate` looks the chunk up afresh,
@@ -93,18 +97,19 @@ class PackStore:
                 if loc.pack != last.pack or loc.offset != last.offset + last.length or (
                     span > READ_SPAN
                 ):
-                    self._read_run(wanted, run, results, raw)
+                    self._read_run(wanted, run, results, raw, full)
                     run = []
             run.append(i)
         if run:
-            self._read_run(wanted, run, results, raw)
+            self._read_run(wanted, run, results, raw, full)
         if relocate is not None:
-            self._reread_moved(wanted, results, relocate, raw)
+            self._reread_moved(wanted, results, relocate, raw, full)
         return results  # type: ignore[return-value]
 
     def _reread_moved(self, wanted: list[tuple[ChunkLoc, bytes]],
                       results: list[bytes | ChunkError | None],
-                      relocate: Callable[[bytes], ChunkLoc | None], raw: bool) -> None:
+                      relocate: Callable[[bytes], ChunkLoc | None], raw: bool,
+                      full: bool) -> None:
         gone = [i for i, r in enumerate(results) if isinstance(r, PackGone)]
         moved = []
         for i in gone:
@@ -114,13 +119,13 @@ class PackStore:
                 moved.append((i, loc))
         if moved:
             again = self.get_many([(loc, wanted[i][1]) for i, loc in moved], relocate,
-                                  raw=raw)
+                                  raw=raw, full=full)
             for (i, _), result in zip(moved, again, strict=True):
                 results[i] = result
 
     def _read_run(
         self, wanted: list[tuple[ChunkLoc, bytes]], run: list[int],
-        results: list[bytes | ChunkError | None], raw: bool,
+        results: list[bytes | ChunkError | None], raw: bool, full: bool,
     ) -> None:
         """Read records lying end to end with one read and decode (or, `raw`, check)
         each into `results`."""
@@ -150,7 +155,7 @@ class PackStore:
                     results[i] = bytes(record)
                 else:
                     results[i] = decode_chunk(record, expected, self.block_size,
-                                              (name, loc.offset))
+                                              (name, loc.offset), full)
             except CorruptChunk as exc:
                 results[i] = exc
 
