@@ -94,6 +94,19 @@ def test_a_complete_point_reads_from_the_store(setup):
         handle.close()
 
 
+def test_hydrating_a_point_decodes_its_range_into_the_cache(setup):
+    """NBD CACHE of a point: its chunks stay where they are, the range is read into the
+    chunk cache, so the reads that follow are answered from it (on the trio thread)."""
+    setup.archive()
+    handle = setup.images.open_point("vm", "p1")
+    try:
+        assert handle.read_at_hand(0, SIZE) is None, "nothing decoded before"
+        handle.hydrate(0, 10 * SIZE)  # past the end: clipped
+        assert handle.read_at_hand(0, SIZE) == bytes([0x11]) * SIZE
+    finally:
+        handle.close()
+
+
 def test_a_point_deleted_while_the_open_waits_is_enoent(setup):
     """An open waits while a command holds the disk and looks the point up after: a
     delete that commits under its claim leaves nothing to open, never an image of

@@ -35,6 +35,8 @@ from ..store.cache import ChunkCache
 
 log = logging.getLogger(__name__)
 
+HYDRATE_PIECE = 4 << 20  # a point's hydrate (NBD CACHE) reads in pieces of this size
+
 
 @dataclass(frozen=True)
 class ImageInfo:
@@ -75,7 +77,12 @@ class PointHandle:
         raise OSError(errno.EROFS, "recovery points are read-only")
 
     def hydrate(self, offset: int, length: int) -> None:
-        """A point has nothing to copy in: its chunks are where they stay."""
+        """Bring a byte range close: a point's chunks stay where they are, so its blocks
+        are read into the chunk cache (decoded, for the reads that follow), in pieces
+        that keep each read's buffer small."""
+        end = min(offset + length, self.size)
+        for at in range(offset, end, HYDRATE_PIECE):
+            self.read(at, min(HYDRATE_PIECE, end - at))
 
     def sync(self) -> None:
         pass

@@ -46,7 +46,6 @@ THREADS = 4  # worker threads for every connection's blocking calls
 MAX_OPTION = 64 << 10  # option data longer than this is refused (and the client cut off)
 MAX_STATUS_BLOCKS = 1 << 20  # blocks one BLOCK_STATUS request looks at, at most
 INLINE_READ_MAX = 64 << 10  # a read this small, alone in flight, may fetch on the trio thread
-CACHE_PIECE = 4 << 20  # a CACHE of a point reads in pieces of this size
 ZERO_PIECE = 1 << 20  # a WRITE_ZEROES with NO_HOLE writes zeros in pieces of this size
 # CAN_MULTI_CONN: one process, one state for every connection (a FLUSH persists all).
 EXPORT_FLAGS = p.FLAG_HAS_FLAGS | p.FLAG_SEND_FLUSH | p.FLAG_SEND_FUA | p.FLAG_SEND_CACHE | (
@@ -541,13 +540,9 @@ class _Connection:
             _write_all(self.handle, at, bytes(min(ZERO_PIECE, offset + length - at)))
 
     def cache(self, offset: int, length: int) -> None:
-        """A clone copies the range in; a point's chunks are read into the cache."""
+        """CACHE: the image brings the range close (handles: Handle.hydrate)."""
         assert self.handle is not None
-        if self.handle.writable:
-            self.handle.hydrate(offset, length)
-            return
-        for at in range(offset, offset + length, CACHE_PIECE):
-            self.handle.read(at, min(CACHE_PIECE, offset + length - at))
+        self.handle.hydrate(offset, length)
 
     def read_reply(self, flags: int, cookie: int, offset: int, data: bytes) -> bytes:
         """Simple: the data. Structured: a chunk per run of data or of blocks that read
