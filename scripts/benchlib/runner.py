@@ -853,18 +853,25 @@ def bench_qemu(bench: Bench) -> None:
     r.add("qemu", "repo_bytes_added_incr", bytes_incr, "the overlay file's size")
     export = bench.work / "qemu-export.img"
     export.touch()
-    cmd = [
-        "qemu-storage-daemon",
-        "--blockdev", f"driver=file,node-name=file0,filename={overlay},read-only=on",
-        "--blockdev", "driver=qcow2,node-name=disk0,file=file0,read-only=on",
-        "--export", f"type=fuse,id=exp0,node-name=disk0,mountpoint={export},writable=off",
-    ]
+    cmd = qsd_fuse_export(overlay, export, writable=False)
     with mounts.foreground_mount(cmd, export, export, log=bench.work / "qsd.log",
                                  stop_signal=signal.SIGTERM):
         record_readahead(bench, "qemu", export)
         measure_reads(bench, "qemu", export, sample.churned)
     with bench.section("qemu writes", QEMU_WRITE_METRICS, "qemu"):
         bench_qemu_writes(bench, base)
+
+
+def qsd_fuse_export(image: Path, export: Path, writable: bool) -> list[str | Path]:
+    """qemu-storage-daemon serving qcow2 `image` as the file `export` (its FUSE export)."""
+    ro = "" if writable else ",read-only=on"
+    return [
+        "qemu-storage-daemon",
+        "--blockdev", f"driver=file,node-name=file0,filename={image}{ro}",
+        "--blockdev", f"driver=qcow2,node-name=disk0,file=file0{ro}",
+        "--export", f"type=fuse,id=exp0,node-name=disk0,mountpoint={export},"
+                    f"writable={'on' if writable else 'off'}",
+    ]
 
 
 def bench_qemu_writes(bench: Bench, base: Path) -> None:
@@ -877,12 +884,7 @@ def bench_qemu_writes(bench: Bench, base: Path) -> None:
     run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", overlay])
     export = bench.work / "qemu-clone.img"
     export.touch()
-    cmd = [
-        "qemu-storage-daemon",
-        "--blockdev", f"driver=file,node-name=file1,filename={overlay}",
-        "--blockdev", "driver=qcow2,node-name=disk1,file=file1",
-        "--export", f"type=fuse,id=exp1,node-name=disk1,mountpoint={export},writable=on",
-    ]
+    cmd = qsd_fuse_export(overlay, export, writable=True)
     with mounts.foreground_mount(cmd, export, export, log=bench.work / "qsd-clone.log",
                                  stop_signal=signal.SIGTERM):
         direct = can_open_direct(export, write=True)
