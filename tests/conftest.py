@@ -260,9 +260,12 @@ def other_user() -> Iterator[User]:
 
 
 @pytest.fixture
-def live(rpfs: Rpfs, repo: Path, mount: Mounter, tmp_path: Path) -> Iterator[Live]:
-    """A mounted repository and helpers; set up after `mount`, so torn down before it."""
-    state = Live(rpfs, mount, tmp_path)
+def live(
+    rpfs: Rpfs, repo: Path, mount: Mounter, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Live]:
+    """A mounted repository and helpers; set up after `mount`, so torn down before it.
+    Parametrized indirectly, its parameter is the `rpfs mount` options (e.g. --writeback)."""
+    state = Live(rpfs, mount, tmp_path, getattr(request, "param", ()))
     state.start()
     try:
         yield state

@@ -280,9 +280,10 @@ class Writer:
 class Live:
     """One test's mount, disk handles and helper processes; all undone at teardown."""
 
-    def __init__(self, rpfs, mount, tmp_path: Path) -> None:
+    def __init__(self, rpfs, mount, tmp_path: Path, options: tuple[str, ...] = ()) -> None:
         self.rpfs = rpfs
         self.mount = mount
+        self.options = options  # of `rpfs mount`
         self.tmp = tmp_path
         self.mnt: Path = tmp_path / "mnt"
         self.writers: list[Writer] = []
@@ -292,7 +293,7 @@ class Live:
     # mount and daemon
 
     def start(self) -> Path:
-        self.mnt, _ = self.mount(self.mnt)
+        self.mnt, _ = self.mount(self.mnt, *self.options)
         return self.mnt
 
     def daemon_pid(self) -> int:

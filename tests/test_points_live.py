@@ -104,6 +104,8 @@ def run_points_under_writes(live: Live, disk: str, base: bytes | None, rounds: i
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.parametrize("live", [(), ("--writeback",)], indirect=True,
+                         ids=["write-through", "writeback"])
 def test_points_of_a_created_disk_are_instants_under_writes(live):
     live.create("vm")
     run_points_under_writes(live, "vm", None)
@@ -220,6 +222,8 @@ def test_first_point_of_a_clone_stores_only_what_the_clone_wrote(live):
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.parametrize("live", [(), ("--writeback",)], indirect=True,
+                         ids=["write-through", "writeback"])
 def test_sigkill_of_the_daemon_during_writes(live):
     live.create("vm")
     writer = live.writer("vm")

@@ -325,6 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", help="mode of disk images (default 0600; points: minus write)")
     p.add_argument("--nonempty", action="store_true",
                    help="mount over a directory that holds files (hiding them)")
+    p.add_argument("--writeback", action="store_true",
+                   help="let the kernel cache buffered writes to disk images until fsync, "
+                        "close or a snapshot: much faster buffered writes, but their errors "
+                        "(no space, past the end) come at fsync or close, and writes not "
+                        "flushed are lost if the daemon dies (O_DIRECT writes, as QEMU's "
+                        "cache=none, are not cached)")
     p.add_argument("--nbd", metavar="ADDRESS", help=nbd_help)
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_mount)

@@ -32,7 +32,7 @@ WARNING = "warning: "  # a line the daemon reports before 'ready' (see _read_rep
 
 
 def _mount_options(args: argparse.Namespace) -> MountOptions:
-    """--allow-other, --uid, --gid, --mode, --hydrate and --nonempty, checked."""
+    """--allow-other, --uid, --gid, --mode, --hydrate, --nonempty and --writeback, checked."""
     given = [f"--{name}" for name in ("uid", "gid", "mode") if getattr(args, name) is not None]
     if given and not args.allow_other:
         raise RpfsError(
@@ -53,7 +53,7 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
         access["mode"] = int(args.mode, 8)
     return MountOptions(
         access=Access(allow_other=args.allow_other, **access), hydrate=args.hydrate,
-        nonempty=args.nonempty, nbd=_nbd_address(args.nbd),
+        nonempty=args.nonempty, nbd=_nbd_address(args.nbd), writeback=args.writeback,
     )
 
 
@@ -97,6 +97,7 @@ def _mount_args(options: MountOptions) -> list[str]:
             "--mode", f"{access.mode:04o}"] if access.allow_other else []
     return [*args, *(["--hydrate"] if options.hydrate else []),
             *(["--nonempty"] if options.nonempty else []),
+            *(["--writeback"] if options.writeback else []),
             *(["--nbd", str(options.nbd)] if options.nbd else [])]
 
 

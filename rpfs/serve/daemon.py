@@ -95,6 +95,8 @@ class MountOptions:
     hydrate: bool = False  # copy every clone's missing blocks locally in the background
     nonempty: bool = False  # mount over a directory that holds files (hiding them)
     nbd: Address | None = None  # NBD exports listen here too
+    # the kernel caches buffered writes to disk images until fsync, close or a snapshot
+    writeback: bool = False
 
 
 def _check_mountpoint(root: Path, mountpoint: Path, nonempty: bool) -> None:
@@ -402,7 +404,11 @@ def serve(
     service = DiskService(repo, cache, background=True)
     images = Images(repo, cache, service.registry)
     if mountpoint is not None:
-        ops = Operations(Tree(repo.index, images, options.access), images)
+        ops = Operations(Tree(repo.index, images, options.access), images,
+                         writeback=mountpoint if options.writeback else None)
+        if options.writeback:
+            # The kernel holds acknowledged writes: a point must contain them.
+            service.flush_cached_writes = ops.flush_cached_writes
         service.registry.on_removed = ops.forget_disk
         service.registry.on_point_changed = ops.forget_point
         # default_permissions: the kernel checks the modes Access gives (root passes anyway).
@@ -421,8 +427,9 @@ def serve(
             on_error(f"cannot mount at {mountpoint}: {exc}")
             return 1
     nbd = (options.nbd, sockets, Exports(images)) if options.nbd is not None else None
-    log.info("serving repository %s%s%s (pid %d)", root,
+    log.info("serving repository %s%s%s%s (pid %d)", root,
              f" at {mountpoint}" if mountpoint else "",
+             " with the kernel's writeback cache" if mountpoint and options.writeback else "",
              f" over NBD at {options.nbd}" if options.nbd else "", os.getpid())
     service.registry.resume_archiving()
     if options.hydrate:

@@ -6,17 +6,24 @@ all requests on never waits on them. Reads are the measured exception: one whose
 are at hand, or a small one alone in flight whose read waits on no lock, is answered on
 the trio thread, because the hand-off to a thread and back costs more than such a read.
 Only FUSEError may leave a handler: anything else would end the mount.
+
+With the kernel's writeback cache (`mount --writeback`) the kernel owns the images' sizes,
+so this layer also answers for what that changes: the flush a snapshot needs first, and a
+cached write past a disk's end (docs/design.md, "Daemon and mount").
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import itertools
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 import pyfuse3
@@ -36,10 +43,23 @@ INLINE_READ_MAX = 64 << 10  # a read this small, alone in flight, may fetch on t
 BUSY_HOLD = 0.05  # seconds reads keep going to threads after others were seen in flight
 PROBE_EVERY = 16  # one in this many lone small reads still goes to a thread (see read())
 
+_libc = ctypes.CDLL(None, use_errno=True)
+
 
 class Operations(pyfuse3.Operations):
-    def __init__(self, tree: Tree, images: Images, threads: int = 4) -> None:
+    def __init__(
+        self, tree: Tree, images: Images, threads: int = 4, writeback: Path | None = None
+    ) -> None:
+        """`writeback`: the mountpoint, to let the kernel cache buffered writes there
+        (FUSE's writeback cache): they then reach `write` in large pieces at fsync, close
+        or writeback time instead of one round trip per page-sized piece (see
+        docs/performance.md), and the daemon must flush the mount before a snapshot
+        (`DiskService.flush_cached_writes`)."""
         super().__init__()
+        self.enable_writeback_cache = writeback is not None  # read by pyfuse3.init
+        self._mountpoint = writeback
+        self._trimming: set[str] = set()  # disks whose image size is being set (trim_size)
+        self._trimming_lock = threading.Lock()
         self.tree = tree
         self.images = images
         self.limiter = trio.CapacityLimiter(threads)
@@ -201,7 +221,53 @@ class Operations(pyfuse3.Operations):
             self._reads -= 1
 
     async def write(self, fh, off, buf):
-        return await self._run(self._handle(fh).write, off, buf)
+        handle = self._handle(fh)
+        if self._mountpoint is None or off + len(buf) <= handle.size:
+            return await self._run(handle.write, off, buf)
+        # Cached (writeback): the kernel took a write past the disk's end into its pages
+        # and grew the image's size, which it owns in this mode. Keep what fits, then
+        # refuse, so fsync and close report ENOSPC, and set the kernel's size back.
+        if off < handle.size:
+            await self._run(handle.write, off, buf)
+        log.warning("disk %s: a write of %d bytes at %d reaches past its end (%d bytes): "
+                    "refused", handle.disk, len(buf), off, handle.size)
+        self._trim_size(handle.disk, handle.size)
+        raise pyfuse3.FUSEError(errno.ENOSPC)
+
+    def flush_cached_writes(self) -> None:
+        """Write the kernel's cached writes to the mount's disk images back now (syncfs);
+        from a thread other than the one serving requests, which must answer their WRITEs.
+
+        Through ctypes, which releases the GIL for the call: pyfuse3.syncfs holds it, and
+        the daemon then deadlocks on its own writeback (measured: syncfs stuck in
+        wb_wait_for_completion, every daemon thread waiting for the GIL)."""
+        fd = os.open(self._mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if _libc.syncfs(fd) != 0:
+                code = ctypes.get_errno()
+                raise OSError(code, os.strerror(code), str(self._mountpoint))
+        finally:
+            os.close(fd)
+
+    def _trim_size(self, disk: str, size: int) -> None:
+        """Set the kernel's size of disk `disk`'s image back to `size`, in a thread: a
+        truncate to its own size through the mount is a no-op for the disk (setattr), and
+        makes the kernel take the size and drop its pages past it."""
+        with self._trimming_lock:
+            if disk in self._trimming:
+                return
+            self._trimming.add(disk)
+
+        def trim() -> None:
+            try:
+                os.truncate(self._mountpoint / self.tree.image_path(disk), size)
+            except OSError as exc:  # the disk was closed and deleted meanwhile
+                log.info("disk %s: its image's size not set back: %s", disk, exc)
+            finally:
+                with self._trimming_lock:
+                    self._trimming.discard(disk)
+
+        threading.Thread(target=trim, name=f"rpfs-trim-{disk}", daemon=True).start()
 
     async def fsync(self, fh, datasync):
         await self._run(self._handle(fh).sync)

@@ -224,6 +224,10 @@ class Tree:
             (self._ino(("points",)), name),
         ]
 
+    def image_path(self, disk: str) -> str:
+        """The path of writable disk `disk`'s image, relative to the mountpoint."""
+        return f"disks/{disk}{IMAGE_SUFFIX}"
+
     def entry_of_point(self, disk: str, name: str) -> tuple[int, bytes]:
         """(parent inode, entry name) of point `disk`@`name`'s image."""
         return self._ino(("points", disk)), os.fsencode(name + IMAGE_SUFFIX)

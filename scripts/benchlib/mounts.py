@@ -113,14 +113,15 @@ def unmount(path: Path, pid: int | None, proc: subprocess.Popen | None = None) -
 
 @contextlib.contextmanager
 def rpfs_mount(rpfs_cmd: list[str], repo: Path, mountpoint: Path,
-               env: dict[str, str] | None = None) -> Iterator[int]:
-    """`rpfs mount` (in `env`: a store's credentials); yields the daemon's pid (from
-    REPO/locks/daemon.lock)."""
+               env: dict[str, str] | None = None, options: tuple[str, ...] = ()
+               ) -> Iterator[int]:
+    """`rpfs mount` with `options` (in `env`: a store's credentials); yields the daemon's
+    pid (from REPO/locks/daemon.lock)."""
     mountpoint.mkdir(parents=True, exist_ok=True)
     pid = None
     try:
-        run([*rpfs_cmd, "-r", repo, "mount", mountpoint], timeout=MOUNT_TIMEOUT + 10,
-            env=env)
+        run([*rpfs_cmd, "-r", repo, "mount", *options, mountpoint],
+            timeout=MOUNT_TIMEOUT + 10, env=env)
         try:
             info = json.loads((repo / "locks" / "daemon.lock").read_text() or "{}")
             pid = int(info["pid"])

@@ -60,6 +60,9 @@ CLONE_METRICS = ["clone_create_s", "clone_first_read_MBps", "clone_hydrate_s",
                  "write32m_touched_s"]
 CEILING_METRICS = [*READ_METRICS, "rand4k_write_qd16_iops"]
 QEMU_WRITE_METRICS = ["clone_rand4k_write_iops"]
+WB = "_wb"  # the suffix of the clone write metrics measured on a `mount --writeback`
+WRITEBACK_METRICS = [f"{m}{WB}" for m in ("rand4k_write_qd16_iops", "write32m_untouched_s",
+                                           "write32m_touched_s")]
 BIG_METRICS = ["clone_create_s_64G", "snapshot_s_64G", "rollback_s_64G",
                "daemon_peak_rss_MiB_64G"]
 GC_METRICS = ["gc_compact_MBps", "gc_rand4k_qd1_p99_quiet_us", "gc_rand4k_qd1_p99_us",
@@ -357,6 +360,12 @@ def bench_rpfs(bench: Bench) -> None:
         rss = peak_rss_mib(pid)
         r.add("rpfs", "daemon_peak_rss_MiB", rss, None if rss is not None else
               "daemon gone before it could be read")
+    if not bench.commands["writeback"]:
+        r.missing("rpfs", WRITEBACK_METRICS, "this rpfs has no `mount --writeback`")
+        return
+    with (bench.section("rpfs writeback", WRITEBACK_METRICS, "rpfs"),
+          mounts.rpfs_mount(bench.rpfs_cmd, repo, mnt, options=("--writeback",))):
+        bench_clone_writes(bench, repo, mnt, f"{DISK}@p2", WB)
 
 
 def _fresh_repo(bench: Bench, repo: Path) -> None:
@@ -432,23 +441,26 @@ def bench_clones(bench: Bench, repo: Path, mnt: Path, source: str, suffix: str,
         bench_clone_writes(bench, repo, mnt, source)
 
 
-def fio_writes_qd16(bench: Bench, system: str, path: Path, how: str) -> None:
+def fio_writes_qd16(bench: Bench, system: str, path: Path, how: str, suffix: str = "") -> None:
     """`rand4k_write_qd16_iops`: fio 4 KiB random writes at qd16 with no fsync, O_DIRECT
-    (buffered, noted, if `path` refuses it), `runs` × `fio_runtime`; `how` says on what."""
+    (buffered, noted, if `path` refuses it), `runs` × `fio_runtime`; `how` says on what,
+    `suffix` ends the metric's name."""
     opts = bench.opts
     direct = can_open_direct(path, write=True)
     bench.say(f"{system}: fio 4k random writes, qd16, {opts.runs} × {opts.fio_runtime:g}s"
               + ("" if direct else " (buffered)"))
     iops = [fio(path, "randwrite", opts.fio_runtime, 16, direct).iops for _ in range(opts.runs)]
     io = "O_DIRECT" if direct else "buffered I/O (the file refuses O_DIRECT)"
-    bench.results.add(system, "rand4k_write_qd16_iops", iops,
+    bench.results.add(system, f"rand4k_write_qd16_iops{suffix}", iops,
                       f"fio 4 KiB random writes, qd16, libaio, {io}, no fsync, {how}")
 
 
-def bench_clone_writes(bench: Bench, repo: Path, mnt: Path, source: str) -> None:
+def bench_clone_writes(bench: Bench, repo: Path, mnt: Path, source: str,
+                       suffix: str = "") -> None:
     """4 KiB random writes at qd16 and single 32 MiB write()s from untouched and touched
     buffers, on a fresh clone of `source` hydrated first (so they measure the write path,
-    not copy-on-write fetches from the point), deleted afterwards."""
+    not copy-on-write fetches from the point), deleted afterwards. `suffix` ends the
+    metrics' names: WB for a `mount --writeback`."""
     name = "wclone"
     bench.rpfs("-r", repo, "clone", source, name)
     path = mnt / "disks" / f"{name}.img"
@@ -459,18 +471,21 @@ def bench_clone_writes(bench: Bench, repo: Path, mnt: Path, source: str) -> None
         if hydrated:
             bench.rpfs("-r", repo, "hydrate", name)
         state = "hydrated" if hydrated else "not hydrated (no 'hydrate' command)"
-        fio_writes_qd16(bench, "rpfs", path, f"on a fresh clone, {state}")
-        bench_write32m(bench, path, state)
+        if suffix == WB:
+            state += ", mount --writeback"
+        fio_writes_qd16(bench, "rpfs", path, f"on a fresh clone, {state}", suffix)
+        bench_write32m(bench, path, state, suffix)
     finally:
         with contextlib.suppress(BenchError):  # a stuck daemon: the mount's end stops it
             bench.rpfs("-r", repo, "disk", "delete", name, timeout=120)
 
 
-def bench_write32m(bench: Bench, path: Path, state: str) -> None:
-    """`write32m_untouched_s` and `write32m_touched_s` (benchlib/write32m.py) on the clone
-    image `path`: runs interleaved, alternating which goes first, each write at its own
-    32 MiB slot while the disk has enough of them. Once an untouched write runs over the
-    limit the others are not tried (each would cost the limit again)."""
+def bench_write32m(bench: Bench, path: Path, state: str, suffix: str = "") -> None:
+    """`write32m_untouched_s` and `write32m_touched_s` (benchlib/write32m.py, names ending
+    in `suffix`) on the clone image `path`: runs interleaved, alternating which goes
+    first, each write at its own 32 MiB slot while the disk has enough of them. Once an
+    untouched write runs over the limit the others are not tried (each would cost the
+    limit again)."""
     opts, r = bench.opts, bench.results
     limit = write32m.WRITE_LIMIT_S
     slots = max(1, opts.size // write32m.WRITE_SIZE)
@@ -502,11 +517,11 @@ def bench_write32m(bench: Bench, path: Path, state: str) -> None:
     how = (f"one os.pwrite of a freshly malloc'ed 32 MiB buffer (starting {at} bytes past a "
            f"page boundary) into a clone ({state}), fsync after, outside the timed part; a "
            "sample of the region read back and compared")
-    r.add("rpfs", "write32m_touched_s", touched, f"{how}; every page written before")
+    r.add("rpfs", f"write32m_touched_s{suffix}", touched, f"{how}; every page written before")
     if not stopped:
-        r.add("rpfs", "write32m_untouched_s", untouched, f"{how}; no page touched")
+        r.add("rpfs", f"write32m_untouched_s{suffix}", untouched, f"{how}; no page touched")
     else:
-        r.add("rpfs", "write32m_untouched_s", None,
+        r.add("rpfs", f"write32m_untouched_s{suffix}", None,
               f"{how}; no page touched; a write ran over {limit:g}s and was stopped"
               + (f" (the ones that finished: {', '.join(f'{x:.1f}' for x in untouched)} s)"
                  if untouched else ""))
@@ -527,8 +542,26 @@ def bench_snapshot_rollback(bench: Bench, repo: Path, disk: str, suffix: str,
         r.missing("rpfs", [f"rollback_s{suffix}"],
                   "not measured: this rpfs has no 'rollback' command yet")
         return
+    wait_archived(bench, repo, disk)
     rolls = [bench.rpfs_op_s("-r", repo, "rollback", f"{disk}@s{k}") for k in range(runs)]
-    r.add("rpfs", f"rollback_s{suffix}", rolls, note)
+    r.add("rpfs", f"rollback_s{suffix}", rolls, f"{note}; after the points' archives finished")
+
+
+ARCHIVE_TIMEOUT = 600.0  # seconds a bench point may take to archive
+
+
+def wait_archived(bench: Bench, repo: Path, disk: str) -> None:
+    """Until no point of `disk` is still archiving. A rollback waits for that (the clone
+    write runs before leave much to archive: 2.5 s of a 2 GiB run's `rollback_s`), and
+    `rollback_s` is the rollback's own time."""
+    deadline = time.monotonic() + ARCHIVE_TIMEOUT
+    while True:
+        points = json.loads(bench.rpfs("-r", repo, "points", disk, "--json").stdout)
+        if all(p["state"] == "complete" for p in points):
+            return
+        if time.monotonic() > deadline:
+            raise BenchError(f"points of {disk} still archiving after {ARCHIVE_TIMEOUT:g}s")
+        time.sleep(0.2)
 
 
 def bench_rpfs_big(bench: Bench) -> None:
@@ -948,6 +981,8 @@ def _run(bench: Bench) -> None:
     bench.startup_s = r.get("rpfs", "cli_startup_s") or 0.0
     bench.commands = {c: has_subcommand(bench.rpfs_cmd, c)
                       for c in ("clone", "hydrate", "snapshot", "rollback", "gc")}
+    bench.commands["writeback"] = "--writeback" in run(
+        [*bench.rpfs_cmd, "mount", "--help"], timeout=60).stdout
     r.machine["rpfs_commands"] = bench.commands
     try:
         bench.timer = CliTimer()
