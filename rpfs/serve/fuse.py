@@ -31,7 +31,7 @@ import trio
 
 from ..errors import ChunkError
 from ..index import IndexDamaged
-from .handles import Handle, Images
+from .handles import INLINE_READ_MAX, INLINE_WRITE_MAX, Handle, Images
 from .vfs import Attr, Tree
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 ENTRY_TIMEOUT = 1.0  # seconds the kernel may trust a name or attribute
 BLKSIZE = 1 << 20  # advertised I/O size: tools read in 1 MiB pieces
-INLINE_READ_MAX = 64 << 10  # a read this small, alone in flight, may fetch on the trio thread
 BUSY_HOLD = 0.05  # seconds reads keep going to threads after others were seen in flight
 PROBE_EVERY = 16  # one in this many lone small reads still goes to a thread (see read())
 
@@ -222,7 +221,16 @@ class Operations(pyfuse3.Operations):
 
     async def write(self, fh, off, buf):
         handle = self._handle(fh)
-        if self._mountpoint is None or off + len(buf) <= handle.size:
+        if off + len(buf) <= handle.size:
+            # A small write into local blocks whose locks are free is a pwrite into the
+            # page cache: cheaper here than the hand-off to a thread and back.
+            if len(buf) <= INLINE_WRITE_MAX:
+                with self._errors(handle.write_at_hand):
+                    written = handle.write_at_hand(off, buf)
+                if written is not None:
+                    return written
+            return await self._run(handle.write, off, buf)
+        if self._mountpoint is None:
             return await self._run(handle.write, off, buf)
         # Cached (writeback): the kernel took a write past the disk's end into its pages
         # and grew the image's size, which it owns in this mode. Keep what fits, then
