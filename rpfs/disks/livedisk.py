@@ -251,6 +251,36 @@ class LiveDisk:
 
     # -- writes ---------------------------------------------------------------------------
 
+    def write_at_hand(self, offset: int, data: bytes) -> int | None:
+        """Write now, on the caller's thread, if that waits on nothing: the range within
+        the disk, every block local and not frozen (no fetch, no copy-before-write), its
+        stripe locks free at once, space above the reserve; else None, and `write` does
+        it (in a worker). Same result as `write` for such a range."""
+        end = offset + len(data)
+        if not data or end > self.size:
+            return None
+        first, last = offset // self.bs, (end - 1) // self.bs
+        if last - first >= STRIPES:
+            return None
+        held: list[threading.Lock] = []
+        try:
+            for s in sorted({b % STRIPES for b in range(first, last + 1)}):
+                if not self._stripes[s].acquire(blocking=False):
+                    return None
+                held.append(self._stripes[s])
+            states = self.map.states[first : last + 1]
+            if ABSENT in states or FROZEN in states or self.space.low():
+                return None
+            written = os.pwrite(self.fd, data, offset)
+            if written == 0:
+                return None  # the filesystem is full: `write` says so
+            self.space.spend(written)
+            self.map.set(first, (offset + written - 1) // self.bs + 1, DIRTY)
+            return written
+        finally:
+            for lock in held:
+                lock.release()
+
     def write(self, offset: int, data: bytes) -> int:
         """Write like a block device of fixed size: short at the end, ENOSPC past it."""
         if offset >= self.size:

@@ -56,11 +56,11 @@ class DiskService:
         # the uploads of a repository with a store (upload.py): the daemon's passes and
         # `store sync` share it, so they never upload one pack twice at once
         self.uploader = Uploader(repo) if upload.backend(repo) is not None else None
-        # Writes an export has acknowledged that the disks have not seen yet (the kernel's
-        # writeback cache of a `mount --writeback`) reach them when this returns; it is
-        # called before every snapshot with no lock held, since the writes it sends need
-        # the disks' locks and the threads that serve the mount.
-        self.flush_cached_writes: Callable[[], None] | None = None
+        # Writes an export has acknowledged that the named disks have not seen yet (the
+        # kernel's writeback cache of a `mount --writeback`) reach them when this returns;
+        # it is called before every snapshot with no lock held, since the writes it sends
+        # need the disks' locks and the threads that serve the mount.
+        self.flush_cached_writes: Callable[[list[str]], None] | None = None
 
     def _record(self, name: str, txn=None) -> DiskRecord:
         if txn is None:
@@ -205,7 +205,7 @@ class DiskService:
         if not names:
             raise RpfsError("snapshot needs at least one disk name")
         if self.flush_cached_writes is not None:
-            self.flush_cached_writes()
+            self.flush_cached_writes(names)
         opened: list[LiveDisk] = []
         try:
             for disk_name in names:

@@ -36,6 +36,11 @@ from ..store.cache import ChunkCache
 log = logging.getLogger(__name__)
 
 HYDRATE_PIECE = 4 << 20  # a point's hydrate (NBD CACHE) reads in pieces of this size
+# What an export may do on its event thread, where the hand-off to a worker costs more
+# than the work (docs/performance.md): a read this small, alone in flight, fetching; a
+# write this small into local blocks whose locks are free (`write_at_hand`).
+INLINE_READ_MAX = 64 << 10
+INLINE_WRITE_MAX = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,9 @@ class PointHandle:
     def write(self, offset: int, data: bytes) -> int:
         raise OSError(errno.EROFS, "recovery points are read-only")
 
+    def write_at_hand(self, offset: int, data: bytes) -> None:
+        return None  # `write` refuses
+
     def zero_range(self, offset: int, length: int) -> None:
         raise OSError(errno.EROFS, "recovery points are read-only")
 
@@ -109,6 +117,7 @@ class DiskHandle:
         self.read = disk.read
         self.read_at_hand = disk.read_at_hand
         self.write = disk.write
+        self.write_at_hand = disk.write_at_hand
         self.zero_range = disk.zero_range
         self.sync = disk.sync
         self.status = DiskStatus(disk)
