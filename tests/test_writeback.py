@@ -12,7 +12,6 @@ writes and SIGKILL tests of test_points_live.py run in this mode too.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import mmap
 import os
@@ -31,15 +30,24 @@ SIZE = 64 * MiB
 UNTOUCHED = 32 * MiB  # the write from a malloc'ed buffer never touched (issue 16)
 
 
-def untouched_buffer(size: int):
-    """`size` bytes from the C library's malloc, never touched: glibc maps them fresh, 16
-    bytes into a page, so they read as zeros from pages not yet faulted in. In write-
-    through mode such a write reaches the daemon in page-sized pieces."""
-    libc = ctypes.CDLL(None)
-    libc.malloc.restype = ctypes.c_void_p
-    ptr = libc.malloc(size)
-    assert ptr, "malloc failed"
-    return (ctypes.c_char * size).from_address(ptr)
+def untouched_buffer(size: int) -> memoryview:
+    """`size` bytes never touched, 16 bytes into a fresh anonymous mapping (where glibc's
+    malloc puts a large buffer): in write-through mode a write from them reaches the
+    daemon in page-sized pieces. Not malloc itself: in a long-lived process (the whole
+    suite) malloc may serve 32 MiB from its heap, whose pages hold old data."""
+    mapping = mmap.mmap(-1, size + mmap.PAGESIZE)
+    return memoryview(mapping)[16 : 16 + size]
+
+
+def assert_bytes(got: bytes, want: bytes, what: str) -> None:
+    """`got == want`, or a one-line failure naming the first differing offset (pytest's
+    own diff of two 64 MiB strings takes minutes)."""
+    if got == want:
+        return
+    at = next((i for i in range(0, min(len(got), len(want)), 4096)
+               if got[i : i + 4096] != want[i : i + 4096]), min(len(got), len(want)))
+    raise AssertionError(f"{what}: {len(got)} bytes against {len(want)}, first difference "
+                         f"in the 4 KiB at {at}")
 
 
 def wait_for(check, timeout: float, what: str) -> None:
@@ -74,8 +82,9 @@ def test_a_point_holds_the_writes_the_kernel_cached(rpfs, repo, mount, tmp_path)
     fd = os.open(image(mnt, "d"), os.O_RDWR)
     try:
         assert os.pwrite(fd, model, 0) == SIZE
-        assert os.pwrite(fd, untouched_buffer(UNTOUCHED), 20 * MiB + 16) == UNTOUCHED
-        model[20 * MiB + 16 : 20 * MiB + 16 + UNTOUCHED] = bytes(UNTOUCHED)
+        untouched = untouched_buffer(UNTOUCHED)
+        assert os.pwrite(fd, untouched, 20 * MiB + 16) == UNTOUCHED
+        model[20 * MiB + 16 : 20 * MiB + 16 + UNTOUCHED] = untouched  # zeros
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -92,15 +101,15 @@ def test_a_point_holds_the_writes_the_kernel_cached(rpfs, repo, mount, tmp_path)
     try:
         assert holder.stdout.readline() == "written\n"
         rpfs("snapshot", "d", "--name", "s1", check=True)
-        assert point_image(mnt, "d", "s1").read_bytes() == model
-        assert image(mnt, "d").read_bytes() == model
+        assert_bytes(point_image(mnt, "d", "s1").read_bytes(), model, "the point")
+        assert_bytes(image(mnt, "d").read_bytes(), model, "the disk")
     finally:
         holder.stdin.close()
         holder.wait(30)
     rpfs("umount", mnt, check=True)
     mnt, _ = mount()  # write-through: what the disk and the point hold on their own
-    assert image(mnt, "d").read_bytes() == model
-    assert point_image(mnt, "d", "s1").read_bytes() == model
+    assert_bytes(image(mnt, "d").read_bytes(), model, "the disk after a remount")
+    assert_bytes(point_image(mnt, "d", "s1").read_bytes(), model, "the point after a remount")
 
 
 def test_a_cached_write_past_the_end_is_refused_at_fsync(rpfs, repo, mount):
@@ -130,11 +139,11 @@ def test_a_cached_write_past_the_end_is_refused_at_fsync(rpfs, repo, mount):
         os.close(fd)
     assert exc.value.errno == errno.ENOSPC
     wait_for(lambda: path.stat().st_size == SIZE, 10, "the image's size set back")
-    assert path.read_bytes() == model
+    assert_bytes(path.read_bytes(), model, "the disk")
     rpfs("umount", mnt, check=True)
     mnt, _ = mount()
     assert image(mnt, "d").stat().st_size == SIZE
-    assert image(mnt, "d").read_bytes() == model
+    assert_bytes(image(mnt, "d").read_bytes(), model, "the disk after a remount")
     assert "reaches past its end" in (repo / "rpfs.log").read_text()
 
 
