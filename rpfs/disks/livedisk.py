@@ -118,16 +118,21 @@ class LiveDisk:
     # -- stripe locks ---------------------------------------------------------------------
 
     @contextmanager
-    def locked_blocks(self, blocks: Iterable[int]) -> Iterator[None]:
-        """Hold the stripe locks of arbitrary blocks, in ascending stripe order."""
+    def locked_blocks(self, blocks: Iterable[int], wait: bool = True) -> Iterator[bool]:
+        """Hold the stripe locks of arbitrary blocks, taken in ascending stripe order, and
+        yield whether all are held: always, unless `wait=False`, which takes only those
+        free at once and stops at the first that is not (the caller then backs off)."""
         stripes = sorted({b % STRIPES for b in blocks})
-        for s in stripes:
-            self._stripes[s].acquire()
+        held: list[threading.Lock] = []
         try:
-            yield
+            for s in stripes:
+                if not self._stripes[s].acquire(blocking=wait):
+                    break
+                held.append(self._stripes[s])
+            yield len(held) == len(stripes)
         finally:
-            for s in reversed(stripes):
-                self._stripes[s].release()
+            for lock in reversed(held):
+                lock.release()
 
     def _locked(self, first: int, end: int):
         """Hold the stripe locks of blocks [first, end)."""
@@ -262,12 +267,9 @@ class LiveDisk:
         first, last = offset // self.bs, (end - 1) // self.bs
         if last - first >= STRIPES:
             return None
-        held: list[threading.Lock] = []
-        try:
-            for s in sorted({b % STRIPES for b in range(first, last + 1)}):
-                if not self._stripes[s].acquire(blocking=False):
-                    return None
-                held.append(self._stripes[s])
+        with self.locked_blocks(range(first, last + 1), wait=False) as held:
+            if not held:
+                return None
             states = self.map.states[first : last + 1]
             if ABSENT in states or FROZEN in states or self.space.low():
                 return None
@@ -277,9 +279,6 @@ class LiveDisk:
             self.space.spend(written)
             self.map.set(first, (offset + written - 1) // self.bs + 1, DIRTY)
             return written
-        finally:
-            for lock in held:
-                lock.release()
 
     def write(self, offset: int, data: bytes) -> int:
         """Write like a block device of fixed size: short at the end, ENOSPC past it."""

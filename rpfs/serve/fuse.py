@@ -218,20 +218,21 @@ class Operations(pyfuse3.Operations):
 
     async def write(self, fh, off, buf):
         handle = self._handle(fh)
-        if off + len(buf) <= handle.size:
-            # A small write into local blocks whose locks are free is a pwrite into the
-            # page cache: cheaper here than the hand-off to a thread and back.
-            if len(buf) <= INLINE_WRITE_MAX:
-                with self._errors(handle.write_at_hand):
-                    written = handle.write_at_hand(off, buf)
-                if written is not None:
-                    return written
-            return await self._run(handle.write, off, buf)
-        if self._mountpoint is None:
-            return await self._run(handle.write, off, buf)
-        # Cached (writeback): the kernel took a write past the disk's end into its pages
-        # and grew the image's size, which it owns in this mode. Keep what fits, then
-        # refuse, so fsync and close report ENOSPC, and set the kernel's size back.
+        if self._mountpoint is not None and off + len(buf) > handle.size:
+            return await self._refuse_cached_past_end(handle, off, buf)
+        # A small write into local blocks whose locks are free is a pwrite into the page
+        # cache: cheaper here than the hand-off to a thread and back.
+        if len(buf) <= INLINE_WRITE_MAX:
+            with self._errors(handle.write_at_hand):
+                written = handle.write_at_hand(off, buf)
+            if written is not None:
+                return written
+        return await self._run(handle.write, off, buf)
+
+    async def _refuse_cached_past_end(self, handle: Handle, off: int, buf: bytes) -> int:
+        """Writeback: the kernel took a write past the disk's end into its pages and grew
+        the image's size, which it owns in this mode. Keep what fits, then refuse, so
+        fsync and close report ENOSPC, and set the kernel's size back."""
         if off < handle.size:
             await self._run(handle.write, off, buf)
         log.warning("disk %s: a write of %d bytes at %d reaches past its end (%d bytes): "

@@ -554,14 +554,12 @@ def wait_archived(bench: Bench, repo: Path, disk: str) -> None:
     """Until no point of `disk` is still archiving. A rollback waits for that (the clone
     write runs before leave much to archive: 2.5 s of a 2 GiB run's `rollback_s`), and
     `rollback_s` is the rollback's own time."""
-    deadline = time.monotonic() + ARCHIVE_TIMEOUT
-    while True:
+    def archived() -> bool:
         points = json.loads(bench.rpfs("-r", repo, "points", disk, "--json").stdout)
-        if all(p["state"] == "complete" for p in points):
-            return
-        if time.monotonic() > deadline:
-            raise BenchError(f"points of {disk} still archiving after {ARCHIVE_TIMEOUT:g}s")
-        time.sleep(0.2)
+        return all(p["state"] == "complete" for p in points)
+
+    if not wait_for(archived, ARCHIVE_TIMEOUT, interval=0.2):
+        raise BenchError(f"points of {disk} still archiving after {ARCHIVE_TIMEOUT:g}s")
 
 
 def bench_rpfs_big(bench: Bench) -> None:
