@@ -262,14 +262,20 @@ def test_chunk_corruption_is_detected(tmp_path: Path, which: str):
     store.close()
 
 
-def test_get_many_reads_adjacent_records_with_one_pread(tmp_path: Path, monkeypatch):
+def _stored(tmp_path: Path, blocks: list[bytes]) -> tuple[PackStore, list[ChunkLoc]]:
+    """A store in tmp_path/packs holding `blocks`, written in order; their locations."""
     packs = tmp_path / "packs"
     packs.mkdir()
     store = PackStore(LocalBackend(packs), BS)
     writer = store.writer(_Counter())
-    blocks = _blocks() * 2
     locs = [writer.append(encode_chunk(b, digest(b))) for b in blocks]
     writer.close()
+    return store, locs
+
+
+def test_get_many_reads_adjacent_records_with_one_pread(tmp_path: Path, monkeypatch):
+    blocks = _blocks() * 2
+    store, locs = _stored(tmp_path, blocks)
     preads: list[int] = []
     real_pread = os.pread
 
@@ -293,13 +299,8 @@ def test_get_many_asks_the_backend_ahead_for_every_run_it_then_reads(tmp_path: P
                                                                      monkeypatch):
     """Records in several runs: the backend is told all their spans before the first
     pread (LocalBackend: POSIX_FADV_WILLNEED), so their disk reads overlap."""
-    packs = tmp_path / "packs"
-    packs.mkdir()
-    store = PackStore(LocalBackend(packs), BS)
-    writer = store.writer(_Counter())
     blocks = _blocks() * 2
-    locs = [writer.append(encode_chunk(b, digest(b))) for b in blocks]
-    writer.close()
+    store, locs = _stored(tmp_path, blocks)
     calls: list[tuple] = []
     real_pread, real_fadvise = os.pread, os.posix_fadvise
     monkeypatch.setattr("rpfs.store.local.os.pread", lambda fd, n, offset: (
