@@ -10,6 +10,7 @@ import os
 import random
 import re
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,47 @@ def test_corrupt_chunk_shared_by_two_points_fails_both(rpfs, mounted, tmp_path):
     fresh.write_bytes(random.Random(99).randbytes(2 * MiB))
     rpfs.capture("fresh", fresh, "p")
     assert_same_bytes(point_image(mounted, "fresh", "p"), fresh)
+
+
+def test_reads_at_depth_each_get_their_bytes_or_eio(rpfs, mounted, tmp_path):
+    """4 KiB O_DIRECT reads from 8 threads at once, as a VM's at queue depth 8: the
+    daemon serves such reads together, in batches (rpfs/serve/readqueue.py), and each
+    read still gets its own block's bytes, or EIO for a damaged block, in any mix."""
+    src = tmp_path / "src.img"
+    make_source(src)
+    rpfs.capture("vm", src, "p1")
+    pack = next((rpfs.repo / "packs").glob("*.pack"))
+    blocks = block_digests(src)
+    records = list(pack_records(pack))
+    damaged = set()
+    for codec in (CODEC_RAW, CODEC_ZSTD):
+        offset, _, dig, length = [r for r in records if r[1] == codec][3]
+        flip(pack, offset + HEADER.size + length // 3)
+        damaged.add(blocks[dig])
+    img = point_image(mounted, "vm", "p1")
+    source = src.read_bytes()
+    wrong: list[str] = []
+
+    def reader(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(150):
+            offset = rng.randrange(len(source) // 4096) * 4096
+            try:
+                data = direct_read(img, offset, 4096)
+            except OSError as exc:
+                if offset // BS not in damaged or exc.errno != errno.EIO:
+                    wrong.append(f"{offset}: {exc}")
+                continue
+            if offset // BS in damaged or data != source[offset : offset + 4096]:
+                wrong.append(f"{offset}: {len(data)} bytes, not the source's")
+
+    threads = [threading.Thread(target=reader, args=(seed,)) for seed in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not wrong, wrong[:5]
+    for bad in damaged:  # and each damaged block still fails alone
+        with pytest.raises(OSError) as err:
+            direct_read(img, bad * BS, 4096)
+        assert err.value.errno == errno.EIO

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from rpfs.lifecycle import trash
 from rpfs.repo import Repository
 from rpfs.serve.fuse import INLINE_READ_MAX, Operations
 from rpfs.serve.handles import Images
+from rpfs.serve.readqueue import ReadQueue
 from rpfs.store.cache import ChunkCache
 
 BS = 4096
@@ -186,7 +188,9 @@ def test_info_is_the_local_file_for_a_disk_and_the_record_for_a_point(setup):
 
 
 class Recording:
-    """A handle that records which of its reads ran on which thread."""
+    """A point's handle that records which of its reads ran on which thread."""
+
+    writable = False
 
     def __init__(self, waits: bool) -> None:
         self.read_may_wait = waits
@@ -200,21 +204,35 @@ class Recording:
         self.calls.append(("read_at_hand", threading.get_ident()))
         return None
 
+    def read_many(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        self.calls.append(("read_many", threading.get_ident()))
+        return [bytes(length) for _, length in ranges]
 
-@pytest.mark.parametrize("waits, size, expected", [
-    (False, BS, [("read", "here")]),  # a lone small read fetches on the trio thread
-    (True, BS, [("read_at_hand", "here"), ("read", "worker")]),  # unless that may wait
-    (False, INLINE_READ_MAX + 1, [("read_at_hand", "here"), ("read", "worker")]),
+
+@pytest.mark.parametrize("waits, size, busy, expected", [
+    (False, BS, False, [("read", "here")]),  # a lone small read fetches on the trio thread
+    (True, BS, False, [("read_at_hand", "here"), ("read", "worker")]),  # unless it may wait
+    (False, BS, True, [("read_at_hand", "here"), ("read_many", "reader")]),  # others queue
+    (True, BS, True, [("read_at_hand", "here"), ("read", "worker")]),
+    (False, INLINE_READ_MAX + 1, False, [("read_at_hand", "here"), ("read", "worker")]),
 ])
 async def test_the_fuse_read_fetches_on_the_trio_thread_only_what_cannot_wait(
-    waits, size, expected
+    waits, size, busy, expected
 ):
-    ops = Operations(tree=None, images=None)
+    reads = ReadQueue()
+    ops = Operations(tree=None, images=None, reads=reads)
+    if busy:  # as if other reads had been in flight just now
+        ops._busy_until = time.monotonic() + 60
     handle = Recording(waits)
     ops._handles[1] = handle
-    assert await ops.read(1, 0, size) == bytes(size)
+    try:
+        assert await ops.read(1, 0, size) == bytes(size)
+    finally:
+        reads.close()
     here = threading.get_ident()
-    assert [(name, "here" if t == here else "worker") for name, t in handle.calls] == expected
+    reader = reads._thread.ident if reads._thread else None
+    assert [(name, "here" if t == here else "reader" if t == reader else "worker")
+            for name, t in handle.calls] == expected
 
 
 def test_the_periodic_sync_holds_the_disk_open_while_it_syncs(setup, monkeypatch):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from rpfs.capture import capture
+from rpfs.disks.point import open_point
 from rpfs.errors import CorruptChunk, RpfsError
 from rpfs.index import (
     MAX_GEN,
@@ -261,14 +262,20 @@ def test_chunk_corruption_is_detected(tmp_path: Path, which: str):
     store.close()
 
 
-def test_get_many_reads_adjacent_records_with_one_pread(tmp_path: Path, monkeypatch):
+def _stored(tmp_path: Path, blocks: list[bytes]) -> tuple[PackStore, list[ChunkLoc]]:
+    """A store in tmp_path/packs holding `blocks`, written in order; their locations."""
     packs = tmp_path / "packs"
     packs.mkdir()
     store = PackStore(LocalBackend(packs), BS)
     writer = store.writer(_Counter())
-    blocks = _blocks() * 2
     locs = [writer.append(encode_chunk(b, digest(b))) for b in blocks]
     writer.close()
+    return store, locs
+
+
+def test_get_many_reads_adjacent_records_with_one_pread(tmp_path: Path, monkeypatch):
+    blocks = _blocks() * 2
+    store, locs = _stored(tmp_path, blocks)
     preads: list[int] = []
     real_pread = os.pread
 
@@ -285,6 +292,30 @@ def test_get_many_reads_adjacent_records_with_one_pread(tmp_path: Path, monkeypa
     monkeypatch.setattr("rpfs.store.packs.READ_SPAN", 2 * BS)  # a run stops at the span
     assert store.get_many(wanted) == [blocks[i] for i in order]
     assert len(preads) > 1 and max(preads) <= 2 * BS + 2 * HEADER.size
+    store.close()
+
+
+def test_get_many_asks_the_backend_ahead_for_every_run_it_then_reads(tmp_path: Path,
+                                                                     monkeypatch):
+    """Records in several runs: the backend is told all their spans before the first
+    pread (LocalBackend: POSIX_FADV_WILLNEED), so their disk reads overlap."""
+    blocks = _blocks() * 2
+    store, locs = _stored(tmp_path, blocks)
+    calls: list[tuple] = []
+    real_pread, real_fadvise = os.pread, os.posix_fadvise
+    monkeypatch.setattr("rpfs.store.local.os.pread", lambda fd, n, offset: (
+        calls.append(("pread", offset, n)), real_pread(fd, n, offset))[1])
+    monkeypatch.setattr("rpfs.store.local.os.posix_fadvise", lambda fd, offset, n, advice: (
+        calls.append(("advise", offset, n, advice)), real_fadvise(fd, offset, n, advice))[1])
+    wanted = [(locs[i], digest(blocks[i])) for i in (6, 1, 3)]  # three runs, out of order
+    assert store.get_many(wanted) == [blocks[i] for i in (6, 1, 3)]
+    spans = [(locs[i].offset, locs[i].length) for i in (1, 3, 6)]
+    assert calls == [("advise", *span, os.POSIX_FADV_WILLNEED) for span in spans] + [
+        ("pread", *span) for span in spans]
+    calls.clear()
+    assert store.get_many(wanted[:1]) == [blocks[6]]  # one run: nothing to overlap
+    assert calls == [("pread", locs[6].offset, locs[6].length)]
+    store.backend.advise([(99, 0, 4096)])  # a hint: a pack not there is the read's to report
     store.close()
 
 
@@ -505,6 +536,44 @@ def test_chunk_cache_loads_once_and_reports_each_bad_chunk(tmp_path: Path):
             with pytest.raises(CorruptChunk):
                 cache.get(txn, digests[3])
         assert cache.peek(digests[3]) is None
+    finally:
+        cache.close()
+        repo.close()
+
+
+def test_read_many_reads_what_read_reads_and_a_bad_chunk_fails_its_ranges_alone(
+    tmp_path: Path, caplog
+):
+    """A point's read_many (the reader thread's batch) gives each range the bytes `read`
+    gives; a corrupt chunk fails the ranges that read it, logged with disk, point and
+    block and marked for verify, and no other range."""
+    repo = Repository.init(tmp_path / "repo", BS)
+    src = tmp_path / "src.img"
+    blocks = _blocks()
+    data = b"".join(blocks[:2]) + bytes(BS) + b"".join(blocks[2:])  # block 2 is zeros
+    src.write_bytes(data)
+    capture(repo, "vm", src, "p1")
+    cache = ChunkCache(repo)
+    try:
+        image = open_point(repo, cache, "vm", "p1")
+        ranges = [(0, 4096), (BS - 100, 200), (2 * BS + 10, 4096), (3 * BS, 2 * BS),
+                  (len(data) - 10, 4096), (len(data), 4096), (5, 0), (BS, 4096)]
+        assert image.read_many(ranges) == [data[o : o + n] for o, n in ranges]
+        with repo.index.read() as txn:
+            loc = repo.index.get_chunk(txn, digest(blocks[3]))  # image block 4
+        with open(repo.store.backend.path(loc.pack), "r+b") as f:
+            f.seek(loc.offset + HEADER.size + 100)
+            f.write(b"\xff" * 8)
+        image = open_point(repo, ChunkCache(repo), "vm", "p1")  # nothing decoded yet
+        got = image.read_many([(4 * BS + 8192, 4096), (0, 4096), (3 * BS, 2 * BS),
+                               (4 * BS, 10)])
+        assert isinstance(got[0], CorruptChunk) and got[0].offset == loc.offset
+        assert got[1] == data[:4096]
+        assert isinstance(got[2], CorruptChunk) and isinstance(got[3], CorruptChunk)
+        assert "disk vm point p1 block 4: " in caplog.text
+        image.cache.close()  # waits for the marker thread
+        with repo.index.read() as txn:
+            assert digest(blocks[3]) in repo.index.suspects(txn)
     finally:
         cache.close()
         repo.close()

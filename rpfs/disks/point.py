@@ -58,20 +58,41 @@ class PointImage:
             return None
         return self._read(offset, length, fetch=False)
 
+    def read_many(self, ranges: list[tuple[int, int]]) -> list[bytes | BaseException]:
+        """`read` of each (offset, length), their chunks fetched together: one index
+        transaction, each chunk once, the records read ahead at once (so their disk
+        reads overlap). Each range gets its bytes or the exception that failed it alone.
+        """
+        if self.overlay is not None:  # frozen blocks are read under the disk's locks
+            return [_attempt(self.read, offset, length) for offset, length in ranges]
+        spans = [self._span(offset, length) for offset, length in ranges]
+        wanted = [span for span in spans if span is not None]
+        with self.repo.index.read() as txn:
+            values = [self._values(txn, span) for span in wanted]
+            for offset, end, _, last in wanted:
+                self._read_ahead(offset, end, last)
+            loaded = iter(self.cache.load_many(
+                txn, [(range(first, last + 1), vals)
+                      for (_, _, first, last), vals in zip(wanted, values, strict=True)],
+                self._where))
+        out: list[bytes | BaseException] = []
+        for span in spans:
+            blocks = None if span is None else next(loaded)
+            out.append(b"" if span is None else blocks if isinstance(blocks, BaseException)
+                       else self._cut(span, [self._zero if b is None else b for b in blocks]))
+        return out
+
     def _read(self, offset: int, length: int, fetch: bool) -> bytes | None:
-        end = min(offset + length, self.size)
-        if offset >= end:
+        span = self._span(offset, length)
+        if span is None:
             return b""
-        bs = self.bs
-        first, last = offset // bs, (end - 1) // bs
+        offset, end, first, last = span
         if self.overlay is not None:
             self._read_ahead(offset, end, last)
             parts = [self._archiving_block(block) for block in range(first, last + 1)]
         else:
             with self.repo.index.read() as txn:
-                values = [
-                    self.repo.index.resolve(txn, self.chain, b) for b in range(first, last + 1)
-                ]
+                values = self._values(txn, span)
                 if fetch:
                     # Before this read waits for its own blocks, so the ones ahead load
                     # meanwhile.
@@ -82,8 +103,25 @@ class PointImage:
                     if None in parts:
                         return None
                     self._read_ahead(offset, end, last)
+        return self._cut(span, parts)
+
+    def _span(self, offset: int, length: int) -> tuple[int, int, int, int] | None:
+        """(offset, end, first block, last block) of a read clipped to the image; None
+        if nothing of it is within."""
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return None
+        return offset, end, offset // self.bs, (end - 1) // self.bs
+
+    def _values(self, txn, span: tuple[int, int, int, int]) -> list[bytes]:
+        """The resolved values (hash or ZERO) of a span's blocks."""
+        return [self.repo.index.resolve(txn, self.chain, b) for b in range(span[2], span[3] + 1)]
+
+    def _cut(self, span: tuple[int, int, int, int], parts: list[bytes]) -> bytes:
+        """A span's bytes out of its whole blocks."""
+        offset, end, first, _ = span
         data = b"".join(parts) if len(parts) > 1 else parts[0]
-        start = offset - first * bs
+        start = offset - first * self.bs
         return data[start : start + (end - offset)]
 
     def _read_ahead(self, offset: int, end: int, last: int) -> None:
@@ -103,9 +141,20 @@ class PointImage:
 
     def _decoded(self, txn, first: int, values: list[bytes]) -> list[bytes]:
         """The blocks first, first+1, ... whose resolved values are `values`."""
-        where = f"disk {self.point.disk} point {self.point.name}"
-        blocks = self.cache.load(txn, range(first, first + len(values)), values, where)
+        blocks = self.cache.load(txn, range(first, first + len(values)), values, self._where)
         return [self._zero if data is None else data for data in blocks]
+
+    @property
+    def _where(self) -> str:
+        """How a failed chunk's log line names this image."""
+        return f"disk {self.point.disk} point {self.point.name}"
+
+
+def _attempt(read, offset: int, length: int) -> bytes | BaseException:
+    try:
+        return read(offset, length)
+    except Exception as exc:  # the range's own failure, handed back as read_many's are
+        return exc
 
 
 def open_point(repo: Repository, cache: ChunkCache, disk: str, name: str) -> PointImage:

@@ -40,6 +40,7 @@ from .fuse import Operations
 from .handles import Images
 from .mounts import is_dead, mount_at, table_path
 from .nbd import Address, Exports, listen, serve_nbd
+from .readqueue import ReadQueue
 from .sdnotify import notify
 from .vfs import Access, Tree
 
@@ -403,8 +404,9 @@ def serve(
     cache = ChunkCache(repo)
     service = DiskService(repo, cache, background=True)
     images = Images(repo, cache, service.registry)
+    reads = ReadQueue()  # one reader thread for the mount and NBD
     if mountpoint is not None:
-        ops = Operations(Tree(repo.index, images, options.access), images,
+        ops = Operations(Tree(repo.index, images, options.access), images, reads,
                          writeback=mountpoint if options.writeback else None)
         if options.writeback:
             # The kernel holds acknowledged writes: a point must contain them.
@@ -426,7 +428,7 @@ def serve(
             repo.close()
             on_error(f"cannot mount at {mountpoint}: {exc}")
             return 1
-    nbd = (options.nbd, sockets, Exports(images)) if options.nbd is not None else None
+    nbd = (options.nbd, sockets, Exports(images, reads)) if options.nbd is not None else None
     log.info("serving repository %s%s%s%s (pid %d)", root,
              f" at {mountpoint}" if mountpoint else "",
              " with the kernel's writeback cache" if mountpoint and options.writeback else "",
@@ -440,6 +442,7 @@ def serve(
     finally:
         if mountpoint is not None:
             pyfuse3.close(unmount=True)
+        reads.close()
         service.registry.close_all()
         cache.close()
         checkpoints.take_if_changed(0)  # the state the disks were closed in

@@ -4,7 +4,9 @@ Every call that can block for long (locks, fetches that other requests could ove
 runs in a worker thread behind one CapacityLimiter, so the trio thread that pyfuse3 runs
 all requests on never waits on them. Reads are the measured exception: one whose blocks
 are at hand, or a small one alone in flight whose read waits on no lock, is answered on
-the trio thread, because the hand-off to a thread and back costs more than such a read.
+the trio thread, because the hand-off to a thread and back costs more than such a read;
+other small reads of points go to the reader thread, which serves them in batches
+(readqueue.py).
 Only FUSEError may leave a handler: anything else would end the mount.
 
 With the kernel's writeback cache (`mount --writeback`) the kernel owns the images' sizes,
@@ -31,6 +33,7 @@ import trio
 from ..errors import ChunkError
 from ..index import IndexDamaged
 from .handles import INLINE_READ_MAX, INLINE_WRITE_MAX, Handle, Images
+from .readqueue import ReadQueue, takes
 from .vfs import Attr, Tree
 
 log = logging.getLogger(__name__)
@@ -44,7 +47,8 @@ PROBE_EVERY = 16  # one in this many lone small reads still goes to a thread (se
 
 class Operations(pyfuse3.Operations):
     def __init__(
-        self, tree: Tree, images: Images, threads: int = 4, writeback: Path | None = None
+        self, tree: Tree, images: Images, reads: ReadQueue, threads: int = 4,
+        writeback: Path | None = None,
     ) -> None:
         """`writeback`: the mountpoint, to let the kernel cache buffered writes there
         (FUSE's writeback cache): they then reach `write` in large pieces at fsync, close
@@ -58,6 +62,7 @@ class Operations(pyfuse3.Operations):
         self._trimming_lock = threading.Lock()
         self.tree = tree
         self.images = images
+        self.reads = reads
         self.limiter = trio.CapacityLimiter(threads)
         self._handles: dict[int, Handle] = {}
         self._dirs: dict[int, list[tuple[str, Attr]]] = {}
@@ -212,6 +217,9 @@ class Operations(pyfuse3.Operations):
                 data = read_here(off, size)
             if data is not None:
                 return data
+            if takes(handle, size):
+                with self._errors(handle.read):
+                    return await self.reads.read(handle.read_many, off, size)
             return await self._run(handle.read, off, size)
         finally:
             self._reads -= 1

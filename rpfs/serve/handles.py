@@ -69,6 +69,7 @@ class PointHandle:
         self.instance = _instance(image.point)
         self.read = image.read
         self.read_at_hand = image.read_at_hand
+        self.read_many = image.read_many
         self.status = PointStatus(image.repo.index, image.point)
         # A point still being archived reads frozen blocks under its disk's locks, which
         # another thread may hold for long; a complete one waits on nothing but its

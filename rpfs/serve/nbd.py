@@ -37,6 +37,7 @@ from ..index import IndexDamaged
 from ..names import ceil_div
 from ..nbd import proto as p
 from .handles import INLINE_READ_MAX, INLINE_WRITE_MAX, Handle, Images
+from .readqueue import ReadQueue, takes
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +130,9 @@ class _Context:
 class Exports:
     """The NBD face of the daemon's images: shared by every connection."""
 
-    def __init__(self, images: Images) -> None:
+    def __init__(self, images: Images, reads: ReadQueue) -> None:
         self.images = images
+        self.reads = reads
         self.limiter = trio.CapacityLimiter(THREADS)
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
@@ -511,7 +513,9 @@ class _Connection:
             lone = self.in_flight == 1 and length <= INLINE_READ_MAX and not (
                 handle.read_may_wait)
             data = (handle.read if lone else handle.read_at_hand)(offset, length)
-            if data is None:
+            if data is None and takes(handle, length):
+                data = await self.exports.reads.read(handle.read_many, offset, length)
+            elif data is None:
                 data = await self.exports.run(handle.read, offset, length)
             await self.send(self.read_reply(flags, cookie, offset, data))
             return True

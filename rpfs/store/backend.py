@@ -1,10 +1,11 @@
 """The seam between the chunk store and where pack bytes live: `PackBackend`.
 
 PackStore and PackWriter (packs.py) know records, coalescing and rolling; a backend knows
-only numbered packs of bytes: a ranged read, writing a pack, delete, list. The POSIX
-directory (local.py) is one; an object store will be another, which is why writing is
-either append-then-seal (`can_append`: a file takes pwrite at any offset and an fdatasync)
-or one whole-object `put` (an object cannot be appended to).
+only numbered packs of bytes: a ranged read (and a hint of the ranges read next), writing
+a pack, delete, list. The POSIX directory (local.py) is one; an object store will be
+another, which is why writing is either append-then-seal (`can_append`: a file takes
+pwrite at any offset and an fdatasync) or one whole-object `put` (an object cannot be
+appended to).
 
 Reads fail in one of two ways, and the difference travels up to the operator:
 
@@ -61,6 +62,11 @@ class PackBackend(Protocol):
     def read(self, pack: int, offset: int, length: int) -> bytes:
         """Up to `length` bytes of `pack` from `offset` (fewer only at its end).
         PackMissing, PackUnavailable."""
+
+    def advise(self, ranges: list[tuple[int, int, int]]) -> None:
+        """Say that these (pack, offset, length) ranges are read next, so a backend that
+        can start fetching them all at once does, and the reads that follow overlap
+        (a hint: it never fails, and a backend may ignore it)."""
 
     def size(self, pack: int) -> int:
         """The pack's length in bytes. PackMissing, PackUnavailable."""

@@ -110,21 +110,41 @@ class ChunkCache:
         chunk that failed is logged as "`where` block N" and raised: the read fails with
         EIO. A corrupt one is also marked for verify; one that could not be read now is
         not (a retry may read it)."""
-        loaded = iter(self.get_many(txn, [v for v in values if v != ZERO]))
-        out: list[bytes | None] = []
-        for block, value in zip(blocks, values, strict=True):
-            data = None if value == ZERO else next(loaded)
-            if isinstance(data, CorruptChunk):
-                log.error("%s block %d: %s (chunk %s); the read fails with EIO, the chunk "
-                          "is marked for verify", where, block, data, value.hex()[:16])
-                self._mark(value)
-            elif isinstance(data, ChunkUnavailable):
-                log.error("%s block %d: %s (chunk %s); the read fails with EIO",
-                          where, block, data, value.hex()[:16])
-            if isinstance(data, BaseException):
-                raise data
-            out.append(data)
+        result = self.load_many(txn, [(blocks, values)], where)[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def load_many(
+        self, txn, reads: list[tuple[Iterable[int], list[bytes]]], where: str
+    ) -> list[list[bytes | None] | BaseException]:
+        """`load` for several reads at once, their chunks fetched together (each once): per
+        read its blocks, or the exception of its first chunk that failed (logged and
+        marked as `load` says), which fails that read alone."""
+        wanted = list({v for _, values in reads for v in values if v != ZERO})
+        loaded = dict(zip(wanted, self.get_many(txn, wanted), strict=True))
+        out: list[list[bytes | None] | BaseException] = []
+        for blocks, values in reads:
+            datas: list[bytes | None] = []
+            for block, value in zip(blocks, values, strict=True):
+                data = None if value == ZERO else loaded[value]
+                if isinstance(data, BaseException):
+                    self._failed(where, block, value, data)
+                    datas = data  # type: ignore[assignment]
+                    break
+                datas.append(data)
+            out.append(datas)
         return out
+
+    def _failed(self, where: str, block: int, value: bytes, exc: BaseException) -> None:
+        """Log a read's failed chunk with the block that read it; mark a corrupt one."""
+        if isinstance(exc, CorruptChunk):
+            log.error("%s block %d: %s (chunk %s); the read fails with EIO, the chunk "
+                      "is marked for verify", where, block, exc, value.hex()[:16])
+            self._mark(value)
+        elif isinstance(exc, ChunkUnavailable):
+            log.error("%s block %d: %s (chunk %s); the read fails with EIO",
+                      where, block, exc, value.hex()[:16])
 
     def _mark(self, digest: bytes) -> None:
         """Have the marker thread record `digest` as suspect in the index, once."""

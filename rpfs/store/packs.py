@@ -87,20 +87,10 @@ class PackStore:
         pread per 64 KiB record cost as much as decoding a third of them.
         """
         results: list[bytes | ChunkError | None] = [None] * len(wanted)
-        order = sorted(range(len(wanted)), key=lambda i: (wanted[i][0].pack, wanted[i][0].offset))
-        run: list[int] = []
-        for i in order:
-            if run:
-                last = wanted[run[-1]][0]
-                loc = wanted[i][0]
-                span = loc.offset + loc.length - wanted[run[0]][0].offset
-                if loc.pack != last.pack or loc.offset != last.offset + last.length or (
-                    span > READ_SPAN
-                ):
-                    self._read_run(wanted, run, results, raw, full)
-                    run = []
-            run.append(i)
-        if run:
+        runs = _runs(wanted)
+        if len(runs) > 1:
+            self.backend.advise([_span(wanted, run) for run in runs])
+        for run in runs:
             self._read_run(wanted, run, results, raw, full)
         if relocate is not None:
             self._reread_moved(wanted, results, relocate, raw, full)
@@ -130,11 +120,9 @@ class PackStore:
         """Read records lying end to end with one read and decode (or, `raw`, check)
         each into `results`."""
         first = wanted[run[0]][0]
-        last = wanted[run[-1]][0]
         name = pack_name(first.pack)
         try:
-            buf = self.backend.read(first.pack, first.offset,
-                                    last.offset + last.length - first.offset)
+            buf = self.backend.read(*_span(wanted, run))
         except (PackMissing, PackUnavailable) as exc:
             for i in run:
                 offset = wanted[i][0].offset
@@ -198,6 +186,29 @@ class PackStore:
 
     def writer(self, allocate_pack: Callable[[], int]) -> PackWriter:
         return PackWriter(self.backend, allocate_pack)
+
+
+def _runs(wanted: list[tuple[ChunkLoc, bytes]]) -> list[list[int]]:
+    """The indexes of `wanted` in runs of records lying end to end in one pack, at most
+    READ_SPAN bytes each, in pack and offset order."""
+    runs: list[list[int]] = []
+    order = sorted(range(len(wanted)), key=lambda i: (wanted[i][0].pack, wanted[i][0].offset))
+    for i in order:
+        loc = wanted[i][0]
+        if runs:
+            start, last = wanted[runs[-1][0]][0], wanted[runs[-1][-1]][0]
+            if (loc.pack == last.pack and loc.offset == last.offset + last.length
+                    and loc.offset + loc.length - start.offset <= READ_SPAN):
+                runs[-1].append(i)
+                continue
+        runs.append([i])
+    return runs
+
+
+def _span(wanted: list[tuple[ChunkLoc, bytes]], run: list[int]) -> tuple[int, int, int]:
+    """(pack, offset, length) of the bytes a run's records occupy."""
+    first, last = wanted[run[0]][0], wanted[run[-1]][0]
+    return first.pack, first.offset, last.offset + last.length - first.offset
 
 
 class PackWriter:

@@ -255,6 +255,10 @@ class TieredBackend:
         pieces = self._segments(pack, offset, end)
         return bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)
 
+    def advise(self, ranges: list[tuple[int, int, int]]) -> None:
+        """Nothing: a read of segments not cached starts its GET itself, and the chunk
+        prefetcher already fetches a sequential reader's ahead."""
+
     def _segments(self, pack: int, offset: int, end: int) -> list[bytes | memoryview]:
         """Bytes [offset, end) of a stored pack, a piece from each segment they touch,
         the missing segments fetched with one GET per run of them (the last segment of a
