@@ -77,8 +77,11 @@ class PointImage:
                 self._where))
         out: list[bytes | BaseException] = []
         for span in spans:
-            blocks = None if span is None else next(loaded)
-            out.append(b"" if span is None else blocks if isinstance(blocks, BaseException)
+            if span is None:
+                out.append(b"")
+                continue
+            blocks = next(loaded)
+            out.append(blocks if isinstance(blocks, BaseException)
                        else self._cut(span, [self._zero if b is None else b for b in blocks]))
         return out
 
