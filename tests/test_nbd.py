@@ -394,6 +394,44 @@ def test_the_old_export_name_option_serves_too(history, nbd_mount):
     c.close()
 
 
+def test_a_client_gone_with_reads_in_flight_is_no_internal_error(rpfs, history, nbd_mount):
+    """A client that resets its connection with 16 reads in flight: the connection
+    closes quietly (the reset reaches `run` grouped by transmit's nursery), and the
+    daemon goes on serving."""
+    _, sock = nbd_mount
+    for _ in range(3):
+        c = RawClient(sock)
+        c.go("points/vm/p1")
+        for i in range(16):
+            c.request(p.CMD_READ, i * MiB + 4096, 65536, cookie=i)
+        c.s.recv(1, socket.MSG_PEEK)  # replies are coming, unread
+        time.sleep(0.2)
+        c.s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.close()  # with replies unread: the daemon's next receive fails, ECONNRESET
+    time.sleep(1)  # its connection tasks see the reset
+    c = RawClient(sock)
+    c.go("points/vm/p1")
+    c.request(p.CMD_READ, 1 * MiB, 4096)
+    assert c.chunk()[2][8:] == history["p1"].read_bytes()[1 * MiB : 1 * MiB + 4096]
+    c.close()
+    log = (rpfs.repo / "rpfs.log").read_text()
+    assert "internal error" not in log, log[-2000:]
+
+
+def test_an_image_of_any_size_copies_exactly(rpfs, repo, nbd_mount, tmp_path):
+    """A point of a size that is no multiple of 512 (captured from any file): the
+    export's minimum block size is then 1, so libnbd asks for its tail too."""
+    src = tmp_path / "odd.img"
+    src.write_bytes(random.Random(5).randbytes(100_000))
+    rpfs.capture("odd", src, "p1")
+    _, sock = nbd_mount
+    entries = nbd_map(sock, "points/odd/p1")
+    covers(entries, 100_000)
+    copy = tmp_path / "odd.copy"
+    run("nbdcopy", uri(sock, "points/odd/p1"), copy)
+    assert copy.read_bytes() == src.read_bytes()
+
+
 def _valid_session(rng: random.Random) -> list[bytes]:
     """The messages of a well-formed session after the greeting: client flags, options
     (among them every one with a structure), a GO, then requests."""

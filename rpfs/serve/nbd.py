@@ -274,10 +274,13 @@ class _Connection:
 
     async def run(self) -> None:
         try:
-            if await self.negotiate():
-                await self.transmit()
-        except (_Hangup, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+            try:
+                if await self.negotiate():
+                    await self.transmit()
+            # except*: a client gone while requests were in flight arrives grouped by
+            # transmit's nursery (trio's strict exception groups), not bare.
+            except* (_Hangup, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
         except Exception:
             log.exception("NBD: internal error on a connection (export %r); closed it",
                           self.name)
@@ -398,8 +401,11 @@ class _Connection:
         if p.INFO_NAME in wanted:
             await self.reply(option, p.REP_INFO, struct.pack(">H", p.INFO_NAME) + name.encode())
         block = self.exports.images.repo.block_size
+        # The size should be a multiple of the minimum (libnbd refuses a request for the
+        # tail otherwise); an image captured from a file of any size may not be.
+        minimum = p.MIN_BLOCK if size % p.MIN_BLOCK == 0 else 1
         await self.reply(option, p.REP_INFO, struct.pack(
-            ">HIII", p.INFO_BLOCK_SIZE, p.MIN_BLOCK, block, p.MAX_BLOCK))
+            ">HIII", p.INFO_BLOCK_SIZE, minimum, block, p.MAX_BLOCK))
         await self.reply(option, p.REP_ACK)
         if handle is None:
             return None
