@@ -125,15 +125,13 @@ class ChunkCache:
         loaded = dict(zip(wanted, self.get_many(txn, wanted), strict=True))
         out: list[list[bytes | None] | BaseException] = []
         for blocks, values in reads:
-            datas: list[bytes | None] = []
-            for block, value in zip(blocks, values, strict=True):
-                data = None if value == ZERO else loaded[value]
-                if isinstance(data, BaseException):
-                    self._failed(where, block, value, data)
-                    datas = data  # type: ignore[assignment]
-                    break
-                datas.append(data)
-            out.append(datas)
+            datas = [None if value == ZERO else loaded[value] for value in values]
+            failed = next(((block, value, data) for block, value, data
+                           in zip(blocks, values, datas, strict=True)
+                           if isinstance(data, BaseException)), None)
+            if failed is not None:
+                self._failed(where, *failed)
+            out.append(datas if failed is None else failed[2])
         return out
 
     def _failed(self, where: str, block: int, value: bytes, exc: BaseException) -> None:
